@@ -1,0 +1,33 @@
+# The two commands the README opens with: `make serve` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: serve test test-marked lint bench
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+# Build the example environment offline (cached), then serve it through the entrypoint on :8080.
+serve: $(VENV)/.installed
+	scripts/install-system-deps
+	$(PY) examples/build_env.py --out examples/seed
+	MLSERVER_ENV_TARBALL=$(CURDIR)/examples/seed/old-sklearn.tar.gz MLSERVER_MODELS_DIR=$(CURDIR)/examples/seed \
+		$(VENV)/bin/mlserver-entrypoint
+
+# The default suite (well under 15 minutes).
+test: $(VENV)/.installed
+	scripts/install-system-deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The heavy suites CI also runs: fault injection at scale and real container runs.
+test-marked: $(VENV)/.installed
+	scripts/install-system-deps container
+	$(PY) -m pytest -m "slow or container" $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check entrypoint tests examples benchmarks
+	$(VENV)/bin/ruff format --check entrypoint tests examples benchmarks
+	$(VENV)/bin/mypy

@@ -1,0 +1,128 @@
+"""Where the process is exec'd: check the interpreter, build the activated environment, exec."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from entrypoint.errors import EnvError
+
+MACHINES = {3: "x86 (32-bit)", 40: "ARM (32-bit)", 62: "x86_64", 183: "aarch64", 21: "ppc64", 22: "s390x"}
+MACHO = (
+    b"\xfe\xed\xfa\xce",
+    b"\xfe\xed\xfa\xcf",
+    b"\xce\xfa\xed\xfe",
+    b"\xcf\xfa\xed\xfe",
+    b"\xca\xfe\xba\xbe",
+)
+# Variables that would make the environment's interpreter load another Python's modules.
+LEAKY = (
+    "PYTHONHOME",
+    "PYTHONPATH",
+    "PYTHONSTARTUP",
+    "VIRTUAL_ENV",
+    "PYTHONEXECUTABLE",
+    "__PYVENV_LAUNCHER__",
+)
+
+
+def _elf_target(header: bytes) -> tuple[int, int, int] | None:
+    """(class, byte order, machine) of an ELF header, None if it is not ELF."""
+    if len(header) < 20 or not header.startswith(b"\x7fELF"):
+        return None
+    machine = int.from_bytes(header[18:20], "little" if header[5] == 1 else "big")
+    return header[4], header[5], machine
+
+
+def _describe(target: tuple[int, int, int]) -> str:
+    bits = {1: "32-bit", 2: "64-bit"}.get(target[0], "?-bit")
+    return f"{MACHINES.get(target[2], f'machine {target[2]}')} {bits} Linux"
+
+
+def find_python(prefix: Path) -> Path:
+    """The environment's interpreter, checked to run on this machine before anything execs it."""
+    for name in ("python", "python3"):
+        candidate = prefix / "bin" / name
+        if candidate.exists():
+            break
+    else:
+        if (prefix / "python.exe").exists():
+            raise EnvError(f"environment in {prefix} was built for Windows; pack it on Linux ({sys_target()})")
+        raise EnvError(f"environment in {prefix} has no bin/python; add python to the environment before `conda pack`")
+    with open(candidate, "rb") as f:
+        header = f.read(64)
+    if header.startswith(MACHO):
+        raise EnvError(f"{candidate} is a macOS binary; pack the environment on Linux ({sys_target()})")
+    target = _elf_target(header)
+    if target is None:
+        raise EnvError(f"{candidate} is not an ELF executable; the environment was not built for Linux")
+    host = _host_target()
+    if host is not None and target != host:
+        raise EnvError(
+            f"{candidate} is built for {_describe(target)}, this machine runs {_describe(host)}; "
+            f"pack the environment on {_describe(host)}"
+        )
+    return candidate
+
+
+def _host_target() -> tuple[int, int, int] | None:
+    try:
+        with open("/proc/self/exe", "rb") as f:
+            return _elf_target(f.read(64))
+    except OSError:
+        return None
+
+
+def sys_target() -> str:
+    host = _host_target()
+    return _describe(host) if host else sys.platform
+
+
+def activated_environ(prefix: Path, base: Mapping[str, str]) -> dict[str, str]:
+    """The variables `conda activate` sets for a non-interactive process, without Python leaks."""
+    env = {k: v for k, v in base.items() if k not in LEAKY}
+    env["PATH"] = os.pathsep.join(filter(None, [str(prefix / "bin"), base.get("PATH", os.defpath)]))
+    env["CONDA_PREFIX"] = str(prefix)
+    env["CONDA_DEFAULT_ENV"] = str(prefix)
+    env["CONDA_SHLVL"] = "1"
+    env["PYTHONNOUSERSITE"] = "1"
+    scripts = sorted((prefix / "etc" / "conda" / "activate.d").glob("*.sh"))
+    return _run_activate_scripts(scripts, env) if scripts else env
+
+
+def _run_activate_scripts(scripts: Sequence[Path], env: dict[str, str]) -> dict[str, str]:
+    """Source the environment's activate.d scripts in sh and keep the variables they export."""
+    script = "".join(f'. "{s}" || exit 1\n' for s in scripts) + "exec env -0\n"
+    proc = subprocess.run(["sh", "-c", script], env=env, capture_output=True, check=False)
+    if proc.returncode != 0:
+        last = (proc.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
+        raise EnvError(f"activation script failed in {scripts[0].parent}: {last}")
+    out = dict(item.split("=", 1) for item in proc.stdout.decode().split("\0") if "=" in item)
+    for name in LEAKY:
+        out.pop(name, None)
+    return out
+
+
+def resolve_command(argv: Sequence[str], env: Mapping[str, str], prefix: Path | None) -> list[str]:
+    """argv with its program found on the activated PATH, or an error that says how to fix it."""
+    program = shutil.which(argv[0], path=env.get("PATH"))
+    if program is None:
+        if argv[0] == "mlserver" and prefix is not None:
+            raise EnvError(
+                f"environment in {prefix} has no mlserver; add `mlserver` and its runtime (e.g. "
+                "`mlserver-sklearn`) to the environment's pip dependencies and pack it again"
+            )
+        raise EnvError(f"command not found: {argv[0]}")
+    return [program, *argv[1:]]
+
+
+def exec_command(argv: Sequence[str], env: Mapping[str, str]) -> NoReturn:
+    """Replace this process, so the server gets signals directly and keeps our PID."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(argv[0], list(argv), dict(env))

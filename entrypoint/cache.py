@@ -1,0 +1,190 @@
+"""The cache directory: one entry per tarball content, published only when complete.
+
+Layout under MLSERVER_ENV_CACHE_DIR (short names: the entry path is the environment's prefix,
+and conda-unpack cannot write a prefix longer than the packed one into binary files):
+
+    <key8>/          the unpacked, relocated environment (its prefix)
+    <key8>.lock      held while the entry is being made (flock: released if the process dies)
+    <key8>.ready     JSON written last, atomically, after the data is durable: "this entry is complete"
+    <key8>.manifest  size and mtime of every file and directory, to check the entry cheaply at start
+
+An entry without `.ready` is never used: a start killed at any moment leaves at most a partial
+directory, which the next start removes under the lock before extracting again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from entrypoint.errors import ConfigError
+
+KEY_CHARS = 8
+
+
+@dataclass(frozen=True)
+class Entry:
+    root: Path
+    key: str
+
+    @property
+    def name(self) -> str:
+        return self.key[:KEY_CHARS]
+
+    @property
+    def prefix(self) -> Path:
+        return self.root / self.name
+
+    @property
+    def marker(self) -> Path:
+        return self.root / f"{self.name}.ready"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / f"{self.name}.lock"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / f"{self.name}.manifest"
+
+
+def read_marker(entry: Entry) -> dict[str, object] | None:
+    """The entry's completion record, if it is complete and for this very tarball content."""
+    try:
+        record = json.loads(entry.marker.read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("sha256") != entry.key:
+        return None
+    return record
+
+
+def ensure_writable(root: Path) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create cache directory {root} ({exc.strerror}); set MLSERVER_ENV_CACHE_DIR to a "
+            "writable directory or mount a volume there"
+        ) from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"cache directory {root} is not writable by uid {os.getuid()}; set MLSERVER_ENV_CACHE_DIR "
+            "to a writable directory or mount a writable volume there"
+        )
+
+
+def discard(entry: Entry) -> None:
+    """Remove an entry, marker first, so a crash half-way never leaves a marked partial entry."""
+    for path in (entry.marker, entry.manifest):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    _fsync_dir(entry.root)
+    if entry.prefix.is_symlink() or entry.prefix.is_file():
+        entry.prefix.unlink()
+    elif entry.prefix.exists():
+        _make_removable(entry.prefix)
+        shutil.rmtree(entry.prefix)
+
+
+def _make_removable(tree: Path) -> None:
+    """Directories packed without owner write bits would make rmtree fail for a non-root user."""
+    for dirpath, dirnames, _ in os.walk(tree):
+        for d in dirnames:
+            p = os.path.join(dirpath, d)
+            if not os.path.islink(p):
+                os.chmod(p, 0o755)
+
+
+def scan(prefix: Path) -> list[tuple[str, int, int]]:
+    """(relative path, size, mtime_ns) of every directory (size -1) and regular file, sorted."""
+    out: list[tuple[str, int, int]] = []
+    base = len(str(prefix)) + 1
+    stack = [str(prefix)]
+    while stack:
+        d = stack.pop()
+        out.append((d[base:], -1, os.stat(d).st_mtime_ns))
+        with os.scandir(d) as it:
+            for e in it:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
+                elif e.is_file(follow_symlinks=False):
+                    st = e.stat(follow_symlinks=False)
+                    out.append((e.path[base:], st.st_size, st.st_mtime_ns))
+    out.sort()
+    return out
+
+
+def write_manifest(entry: Entry, records: list[tuple[str, int, int]]) -> None:
+    text = "".join(f"{size}\t{mtime}\t{rel}\n" for rel, size, mtime in records)
+    _write_atomic(entry.manifest, text.encode("utf-8", "surrogateescape"))
+
+
+def verify(entry: Entry, full: bool) -> str | None:
+    """What is wrong with a published entry, or None. Quick mode: every directory's mtime (any file
+    added, deleted or renamed changes it), plus size and mtime of bin/, shared libraries and one
+    file in eight; full mode: every file."""
+    try:
+        lines = entry.manifest.read_bytes().decode("utf-8", "surrogateescape").splitlines()
+    except OSError:
+        return "its manifest is missing"
+    prefix = str(entry.prefix)
+    for i, line in enumerate(lines):
+        size_s, mtime_s, rel = line.split("\t", 2)
+        size = int(size_s)
+        if not (full or size < 0 or i % 8 == 0 or rel.startswith("bin/") or ".so" in rel):
+            continue
+        try:
+            st = os.stat(f"{prefix}/{rel}" if rel else prefix, follow_symlinks=False)
+        except OSError:
+            return f"{rel or '.'} is missing"
+        if st.st_mtime_ns != int(mtime_s) or (size >= 0 and st.st_size != size):
+            return f"{rel or '.'} was changed after unpacking"
+    return None
+
+
+def publish(entry: Entry, record: dict[str, object]) -> None:
+    """Make the entry durable, then visible: one filesystem sync, then the marker by rename."""
+    _syncfs(entry.root)
+    record = {**record, "sha256": entry.key, "prefix": str(entry.prefix), "published": time.time()}
+    _write_atomic(entry.marker, json.dumps(record, indent=1).encode())
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+
+
+def _syncfs(path: Path) -> None:
+    """syncfs(2) on the cache's filesystem only (Python has no binding); os.sync() if unavailable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if getattr(_libc, "syncfs", None) is None or _libc.syncfs(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)

@@ -1,0 +1,91 @@
+"""Command line: first-argument dispatch (like the Docker official images' entrypoints), then exec.
+
+mlserver-entrypoint                      # mlserver start $MLSERVER_MODELS_DIR, in the environment
+mlserver-entrypoint unpack               # prepare the environment, print its prefix, exit
+mlserver-entrypoint CMD [ARG…]           # any command, in the environment
+mlserver-entrypoint -- CMD [ARG…]        # same, for a command named like a subcommand
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+from entrypoint import __version__, log
+from entrypoint.errors import ConfigError, EntrypointError
+
+SUBCOMMANDS = ("unpack",)
+USAGE = __doc__.split("\n\n", 1)[1].rstrip() if __doc__ else ""
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        code = _dispatch(args)
+    except EntrypointError as exc:
+        log.info(f"error: {exc}")
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        log.info("error: interrupted; nothing was cached")
+        code = 130
+    sys.exit(code)
+
+
+def _dispatch(args: list[str]) -> int:
+    if args[:1] in (["-h"], ["--help"], ["help"]):
+        print(f"usage:\n{USAGE}\n\nSettings are environment variables; see README.md.")
+        return 0
+    if args[:1] == ["--version"]:
+        print(f"mlserver-entrypoint {__version__}")
+        return 0
+    if args[:1] == ["--"]:
+        return run(args[1:])
+    if args[:1] == ["unpack"]:
+        if len(args) > 1:
+            raise ConfigError(f"unpack takes no arguments (got {' '.join(args[1:])}); configure it with MLSERVER_ENV_*")
+        return unpack()
+    return run(args)
+
+
+def unpack() -> int:
+    """Prepare the environment (for init containers and scripts); its prefix is stdout's last line."""
+    from entrypoint.prepare import prepare
+    from entrypoint.settings import load_settings
+    from entrypoint.source import locate
+
+    settings = load_settings()
+    tarball = locate(settings)
+    if tarball is None:
+        raise ConfigError(
+            "no environment to unpack: set MLSERVER_ENV_TARBALL, or put environment.tar.gz in "
+            f"MLSERVER_MODELS_DIR ({settings.models_dir})"
+        )
+    prepared = prepare(settings, tarball)
+    print(prepared.prefix, flush=True)
+    return 0
+
+
+def run(command: list[str]) -> int:
+    """Prepare the environment if there is one, activate it and exec the command."""
+    from entrypoint.activate import activated_environ, exec_command, resolve_command
+    from entrypoint.prepare import prepare
+    from entrypoint.settings import load_settings
+    from entrypoint.source import locate
+
+    settings = load_settings()
+    if not command:
+        command = ["mlserver", "start", str(settings.models_dir)]
+    tarball = locate(settings)
+    if tarball is None:
+        log.info("no environment tarball configured: running the command as is")
+        env = dict(os.environ)
+        argv = resolve_command(command, env, None)
+    else:
+        require = ("mlserver",) if command[0] == "mlserver" else ()
+        prepared = prepare(settings, tarball, require)
+        env = activated_environ(prepared.prefix, os.environ)
+        env["PYTHONDONTWRITEBYTECODE"] = "1"  # the entry is shared and may be read-only: never write into it
+        argv = resolve_command(command, env, prepared.prefix)
+    log.info(f"exec: {' '.join(argv)} (entrypoint work {log.elapsed_ms():.0f} ms)")
+    exec_command(argv, env)

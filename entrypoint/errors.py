@@ -1,0 +1,27 @@
+"""One exception family, so the CLI can print every failure as one line with a fitting exit code."""
+
+from __future__ import annotations
+
+
+class EntrypointError(Exception):
+    """A failure the user can act on; its message says what is wrong and what to do."""
+
+    exit_code = 1
+
+
+class ConfigError(EntrypointError):
+    """A setting is wrong (missing tarball, unwritable cache, bad pin)."""
+
+    exit_code = 2
+
+
+class ArchiveError(EntrypointError):
+    """The tarball is unreadable, corrupt, hostile or over a limit; nothing was cached."""
+
+    exit_code = 3
+
+
+class EnvError(EntrypointError):
+    """The unpacked environment cannot run here (no interpreter, wrong platform, no mlserver)."""
+
+    exit_code = 4

@@ -1,0 +1,206 @@
+"""Where files are written: a safe, streaming extractor into one empty directory.
+
+Hand-written rather than `tarfile.extractall(filter="data")` because (a) the filter only exists
+from Python 3.11.4 / 3.12 and Debian's 3.11.2 lacks it, (b) it needed five CVE fixes in 2025, and
+(c) it costs a stat/chmod/chown per member that we do not need. The rules here are simple enough
+to prove: we write only into directories we created ourselves in this run, never through a
+symlink, never over an existing path, and every symlink is checked against the real tree before
+the environment is used.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import posixpath
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from entrypoint.archive import CHUNK, Kind, Member
+from entrypoint.errors import ArchiveError, ConfigError
+
+O_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_members: int
+    max_unpacked_bytes: int
+
+
+@dataclass
+class Stats:
+    files: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    hardlinks: int = 0
+    bytes: int = 0
+    names: set[str] = field(default_factory=set)
+
+
+def normalize(name: str) -> str:
+    """The member's path relative to the destination, or an ArchiveError if it could escape."""
+    if "\0" in name:
+        raise ArchiveError(f"member {name!r}: NUL byte in name")
+    if name.startswith("/"):
+        raise ArchiveError(f"member {name}: absolute path")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise ArchiveError(f"member {name}: '..' in path")
+    return "/".join(parts)
+
+
+class Extractor:
+    """Extract members into `dest`, an empty directory owned by this run."""
+
+    def __init__(self, dest: Path, limits: Limits) -> None:
+        self.dest = str(dest)
+        self.limits = limits
+        self.kinds: dict[str, Kind] = {"": Kind.DIR}  # what we created, by relative path
+        self.symlinks: list[str] = []
+        self.stats = Stats()
+        self._declared = 0  # bytes of file members seen, written or not
+        self._count = 0
+
+    def _path(self, rel: str) -> str:
+        return f"{self.dest}/{rel}"
+
+    def _parents(self, rel: str, name: str) -> None:
+        """Create missing parent directories; refuse to go through anything but our own dirs."""
+        parent = posixpath.dirname(rel)
+        kind = self.kinds.get(parent)
+        if kind is Kind.DIR:
+            return
+        if kind is not None:
+            raise ArchiveError(f"member {name}: would be written through the {kind.value} {parent}")
+        self._parents(parent, name)
+        os.mkdir(self._path(parent), 0o755)
+        self.kinds[parent] = Kind.DIR
+        self.stats.dirs += 1
+
+    def add(self, m: Member) -> None:
+        self._count += 1
+        if self._count > self.limits.max_members:
+            raise ArchiveError(
+                f"more than {self.limits.max_members} members; raise MLSERVER_ENV_MAX_MEMBERS if this "
+                "environment is really that large"
+            )
+        rel = normalize(m.name)
+        if m.kind is Kind.OTHER:
+            raise ArchiveError(f"member {m.name}: is a {m.describe}; environments never contain one")
+        if rel == "":
+            if m.kind is Kind.DIR:
+                return
+            raise ArchiveError(f"member {m.name}: a {m.kind.value} in place of the environment's root")
+        previous = self.kinds.get(rel)
+        if previous is not None:
+            if previous is Kind.DIR and m.kind is Kind.DIR:
+                return
+            raise ArchiveError(f"member {m.name}: duplicate name (already a {previous.value})")
+        self._parents(rel, m.name)
+        path = self._path(rel)
+        if m.kind is Kind.DIR:
+            os.mkdir(path, 0o755)
+            self.stats.dirs += 1
+        elif m.kind is Kind.FILE:
+            self._write_file(m, path)
+        elif m.kind is Kind.SYMLINK:
+            self._check_link_target(m, rel)
+            os.symlink(m.linkname, path)
+            self.symlinks.append(rel)
+            self.stats.symlinks += 1
+        else:  # HARDLINK: only to a regular file this archive already wrote
+            target = normalize(m.linkname)
+            if self.kinds.get(target) is not Kind.FILE:
+                raise ArchiveError(f"member {m.name}: hardlink to {m.linkname}, which is not a file of this archive")
+            os.link(self._path(target), path, follow_symlinks=False)
+            self.stats.hardlinks += 1
+        self.kinds[rel] = m.kind
+
+    def _write_file(self, m: Member, path: str) -> None:
+        self._declared += m.size
+        if self._declared > self.limits.max_unpacked_bytes:
+            raise ArchiveError(
+                f"unpacks to more than {self.limits.max_unpacked_bytes} bytes (member {m.name}); raise "
+                "MLSERVER_ENV_MAX_UNPACKED_BYTES if this environment is really that large"
+            )
+        # Drop setuid/setgid/sticky and group/other write; the owner can always read and write.
+        mode = (m.mode & 0o755) | 0o600
+        assert m.open is not None
+        src = m.open()
+        fd = os.open(path, O_CREATE, mode)
+        try:
+            remaining = m.size
+            while remaining > 0:
+                data = src.read(min(CHUNK, remaining))
+                if not data:
+                    raise ArchiveError(f"member {m.name}: archive ends inside it (truncated or corrupt)")
+                remaining -= len(data)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            if m.mtime_ns:  # keeps .pyc files valid: they record their source's mtime
+                os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
+        finally:
+            os.close(fd)
+        self.stats.files += 1
+        self.stats.bytes += m.size
+
+    def _check_link_target(self, m: Member, rel: str) -> None:
+        target = m.linkname
+        if not target or "\0" in target:
+            raise ArchiveError(f"member {m.name}: symlink with an empty or NUL target")
+        if target.startswith("/"):
+            raise ArchiveError(f"member {m.name}: symlink to absolute path {target}")
+        resolved = posixpath.normpath(posixpath.join(posixpath.dirname(rel), target))
+        if resolved == ".." or resolved.startswith("../"):
+            raise ArchiveError(f"member {m.name}: symlink to {target}, outside the environment")
+
+    def finish(self) -> None:
+        """Resolve every symlink on the real tree: chains of links may escape where no single one does."""
+        root = os.path.realpath(self.dest)
+        for rel in self.symlinks:
+            real = os.path.realpath(self._path(rel))
+            if real != root and not real.startswith(root + "/"):
+                raise ArchiveError(f"member {rel}: symlink chain resolves outside the environment ({real})")
+
+
+def extract(members: Iterable[Member], dest: Path, limits: Limits) -> Stats:
+    """Extract all members into the empty directory `dest` (which the caller removes on failure)."""
+    ex = Extractor(dest, limits)
+    stream = iter(members)
+    old_umask = os.umask(0o022)
+    try:
+        for m in stream:
+            ex.add(m)
+        ex.finish()
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            # Read on without writing, so the error can say how much space the environment needs.
+            needed = ex._declared + sum(m.size for m in stream if m.kind is Kind.FILE)
+            raise no_space_error(dest, needed) from None
+        raise write_error(exc, dest) from None
+    finally:
+        os.umask(old_umask)
+    return ex.stats
+
+
+def no_space_error(dest: Path, needed: int) -> ConfigError:
+    shutil.rmtree(dest, ignore_errors=True)  # so the free space reported is what a retry gets
+    st = os.statvfs(dest.parent)
+    free = st.f_bavail * st.f_frsize
+    return ConfigError(
+        f"no space left in cache directory {dest.parent} (MLSERVER_ENV_CACHE_DIR): the environment needs "
+        f"{needed / 1e6:.0f} MB, {free / 1e6:.0f} MB are free with it removed; free space or point "
+        "MLSERVER_ENV_CACHE_DIR at a bigger volume"
+    )
+
+
+def write_error(exc: OSError, dest: Path) -> ConfigError:
+    """An OSError from writing the cache, as a one-line error naming the setting to change."""
+    where = f"cache directory {dest.parent} (MLSERVER_ENV_CACHE_DIR)"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return ConfigError(f"{where} is not writable ({exc.strerror}); set MLSERVER_ENV_CACHE_DIR to a writable volume")
+    return ConfigError(f"writing {exc.filename or dest}: {exc.strerror}; check {where}")

@@ -1,0 +1,156 @@
+"""Find or create the unpacked environment for a tarball: the whole cold and warm path."""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from entrypoint import cache, log
+from entrypoint.activate import find_python
+from entrypoint.cache import Entry
+from entrypoint.errors import ArchiveError, ConfigError, EntrypointError, EnvError
+from entrypoint.settings import Settings
+from entrypoint.source import Tarball, content_key
+
+
+@dataclass(frozen=True)
+class Prepared:
+    prefix: Path
+    python: Path
+    hit: bool
+
+
+class Interrupted(EntrypointError):
+    exit_code = 130
+
+
+def prepare(settings: Settings, tarball: Tarball, require: tuple[str, ...] = ()) -> Prepared:
+    """The relocated environment's prefix, unpacked now or found complete in the cache.
+
+    `require` names programs the command needs in the environment's bin/ (e.g. "mlserver"): an
+    environment without them is refused before it is published.
+    """
+    with log.phase("locate", {"tarball": tarball.display}) as details:
+        key, remembered = content_key(tarball, settings.cache_dir, settings.tarball_sha256)
+        entry = Entry(settings.cache_dir, key)
+        problem = _usable(entry, settings, require)
+        details["entry"] = str(entry.prefix)
+        details["key"] = "remembered" if remembered else "hashed"
+    if problem is None:
+        log.info(f"cache hit: {entry.prefix}")
+        return Prepared(entry.prefix, find_python(entry.prefix), True)
+
+    cache.ensure_writable(settings.cache_dir)
+    from filelock import FileLock, Timeout  # only the cold path needs it
+
+    lock = FileLock(entry.lock, timeout=settings.lock_timeout)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info(f"waiting for another process unpacking {tarball.display} (lock {entry.lock})")
+        try:
+            lock.acquire()
+        except Timeout:
+            raise ConfigError(
+                f"another process held {entry.lock} for {settings.lock_timeout:.0f} s; if none is unpacking, "
+                "remove the lock file, or raise MLSERVER_ENV_LOCK_TIMEOUT"
+            ) from None
+    try:
+        problem = _usable(entry, settings, require)  # someone may have finished while we waited
+        if problem is None:
+            log.info(f"cache hit after waiting: {entry.prefix}")
+            return Prepared(entry.prefix, find_python(entry.prefix), True)
+        if problem != "not unpacked yet":
+            log.info(f"cache entry {entry.prefix} unusable ({problem}); unpacking again")
+        return _unpack(entry, tarball, settings, require)
+    finally:
+        lock.release()
+
+
+def _usable(entry: Entry, settings: Settings, require: tuple[str, ...]) -> str | None:
+    if cache.read_marker(entry) is None:
+        return "not unpacked yet"
+    problem = cache.verify(entry, full=settings.verify == "full")
+    if problem is None:
+        for program in require:
+            if not os.access(entry.prefix / "bin" / program, os.X_OK):
+                _missing_program(entry.prefix, program)
+    return problem
+
+
+def _missing_program(prefix: Path, program: str) -> None:
+    hint = " and its runtime (e.g. `mlserver-sklearn`)" if program == "mlserver" else ""
+    raise EnvError(
+        f"environment in {prefix} has no {program}; add `{program}`{hint} to the environment's "
+        "pip dependencies and pack it again"
+    )
+
+
+def _unpack(entry: Entry, tarball: Tarball, settings: Settings, require: tuple[str, ...]) -> Prepared:
+    from entrypoint import archive, extract, relocate  # the cold path's heavier imports
+
+    cache.discard(entry)
+    previous = _trap_signals()
+    try:
+        with log.phase("extract") as details, open(tarball.path, "rb") as raw:
+            if os.fstat(raw.fileno()).st_ino != tarball.identity[1]:
+                raise ConfigError(f"{tarball.display} was replaced while starting; start again")
+            os.mkdir(entry.prefix, 0o755)
+            try:
+                stats = extract.extract(
+                    archive.members(raw),
+                    entry.prefix,
+                    extract.Limits(settings.max_members, settings.max_unpacked_bytes),
+                )
+            except archive.CORRUPT as exc:
+                raise ArchiveError(f"{tarball.display}: corrupt or truncated archive ({exc}); pack it again") from None
+            st = os.fstat(raw.fileno())
+            if (st.st_size, st.st_mtime_ns) != (tarball.identity[2], tarball.identity[3]):
+                raise ConfigError(f"{tarball.display} changed while it was being read; start again")
+            details.update(files=stats.files, MB=round(stats.bytes / 1e6))
+        with log.phase("relocate") as details:
+            python = find_python(entry.prefix)
+            for program in require:
+                if not os.access(entry.prefix / "bin" / program, os.X_OK):
+                    _missing_program(entry.prefix, program)
+            records = relocate.prefix_records(entry.prefix)
+            relocate.check_prefix_length(records, entry.prefix)
+            ran = relocate.run_conda_unpack(entry.prefix, python)
+            details["conda-unpack"] = f"{len(records)} files" if ran else "absent (not a conda-pack archive)"
+        with log.phase("publish"):
+            cache.write_manifest(entry, cache.scan(entry.prefix))
+            cache.publish(entry, {"tarball": tarball.display, "files": stats.files, "bytes": stats.bytes})
+        return Prepared(entry.prefix, python, False)
+    except ArchiveError as exc:
+        _abandon(entry)
+        raise ArchiveError(f"{tarball.display}: {exc}" if tarball.display not in str(exc) else str(exc)) from None
+    except BaseException:
+        _abandon(entry)
+        raise
+    finally:
+        _restore_signals(previous)
+
+
+def _abandon(entry: Entry) -> None:
+    """Nothing half-made stays behind: remove the partial entry (the next start would anyway)."""
+    try:
+        cache.discard(entry)
+    except OSError as exc:
+        log.info(f"could not remove partial entry {entry.prefix} ({exc.strerror}); the next start will")
+
+
+def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(f"stopped by {signal.Signals(signum).name} while unpacking; nothing was cached")
+
+
+def _trap_signals() -> dict[int, object]:
+    """SIGTERM (a container stop) during the unpack cleans up like Ctrl-C does."""
+    return {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _restore_signals(previous: dict[int, object]) -> None:
+    for s, handler in previous.items():
+        signal.signal(s, handler)  # type: ignore[arg-type]

@@ -1,0 +1,59 @@
+"""Rewrite the packed prefix to where the environment now lives, with its own `conda-unpack`."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+from pathlib import Path
+
+from entrypoint.errors import ConfigError, EnvError
+
+UNPACK_SCRIPT = "bin/conda-unpack"
+
+
+def prefix_records(prefix: Path) -> list[tuple[str, str, str]]:
+    """The (path, placeholder, mode) list conda-pack wrote into bin/conda-unpack; [] if none."""
+    try:
+        source = (prefix / UNPACK_SCRIPT).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    start = source.find("_prefix_records = [")
+    if start < 0:
+        return []
+    end = source.find("\n]\n", start)
+    try:
+        records = ast.literal_eval(source[start + len("_prefix_records = ") : end + 2])
+    except (ValueError, SyntaxError):
+        raise EnvError(f"{prefix / UNPACK_SCRIPT}: cannot read its prefix records; re-pack with conda-pack") from None
+    return [(str(p), str(ph), str(m)) for p, ph, m in records]
+
+
+def check_prefix_length(records: list[tuple[str, str, str]], prefix: Path) -> None:
+    """conda-unpack pads binary files with NULs, so the new prefix may not be longer than the packed one."""
+    binary = [placeholder for _, placeholder, mode in records if mode == "binary"]
+    if not binary:
+        return
+    limit = min(len(p) for p in binary)
+    if len(str(prefix)) > limit:
+        over = len(str(prefix)) - limit
+        raise ConfigError(
+            f"the environment's binary files were packed with a {limit}-character prefix ({min(binary, key=len)}), "
+            f"but it would be unpacked at {prefix} ({len(str(prefix))} characters); set MLSERVER_ENV_CACHE_DIR "
+            f"to a path at least {over} characters shorter"
+        )
+
+
+def run_conda_unpack(prefix: Path, python: Path) -> bool:
+    """Run the packed conda-unpack with the environment's own interpreter; False if there is none."""
+    script = prefix / UNPACK_SCRIPT
+    if not script.exists():
+        return False
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH", "PYTHONSTARTUP")}
+    env["PYTHONNOUSERSITE"] = "1"
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    proc = subprocess.run([str(python), str(script)], cwd=prefix, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise EnvError(f"{script} failed (exit {proc.returncode}): {last}")
+    return True

@@ -1,0 +1,71 @@
+"""Configuration from environment variables (``MLSERVER_ENV_*``), read once at start."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from entrypoint.errors import ConfigError
+
+DEFAULT_TARBALL_NAME = "environment.tar.gz"  # what MLServer's own images look for in the models dir
+
+
+def default_cache_dir() -> Path:
+    # Short on purpose: conda-unpack can only put a prefix no longer than the packed one into
+    # binary files, and entries live at <cache dir>/<8 hex digits>. Per user, so hosts shared by
+    # several users never read each other's environments.
+    return Path(f"/tmp/mlenv-{os.getuid()}")
+
+
+class Settings(BaseSettings):
+    """Every setting is documented in README.md ("Settings"); keep the two in step."""
+
+    model_config = SettingsConfigDict(env_prefix="MLSERVER_ENV_", extra="ignore", frozen=True)
+
+    tarball: str | None = Field(
+        default=None,
+        description="conda-pack archive to serve from; unset: <models dir>/environment.tar.gz if "
+        "present; empty: no environment (stock mlserver)",
+    )
+    tarball_sha256: str | None = Field(default=None, description="refuse a tarball with another SHA-256")
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="where unpacked envs live")
+    lock_timeout: float = Field(default=1800.0, gt=0, description="seconds to wait for another unpack")
+    max_members: int = Field(default=2_000_000, gt=0, description="refuse archives with more members")
+    max_unpacked_bytes: int = Field(default=64 << 30, gt=0, description="refuse archives unpacking larger")
+    verify: Literal["quick", "full"] = Field(default="quick", description="how a cached entry is checked at start")
+    stop_grace: float = Field(default=8.0, ge=0, description="seconds between SIGTERM and SIGKILL of mlserver")
+    models_dir: Path = Field(
+        default=Path("/mnt/models"),
+        validation_alias=AliasChoices("MLSERVER_MODELS_DIR"),
+        description="models folder; `mlserver start` serves it",
+    )
+
+    @field_validator("tarball_sha256")
+    @classmethod
+    def _hex_digest(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        value = value.strip().lower()
+        if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+            raise ValueError("must be 64 hex digits (the output of `sha256sum TARBALL`)")
+        return value
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return Path(os.path.abspath(value))
+
+
+def load_settings() -> Settings:
+    """Read the settings; a bad value becomes one line naming the variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        var = "MLSERVER_MODELS_DIR" if field == "models_dir" else f"MLSERVER_ENV_{field.upper()}"
+        raise ConfigError(f"{var}: {err['msg']}; fix the value or unset it") from None

@@ -1,0 +1,125 @@
+"""Where the tarball is, and its content key (SHA-256), computed once per file version."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from entrypoint.errors import ConfigError
+from entrypoint.settings import DEFAULT_TARBALL_NAME, Settings
+
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Tarball:
+    path: Path
+    size: int
+    identity: tuple[int, ...]  # what changes whenever the file's bytes can have changed
+
+    @property
+    def display(self) -> str:
+        return str(self.path)
+
+
+def locate(settings: Settings) -> Tarball | None:
+    """The configured tarball, or None to run without an environment."""
+    if settings.tarball is None:
+        fallback = settings.models_dir / DEFAULT_TARBALL_NAME
+        if not fallback.is_file():
+            return None
+        path = fallback
+    elif settings.tarball.strip() == "":
+        return None
+    else:
+        path = Path(settings.tarball)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"MLSERVER_ENV_TARBALL={path}: no such file; check the path and that its folder is mounted"
+        ) from None
+    except PermissionError:
+        raise ConfigError(
+            f"MLSERVER_ENV_TARBALL={path}: not readable by uid {os.getuid()}; make it world-readable "
+            "(chmod a+r) or run with a user that can read it"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"MLSERVER_ENV_TARBALL={path}: cannot open: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"MLSERVER_ENV_TARBALL={path}: not a regular file; point it at the .tar.gz itself")
+    identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return Tarball(Path(os.path.abspath(path)), st.st_size, identity)
+
+
+def sha256_file(path: Path) -> str:
+    """Stream the whole file through SHA-256 (OpenSSL's, so SHA-NI where the CPU has it)."""
+    h = hashlib.sha256()
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _memo_path(cache_dir: Path, tarball: Tarball) -> Path:
+    return cache_dir / ".keys" / hashlib.sha256(str(tarball.path).encode()).hexdigest()[:24]
+
+
+def content_key(tarball: Tarball, cache_dir: Path, pin: str | None) -> tuple[str, bool]:
+    """SHA-256 of the tarball, and whether it was remembered rather than computed.
+
+    Hashing 170 MB costs ~0.2 s, too much for a warm start, so the key is remembered by the file's
+    device, inode, size, mtime and ctime: replacing or rewriting the file changes ctime, which no
+    user can set back.
+    """
+    memo = _memo_path(cache_dir, tarball)
+    try:
+        saved = json.loads(memo.read_text())
+        if saved["identity"] == list(tarball.identity):
+            key = str(saved["sha256"])
+            _check_pin(tarball, key, pin)
+            return key, True
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    key = sha256_file(tarball.path)
+    _check_pin(tarball, key, pin)
+    if _unchanged(tarball):
+        _remember(memo, {"path": str(tarball.path), "identity": list(tarball.identity), "sha256": key})
+    return key, False
+
+
+def _unchanged(tarball: Tarball) -> bool:
+    try:
+        st = os.stat(tarball.path)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) == tarball.identity
+
+
+def _check_pin(tarball: Tarball, key: str, pin: str | None) -> None:
+    if pin is not None and key != pin:
+        raise ConfigError(
+            f"{tarball.display}: SHA-256 is {key}, but MLSERVER_ENV_TARBALL_SHA256 pins {pin}; "
+            "nothing was extracted; use the pinned tarball or update the pin"
+        )
+
+
+def _remember(memo: Path, record: dict[str, object]) -> None:
+    """Best effort: a read-only cache just means hashing again next time."""
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, memo)
+    except OSError:
+        pass

@@ -1,0 +1,47 @@
+"""Session fixtures: the seed example built offline as a real conda-pack tarball (cached per machine)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from support import REPO
+
+BUILD = REPO / "examples" / "build_env.py"
+
+
+@dataclass(frozen=True)
+class Example:
+    models_dir: Path  # model-settings.json, model.joblib, old-sklearn.tar.gz
+    tarball: Path
+
+
+def _build(out: Path, *args: str) -> Path:
+    proc = subprocess.run(
+        [sys.executable, str(BUILD), "--out", str(out), *args], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"building the test environment failed:\n{proc.stderr[-3000:]}")
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def seed(tmp_path_factory: pytest.TempPathFactory) -> Example:
+    """The MLServer example: Python 3.8, scikit-learn 0.24.2, mlserver 1.1.0, SVC on digits."""
+    out = tmp_path_factory.mktemp("seed")
+    tarball = _build(out)
+    shutil.copy(REPO / "examples" / "seed" / "model-settings.json", out)
+    return Example(out, tarball)
+
+
+@pytest.fixture(scope="session")
+def small_tarball(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real but small conda-pack tarball: bare CPython 3.8, no mlserver (fast, for fault tests)."""
+    out = tmp_path_factory.mktemp("small")
+    empty = out / "requirements.txt"
+    empty.write_text("")
+    return _build(out, "--requirements", str(empty), "--name", "bare", "--no-model")
