@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from filelock import FileLock
+
 HERE = Path(__file__).resolve().parent
 SEED = HERE / "seed"
 FORMATS = {"tar.gz", "tgz", "tar.bz2", "tar.xz", "tar.zst", "zip", "tar"}
@@ -95,45 +97,58 @@ def build(
     key = recipe_key(version, requirements.read_text(), f"{fmt}/{name}/{model}")
     cached = cache_dir / key
     tarball_name, model_name = f"{name}.{fmt}", "model.joblib"
-    if not (cached / ".done").exists():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=cache_dir))
-        try:
-            python = build_prefix(find_python(version), work / name, version, requirements)
-            if model:
-                run(python, SEED / "train.py", work / model_name)
-            run(
-                sys.executable,
-                "-m",
-                "conda_pack.cli",
-                "-q",
-                "-p",
-                work / name,
-                "--format",
-                fmt,
-                "-o",
-                work / tarball_name,
-                "--n-threads",
-                "-1",
-            )
-            shutil.rmtree(work / name)
-            os.chmod(work / tarball_name, 0o644)  # conda-pack writes 0600; containers run as other uids
-            (work / ".done").write_text(key + "\n")
-            if cached.exists():
-                shutil.rmtree(cached)
-            work.rename(cached)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache_dir / f"{key}.lock")):  # concurrent test runs build each recipe once
+        if not (cached / ".done").exists():
+            _build_into(cached, key, version, requirements, fmt, name, model, tarball_name, model_name)
     out.mkdir(parents=True, exist_ok=True)
     for item in (tarball_name, model_name) if model else (tarball_name,):
         target = out / item
         if target.exists() or target.is_symlink():
             target.unlink()
-        try:
-            os.link(cached / item, target)
-        except OSError:
-            shutil.copy2(cached / item, target)
+        shutil.copy2(cached / item, target)  # a copy: callers may damage theirs on purpose
     return out / tarball_name
+
+
+def _build_into(
+    cached: Path,
+    key: str,
+    version: str,
+    requirements: Path,
+    fmt: str,
+    name: str,
+    model: bool,
+    tarball_name: str,
+    model_name: str,
+) -> None:
+    cache_dir = cached.parent
+    work = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=cache_dir))
+    try:
+        python = build_prefix(find_python(version), work / name, version, requirements)
+        if model:
+            run(python, SEED / "train.py", work / model_name)
+        run(
+            sys.executable,
+            "-m",
+            "conda_pack.cli",
+            "-q",
+            "-p",
+            work / name,
+            "--format",
+            fmt,
+            "-o",
+            work / tarball_name,
+            "--n-threads",
+            "-1",
+        )
+        shutil.rmtree(work / name)
+        os.chmod(work / tarball_name, 0o644)  # conda-pack writes 0600; containers run as other uids
+        (work / ".done").write_text(key + "\n")
+        if cached.exists():
+            shutil.rmtree(cached)
+        work.rename(cached)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def main() -> None:
