@@ -13,13 +13,12 @@ import enum
 import lzma
 import queue
 import stat
-import tarfile
 import threading
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import IO, BinaryIO, cast
+from typing import IO, Any, BinaryIO, Protocol, cast
 
 import zstandard
 from isal import igzip
@@ -29,9 +28,8 @@ from entrypoint.errors import ArchiveError
 CHUNK = 1 << 20
 PREFETCH_DEPTH = 8  # chunks buffered ahead of the extractor: bounds memory at ~8 MiB
 
-# Errors a codec or tarfile raises on bad bytes; all become one ArchiveError naming the archive.
+# Errors a codec or zipfile raises on bad bytes; all become one ArchiveError naming the archive.
 CORRUPT = (
-    tarfile.TarError,
     EOFError,
     zlib.error,
     lzma.LZMAError,
@@ -51,6 +49,12 @@ class Kind(enum.Enum):
     OTHER = "special file"
 
 
+class Readable(Protocol):
+    def read(self, n: int, /) -> bytes: ...
+    def __enter__(self) -> Readable: ...
+    def __exit__(self, *exc: Any) -> None: ...
+
+
 @dataclass
 class Member:
     name: str
@@ -60,7 +64,7 @@ class Member:
     mtime_ns: int
     linkname: str = ""
     describe: str = ""  # for OTHER: "character device", "FIFO", …
-    open: Callable[[], IO[bytes]] | None = None
+    open: Callable[[], Readable] | None = None
 
 
 def detect_format(head: bytes) -> str:
@@ -153,18 +157,167 @@ def _decompressor(fmt: str, raw: BinaryIO) -> IO[bytes]:
     return raw
 
 
-def _tar_member(tf: tarfile.TarFile, ti: tarfile.TarInfo) -> Member:
-    mtime_ns = int(ti.mtime * 1_000_000_000) if ti.mtime >= 0 else 0
-    if ti.isreg():
-        return Member(ti.name, Kind.FILE, ti.mode, ti.size, mtime_ns, open=lambda: tf.extractfile(ti))  # type: ignore[arg-type,return-value]
-    if ti.isdir():
-        return Member(ti.name, Kind.DIR, ti.mode, 0, mtime_ns)
-    if ti.issym():
-        return Member(ti.name, Kind.SYMLINK, ti.mode, 0, mtime_ns, linkname=ti.linkname)
-    if ti.islnk():
-        return Member(ti.name, Kind.HARDLINK, ti.mode, 0, mtime_ns, linkname=ti.linkname)
-    what = {tarfile.CHRTYPE: "character device", tarfile.BLKTYPE: "block device", tarfile.FIFOTYPE: "FIFO"}
-    return Member(ti.name, Kind.OTHER, ti.mode, 0, mtime_ns, describe=what.get(ti.type, f"type {ti.type!r}"))
+BLOCK = 512
+ZERO_BLOCK = bytes(BLOCK)
+MAX_META = 1 << 20  # longest pax header or GNU long name we accept
+TYPES = {
+    b"0": Kind.FILE, b"\0": Kind.FILE, b"7": Kind.FILE,
+    b"1": Kind.HARDLINK, b"2": Kind.SYMLINK, b"5": Kind.DIR,
+}  # fmt: skip
+SPECIAL = {b"3": "character device", b"4": "block device", b"6": "FIFO", b"S": "GNU sparse file"}
+
+
+def _nts(field: bytes) -> str:
+    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _number(field: bytes) -> int:
+    if field[:1] == b"\x80":  # GNU base-256, for sizes over 8 GiB
+        return int.from_bytes(field[1:], "big")
+    if field[:1] == b"\xff":
+        raise ArchiveError("negative number in a tar header (corrupt archive)")
+    digits = field.split(b"\0", 1)[0].strip(b" ")
+    try:
+        return int(digits, 8) if digits else 0
+    except ValueError:
+        raise ArchiveError(f"bad number {digits[:20]!r} in a tar header (corrupt archive)") from None
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """Parse "<length> <key>=<value>\\n" records (POSIX.1-2001 extended headers)."""
+    out: dict[str, str] = {}
+    pos = 0
+    while pos < len(data) and data[pos] != 0:
+        space = data.find(b" ", pos, pos + 20)
+        try:
+            length = int(data[pos:space])
+        except ValueError:
+            raise ArchiveError("malformed pax header (corrupt archive)") from None
+        record = data[space + 1 : pos + length]
+        if length <= 0 or space < 0 or not record.endswith(b"\n") or b"=" not in record:
+            raise ArchiveError("malformed pax header (corrupt archive)")
+        key, value = record[:-1].split(b"=", 1)
+        out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
+def _pax_mtime_ns(value: str) -> int:
+    sec, _, frac = value.partition(".")
+    try:
+        return max(0, int(sec) * 1_000_000_000 + int((frac + "000000000")[:9]))
+    except ValueError:
+        return 0
+
+
+class _Data:
+    """The current member's bytes; what the extractor does not read is skipped by the reader."""
+
+    def __init__(self, reader: TarReader) -> None:
+        self._reader = reader
+
+    def __enter__(self) -> _Data:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def read(self, n: int) -> bytes:
+        r = self._reader
+        n = min(n, r.remaining)
+        data = r.stream.read(n) if n > 0 else b""
+        if len(data) < n:
+            raise ArchiveError("archive ends inside a member (truncated or corrupt)")
+        r.remaining -= n
+        return data
+
+
+class TarReader:
+    """A forward-only tar reader (ustar, GNU long names, pax) over a decompressed stream.
+
+    Hand-written instead of `tarfile` because tarfile's stream mode copies its whole buffer on
+    every header read and keeps every TarInfo for the archive's life: several seconds and tens of
+    MiB on a 17,000-file environment. This one parses headers from the stream, keeps nothing,
+    and verifies every header checksum.
+    """
+
+    def __init__(self, stream: Prefetcher | BinaryIO) -> None:
+        self.stream = stream
+        self.remaining = 0  # unread data bytes of the current member
+        self.padding = 0
+
+    def _read(self, n: int) -> bytes:
+        data = self.stream.read(n)
+        if len(data) != n:
+            raise ArchiveError("archive ends inside a member header (truncated or corrupt)")
+        return data
+
+    def _skip_rest(self) -> None:
+        n, self.remaining, self.padding = self.remaining + self.padding, 0, 0
+        while n > 0:
+            got = len(self.stream.read(min(n, CHUNK)))
+            if got == 0:
+                raise ArchiveError("archive ends inside a member (truncated or corrupt)")
+            n -= got
+
+    def _meta(self, size: int) -> bytes:
+        if size > MAX_META:
+            raise ArchiveError(f"tar metadata block of {size} bytes (corrupt or hostile archive)")
+        data = self._read(size)
+        self._read(-size % BLOCK)
+        return data
+
+    def __iter__(self) -> Iterator[Member]:
+        global_pax: dict[str, str] = {}
+        pax: dict[str, str] = {}
+        long_name = long_link = None
+        while True:
+            self._skip_rest()
+            header = self.stream.read(BLOCK)
+            if not header:
+                raise ArchiveError("archive ends without its end-of-archive marker (truncated)")
+            if len(header) < BLOCK:
+                raise ArchiveError("archive ends inside a member header (truncated or corrupt)")
+            if header == ZERO_BLOCK:
+                return
+            stored = _number(header[148:156])
+            unsigned = sum(header) - sum(header[148:156]) + 8 * 32
+            if stored != unsigned:
+                raise ArchiveError("bad tar header checksum (corrupt archive)")
+            flag = header[156:157]
+            size = _number(header[124:136])
+            if flag in (b"x", b"g", b"L", b"K"):
+                data = self._meta(size)
+                if flag == b"x":
+                    pax = _pax_records(data)
+                elif flag == b"g":
+                    global_pax.update(_pax_records(data))
+                elif flag == b"L":
+                    long_name = _nts(data)
+                else:
+                    long_link = _nts(data)
+                continue
+            fields = {**global_pax, **pax}
+            name = _nts(header[0:100])
+            if header[257:265] == b"ustar\x0000" and header[345] != 0:
+                name = _nts(header[345:500]) + "/" + name
+            name = fields.get("path", long_name or name)
+            linkname = fields.get("linkpath", long_link or _nts(header[157:257]))
+            if "size" in fields:
+                try:
+                    size = int(fields["size"])
+                except ValueError:
+                    raise ArchiveError(f"member {name}: bad pax size (corrupt archive)") from None
+            mtime_ns = _pax_mtime_ns(fields["mtime"]) if "mtime" in fields else _number(header[136:148]) * 10**9
+            pax, long_name, long_link = {}, None, None
+            kind = TYPES.get(flag, Kind.OTHER)
+            mode = _number(header[100:108]) & 0o7777
+            self.remaining, self.padding = size, -size % BLOCK
+            if kind is Kind.FILE:
+                yield Member(name, kind, mode, size, mtime_ns, open=lambda: _Data(self))
+            else:
+                describe = SPECIAL.get(flag, f"member of unknown type {flag!r}")
+                yield Member(name, kind, mode, 0, mtime_ns, linkname=linkname, describe=describe)
 
 
 def _zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Member:
@@ -199,8 +352,6 @@ def members(raw: BinaryIO) -> Iterator[Member]:
         return
     stream = Prefetcher(_decompressor(fmt, raw))
     try:
-        with tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK) as tf:  # type: ignore[call-overload]
-            for ti in tf:
-                yield _tar_member(tf, ti)
+        yield from TarReader(stream)
     finally:
         stream.close()
