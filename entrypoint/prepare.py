@@ -100,11 +100,12 @@ def _unpack(entry: Entry, tarball: Tarball, settings: Settings, require: tuple[s
                 raise ConfigError(f"{tarball.display} was replaced while starting; start again")
             os.mkdir(entry.prefix, 0o755)
             try:
-                stats = extract.extract(
-                    archive.members(raw),
-                    entry.prefix,
-                    extract.Limits(settings.max_members, settings.max_unpacked_bytes),
-                )
+                with cache.BackgroundSync(settings.cache_dir):
+                    stats = extract.extract(
+                        archive.members(raw),
+                        entry.prefix,
+                        extract.Limits(settings.max_members, settings.max_unpacked_bytes),
+                    )
             except archive.CORRUPT as exc:
                 raise ArchiveError(f"{tarball.display}: corrupt or truncated archive ({exc}); pack it again") from None
             st = os.fstat(raw.fileno())
