@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -97,6 +96,8 @@ def activated_environ(prefix: Path, base: Mapping[str, str]) -> dict[str, str]:
 
 def _run_activate_scripts(scripts: Sequence[Path], env: dict[str, str]) -> dict[str, str]:
     """Source the environment's activate.d scripts in sh and keep the variables they export."""
+    import subprocess
+
     script = "".join(f'. "{s}" || exit 1\n' for s in scripts) + "exec env -0\n"
     proc = subprocess.run(["sh", "-c", script], env=env, capture_output=True, check=False)
     if proc.returncode != 0:

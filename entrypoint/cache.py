@@ -15,8 +15,6 @@ directory, which the next start removes under the lock before extracting again.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import functools
 import json
 import os
@@ -125,30 +123,45 @@ def scan(prefix: Path) -> list[tuple[str, int, int]]:
     return out
 
 
+QUICK_END = "--\n"  # the manifest lists what quick mode checks first, then the rest after this line
+
+
+def _quick(index: int, rel: str, size: int) -> bool:
+    return size < 0 or rel.startswith("bin/") or ".so" in rel or index % 16 == 0
+
+
 def write_manifest(entry: Entry, records: list[tuple[str, int, int]]) -> None:
-    text = "".join(f"{size}\t{mtime}\t{rel}\n" for rel, size, mtime in records)
+    quick: list[str] = []
+    rest: list[str] = []
+    for i, (rel, size, mtime) in enumerate(records):
+        (quick if _quick(i, rel, size) else rest).append(f"{size}\t{mtime}\t{rel}\n")
+    text = "".join(quick) + QUICK_END + "".join(rest)
     _write_atomic(entry.manifest, text.encode("utf-8", "surrogateescape"))
 
 
 def verify(entry: Entry, full: bool) -> str | None:
-    """What is wrong with a published entry, or None. Quick mode: every directory's mtime (any file
-    added, deleted or renamed changes it), plus size and mtime of bin/, shared libraries and one
-    file in eight; full mode: every file."""
+    """What is wrong with a published entry, or None.
+
+    Quick mode (a few ms): every directory's mtime, which any file added, deleted or renamed
+    changes, plus size and mtime of bin/, the shared libraries and one file in sixteen. Full mode
+    stats every file (~70 ms for 13,000 files here), so it also catches any truncated file.
+    """
     try:
-        lines = entry.manifest.read_bytes().decode("utf-8", "surrogateescape").splitlines()
+        text = entry.manifest.read_bytes().decode("utf-8", "surrogateescape")
     except OSError:
         return "its manifest is missing"
+    if not full:
+        text = text.partition(QUICK_END)[0]
     prefix = str(entry.prefix)
-    for i, line in enumerate(lines):
-        size_s, mtime_s, rel = line.split("\t", 2)
-        size = int(size_s)
-        if not (full or size < 0 or i % 8 == 0 or rel.startswith("bin/") or ".so" in rel):
+    for line in text.splitlines():
+        if line == QUICK_END[:-1]:
             continue
+        size_s, mtime_s, rel = line.split("\t", 2)
         try:
             st = os.stat(f"{prefix}/{rel}" if rel else prefix, follow_symlinks=False)
         except OSError:
             return f"{rel or '.'} is missing"
-        if st.st_mtime_ns != int(mtime_s) or (size >= 0 and st.st_size != size):
+        if st.st_mtime_ns != int(mtime_s) or (size_s[0] != "-" and st.st_size != int(size_s)):
             return f"{rel or '.'} was changed after unpacking"
     return None
 
@@ -182,6 +195,9 @@ def _fsync_dir(path: Path) -> None:
 
 @functools.cache
 def _libc_syncfs() -> Callable[[int], int] | None:
+    import ctypes
+    import ctypes.util
+
     try:
         fn: Callable[[int], int] = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).syncfs
         return fn

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
 
 from entrypoint import __version__, log
 from entrypoint.errors import ConfigError, EntrypointError
@@ -68,24 +70,42 @@ def unpack() -> int:
 
 def run(command: list[str]) -> int:
     """Prepare the environment if there is one, activate it and exec the command."""
-    from entrypoint.activate import activated_environ, exec_command, resolve_command
+    from entrypoint import fastpath
+
+    require = ("mlserver",) if (command or ["mlserver"])[0] == "mlserver" else ()
+    with log.phase("locate") as details:
+        hit = fastpath.lookup(os.environ, require)
+        if hit is not None:
+            details["cache hit"] = str(hit.entry.prefix)
+    if hit is not None:
+        launch(command or _default_command(hit.models_dir), hit.entry.prefix)
+
     from entrypoint.prepare import prepare
     from entrypoint.settings import load_settings
     from entrypoint.source import locate
 
     settings = load_settings()
-    if not command:
-        command = ["mlserver", "start", str(settings.models_dir)]
     tarball = locate(settings)
     if tarball is None:
         log.info("no environment tarball configured: running the command as is")
+        launch(command or _default_command(settings.models_dir), None)
+    prepared = prepare(settings, tarball, require)
+    launch(command or _default_command(settings.models_dir), prepared.prefix)
+
+
+def _default_command(models_dir: Path) -> list[str]:
+    return ["mlserver", "start", str(models_dir)]
+
+
+def launch(command: list[str], prefix: Path | None) -> NoReturn:
+    """Activate the environment at `prefix` (None: run as is) and exec the command."""
+    from entrypoint.activate import activated_environ, exec_command, resolve_command
+
+    if prefix is None:
         env = dict(os.environ)
-        argv = resolve_command(command, env, None)
     else:
-        require = ("mlserver",) if command[0] == "mlserver" else ()
-        prepared = prepare(settings, tarball, require)
-        env = activated_environ(prepared.prefix, os.environ)
+        env = activated_environ(prefix, os.environ)
         env["PYTHONDONTWRITEBYTECODE"] = "1"  # the entry is shared and may be read-only: never write into it
-        argv = resolve_command(command, env, prepared.prefix)
+    argv = resolve_command(command, env, prefix)
     log.info(f"exec: {' '.join(argv)} (entrypoint work {log.elapsed_ms():.0f} ms)")
     exec_command(argv, env)

@@ -9,22 +9,14 @@ from typing import Literal
 from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from entrypoint.constants import DEFAULT_MODELS_DIR, ENV_PREFIX, default_cache_dir
 from entrypoint.errors import ConfigError
-
-DEFAULT_TARBALL_NAME = "environment.tar.gz"  # what MLServer's own images look for in the models dir
-
-
-def default_cache_dir() -> Path:
-    # Short on purpose: conda-unpack can only put a prefix no longer than the packed one into
-    # binary files, and entries live at <cache dir>/<8 hex digits>. Per user, so hosts shared by
-    # several users never read each other's environments.
-    return Path(f"/tmp/mlenv-{os.getuid()}")
 
 
 class Settings(BaseSettings):
     """Every setting is documented in README.md ("Settings"); keep the two in step."""
 
-    model_config = SettingsConfigDict(env_prefix="MLSERVER_ENV_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
     tarball: str | None = Field(
         default=None,
@@ -39,7 +31,7 @@ class Settings(BaseSettings):
     verify: Literal["quick", "full"] = Field(default="quick", description="how a cached entry is checked at start")
     stop_grace: float = Field(default=8.0, ge=0, description="seconds between SIGTERM and SIGKILL of mlserver")
     models_dir: Path = Field(
-        default=Path("/mnt/models"),
+        default=Path(DEFAULT_MODELS_DIR),
         validation_alias=AliasChoices("MLSERVER_MODELS_DIR"),
         description="models folder; `mlserver start` serves it",
     )

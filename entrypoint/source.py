@@ -8,9 +8,13 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from entrypoint.constants import DEFAULT_TARBALL_NAME
 from entrypoint.errors import ConfigError
-from entrypoint.settings import DEFAULT_TARBALL_NAME, Settings
+
+if TYPE_CHECKING:
+    from entrypoint.settings import Settings
 
 CHUNK = 1 << 20
 
@@ -56,8 +60,7 @@ def locate(settings: Settings) -> Tarball | None:
         os.close(fd)
     if not stat.S_ISREG(st.st_mode):
         raise ConfigError(f"MLSERVER_ENV_TARBALL={path}: not a regular file; point it at the .tar.gz itself")
-    identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    return Tarball(Path(os.path.abspath(path)), st.st_size, identity)
+    return Tarball(Path(os.path.abspath(path)), st.st_size, identity_of(st))
 
 
 def sha256_file(path: Path) -> str:
@@ -71,8 +74,13 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _memo_path(cache_dir: Path, tarball: Tarball) -> Path:
-    return cache_dir / ".keys" / hashlib.sha256(str(tarball.path).encode()).hexdigest()[:24]
+def identity_of(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def memo_path(cache_dir: Path, tarball: Path) -> Path:
+    """Where the key of the tarball at this (absolute) path is remembered."""
+    return cache_dir / ".keys" / hashlib.sha256(str(tarball).encode()).hexdigest()[:24]
 
 
 def content_key(tarball: Tarball, cache_dir: Path, pin: str | None) -> tuple[str, bool]:
@@ -82,7 +90,7 @@ def content_key(tarball: Tarball, cache_dir: Path, pin: str | None) -> tuple[str
     device, inode, size, mtime and ctime: replacing or rewriting the file changes ctime, which no
     user can set back.
     """
-    memo = _memo_path(cache_dir, tarball)
+    memo = memo_path(cache_dir, tarball.path)
     try:
         saved = json.loads(memo.read_text())
         if saved["identity"] == list(tarball.identity):
@@ -103,7 +111,7 @@ def _unchanged(tarball: Tarball) -> bool:
         st = os.stat(tarball.path)
     except OSError:
         return False
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) == tarball.identity
+    return identity_of(st) == tarball.identity
 
 
 def _check_pin(tarball: Tarball, key: str, pin: str | None) -> None:
