@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 START = time.monotonic()
@@ -28,3 +28,41 @@ def phase(name: str, details: dict[str, object] | None = None) -> Iterator[dict[
     took = time.monotonic() - t0
     tail = "".join(f", {k} {v}" for k, v in extra.items())
     info(f"{name}: {took * 1000:.0f} ms{tail}" if took < 1 else f"{name}: {took:.2f} s{tail}")
+
+
+class Progress:
+    """Progress of a long unpack: a redrawn line on a terminal, a plain line every 10% in logs.
+
+    Hand-written (tqdm's carriage-return frames garble container logs, and a plain log wants one
+    line per step, not a bar); it checks the clock only every 64 members, so it costs nothing.
+    """
+
+    def __init__(self, label: str, total: int, position: Callable[[], int]) -> None:
+        self._label = label
+        self._total = max(total, 1)
+        self._position = position
+        self._tty = sys.stderr.isatty()
+        self._count = 0
+        self._next_step = 10
+        self._start = self._last = time.monotonic()
+        self._drawn = False
+
+    def tick(self) -> None:
+        self._count += 1
+        if self._count & 63:
+            return
+        now = time.monotonic()
+        if now - self._start < 2 or (self._tty and now - self._last < 0.2):
+            return  # quick unpacks stay quiet
+        percent = min(100, self._position() * 100 // self._total)
+        if self._tty:
+            print(f"\r{PROG}: {self._label}: {percent:3d}% ({self._count} files)", end="", file=sys.stderr, flush=True)
+            self._drawn = True
+        elif percent >= self._next_step:
+            info(f"{self._label}: {percent}% ({self._count} files)")
+            self._next_step = (percent // 10 + 1) * 10
+        self._last = now
+
+    def done(self) -> None:
+        if self._drawn:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from entrypoint import cache, log
 from entrypoint.activate import find_python
@@ -14,6 +16,9 @@ from entrypoint.cache import Entry
 from entrypoint.errors import ArchiveError, ConfigError, EntrypointError, EnvError
 from entrypoint.settings import Settings
 from entrypoint.source import Tarball, content_key
+
+if TYPE_CHECKING:
+    from entrypoint.archive import Member
 
 
 @dataclass(frozen=True)
@@ -100,12 +105,14 @@ def _unpack(entry: Entry, tarball: Tarball, settings: Settings, require: tuple[s
                 raise ConfigError(f"{tarball.display} was replaced while starting; start again")
             os.mkdir(entry.prefix, 0o755)
             try:
+                progress = log.Progress("extract", tarball.size, raw.tell)
                 with cache.BackgroundSync(settings.cache_dir):
                     stats = extract.extract(
-                        archive.members(raw),
+                        _ticking(archive.members(raw), progress),
                         entry.prefix,
                         extract.Limits(settings.max_members, settings.max_unpacked_bytes),
                     )
+                progress.done()
             except archive.CORRUPT as exc:
                 raise ArchiveError(f"{tarball.display}: corrupt or truncated archive ({exc}); pack it again") from None
             st = os.fstat(raw.fileno())
@@ -133,6 +140,12 @@ def _unpack(entry: Entry, tarball: Tarball, settings: Settings, require: tuple[s
         raise
     finally:
         _restore_signals(previous)
+
+
+def _ticking(members: Iterator[Member], progress: log.Progress) -> Iterator[Member]:
+    for m in members:
+        progress.tick()
+        yield m
 
 
 def _abandon(entry: Entry) -> None:
