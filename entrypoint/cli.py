@@ -2,6 +2,8 @@
 
 mlserver-entrypoint                      # mlserver start $MLSERVER_MODELS_DIR, in the environment
 mlserver-entrypoint unpack               # prepare the environment, print its prefix, exit
+mlserver-entrypoint inspect [TARBALL] [--json]                 # what an archive holds, will it work here
+mlserver-entrypoint gc [--max-bytes N] [--max-age DAYS] [--dry-run]  # trim the cache, never an entry in use
 mlserver-entrypoint CMD [ARG…]           # any command, in the environment
 mlserver-entrypoint -- CMD [ARG…]        # same, for a command named like a subcommand
 """
@@ -17,7 +19,7 @@ from typing import NoReturn
 from entrypoint import __version__, log
 from entrypoint.errors import ConfigError, EntrypointError
 
-SUBCOMMANDS = ("unpack",)
+SUBCOMMANDS = ("unpack", "inspect", "gc")
 USAGE = __doc__.split("\n\n", 1)[1].rstrip() if __doc__ else ""
 
 
@@ -47,6 +49,11 @@ def _dispatch(args: list[str]) -> int:
         if len(args) > 1:
             raise ConfigError(f"unpack takes no arguments (got {' '.join(args[1:])}); configure it with MLSERVER_ENV_*")
         return unpack()
+    if args[:1] in (["inspect"], ["gc"]):
+        from entrypoint import gc, inspection
+        from entrypoint.settings import load_settings
+
+        return (inspection.main if args[0] == "inspect" else gc.main)(args[1:], load_settings())
     return run(args)
 
 

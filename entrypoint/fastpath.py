@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from entrypoint import cache
+from entrypoint import cache, gc
 from entrypoint.activate import find_python
 from entrypoint.cache import Entry
 from entrypoint.constants import DEFAULT_MODELS_DIR, DEFAULT_TARBALL_NAME, ENV_PREFIX, default_cache_dir
@@ -54,6 +54,7 @@ def lookup(environ: Mapping[str, str], require: tuple[str, ...]) -> Hit | None:
     if key is None or (pin is not None and key != pin):
         return None
     entry = Entry(cache_dir, key)
+    gc.hold(entry)  # before the marker is read: from here no gc removes it until the server exits
     if cache.read_marker(entry) is None or cache.verify(entry, full=verify == "full") is not None:
         return None
     if any(not os.access(entry.prefix / "bin" / program, os.X_OK) for program in require):

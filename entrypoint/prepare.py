@@ -10,7 +10,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from entrypoint import cache, log
+from entrypoint import cache, gc, log
 from entrypoint.activate import find_python
 from entrypoint.cache import Entry
 from entrypoint.errors import ArchiveError, ConfigError, EntrypointError, EnvError
@@ -41,6 +41,8 @@ def prepare(settings: Settings, tarball: Tarball, require: tuple[str, ...] = ())
     with log.phase("locate", {"tarball": tarball.display}) as details:
         key, remembered = content_key(tarball, settings.cache_dir, settings.tarball_sha256)
         entry = Entry(settings.cache_dir, key)
+        gc.hold(entry)  # in use until the server exits: gc never removes it under us
+        gc.at_start(settings)
         problem = _usable(entry, settings, require)
         details["entry"] = str(entry.prefix)
         details["key"] = "remembered" if remembered else "hashed"
@@ -131,6 +133,7 @@ def _unpack(entry: Entry, tarball: Tarball, settings: Settings, require: tuple[s
         with log.phase("publish"):
             cache.write_manifest(entry, cache.scan(entry.prefix))
             cache.publish(entry, {"tarball": tarball.display, "files": stats.files, "bytes": stats.bytes})
+        gc.at_start(settings)  # the cache just grew
         return Prepared(entry.prefix, python, False)
     except ArchiveError as exc:
         _abandon(entry)

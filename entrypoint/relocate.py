@@ -18,6 +18,12 @@ def prefix_records(prefix: Path) -> list[tuple[str, str, str]]:
         source = (prefix / UNPACK_SCRIPT).read_text(encoding="utf-8")
     except FileNotFoundError:
         return []
+    return parse_prefix_records(source, str(prefix / UNPACK_SCRIPT))
+
+
+def parse_prefix_records(source: str, where: str) -> list[tuple[str, str, str]]:
+    """The records in a conda-unpack script's text (`where` names it in errors): shared with `inspect`,
+    which reads the script out of the archive without extracting it."""
     start = source.find("_prefix_records = [")
     if start < 0:
         return []
@@ -25,7 +31,7 @@ def prefix_records(prefix: Path) -> list[tuple[str, str, str]]:
     try:
         records = ast.literal_eval(source[start + len("_prefix_records = ") : end + 2])
     except (ValueError, SyntaxError):
-        raise EnvError(f"{prefix / UNPACK_SCRIPT}: cannot read its prefix records; re-pack with conda-pack") from None
+        raise EnvError(f"{where}: cannot read its prefix records; re-pack with conda-pack") from None
     return [(str(p), str(ph), str(m)) for p, ph, m in records]
 
 

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, ByteSize, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from entrypoint.constants import DEFAULT_MODELS_DIR, ENV_PREFIX, default_cache_dir
@@ -30,6 +30,12 @@ class Settings(BaseSettings):
     max_unpacked_bytes: int = Field(default=64 << 30, gt=0, description="refuse archives unpacking larger")
     verify: Literal["quick", "full"] = Field(default="quick", description="how a cached entry is checked at start")
     stop_grace: float = Field(default=8.0, ge=0, description="seconds between SIGTERM and SIGKILL of mlserver")
+    cache_max_bytes: ByteSize | None = Field(
+        default=None, description="at start, remove unused entries, oldest-used first, until the cache fits"
+    )
+    cache_max_age: float | None = Field(
+        default=None, gt=0, description="at start, remove entries unused this many days"
+    )
     models_dir: Path = Field(
         default=Path(DEFAULT_MODELS_DIR),
         validation_alias=AliasChoices("MLSERVER_MODELS_DIR"),

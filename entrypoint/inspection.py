@@ -1,0 +1,324 @@
+"""`mlserver-entrypoint inspect`: what an environment archive holds and whether it can run here.
+
+Reads the archive as one forward stream of members (the extractor's reader), so nothing is
+written to disk and memory stays flat: only small members are read, and only their first bytes
+(an interpreter's ELF header, a METADATA header block, the conda-unpack script). The verdict
+uses the same rules a start applies (interpreter platform, mlserver present, prefix length for
+the configured cache directory, member and size limits), so "will work" here means a start
+would get past them.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import json
+import os
+import posixpath
+import re
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from entrypoint import archive, relocate
+from entrypoint.activate import MACHO, _describe, _elf_target, _host_target
+from entrypoint.archive import Kind, Member
+from entrypoint.cache import Entry
+from entrypoint.errors import ArchiveError, ConfigError, EntrypointError, EnvError
+from entrypoint.extract import normalize
+from entrypoint.settings import Settings
+from entrypoint.source import locate, sha256_file
+
+METADATA_HEAD = 64 << 10  # Name and Version are in the first lines of METADATA / PKG-INFO
+UNPACK_SCRIPT_MAX = 64 << 20  # conda-unpack of a 17,000-file environment is ~1 MB
+
+LIB_PYTHON = re.compile(r"lib/python(\d+\.\d+)/")
+PATCHLEVEL = re.compile(r"include/python\d+\.\d+[a-z]*/patchlevel\.h")
+PY_VERSION = re.compile(rb'#define\s+PY_VERSION\s+"([^"]+)"')
+INTERPRETER = re.compile(r"bin/python(\d+(\.\d+)?)?")
+DIST_INFO = re.compile(r"lib/python\d+\.\d+/site-packages/[^/]+\.(dist-info/METADATA|egg-info/PKG-INFO|egg-info)")
+CONDA_META = re.compile(r"conda-meta/([^/]+)-([^-/]+)-([^-/]+)\.json")
+
+
+def canonical(name: str) -> str:
+    """PEP 503 normalized project name: `Scikit_Learn` and `scikit-learn` are one project."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def interesting(name: str) -> bool:
+    return name in ("mlserver", "scikit-learn") or name.startswith("mlserver-")
+
+
+@dataclass
+class Report:
+    tarball: str
+    format: str
+    sha256: str
+    packed_bytes: int
+    unpacked_bytes: int = 0
+    files: int = 0
+    directories: int = 0
+    symlinks: int = 0
+    hardlinks: int = 0
+    python: str | None = None
+    interpreter: str | None = None  # bin/pythonX.Y as packed
+    platform: str | None = None  # e.g. "x86_64 64-bit Linux"
+    packages: dict[str, str] = field(default_factory=dict)  # mlserver, mlserver-*, scikit-learn
+    packed_prefix: str | None = None
+    packed_prefix_length: int | None = None
+    cache_prefix: str = ""  # where a start with this image's settings would unpack it
+    cached: bool = False
+    will_work: bool = True
+    exit_code: int = 0  # what a start would exit with: 2 for a setting to change, 3 archive, 4 environment
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def problem(self, message: str, error: type[EntrypointError] = EnvError) -> None:
+        self.problems.append(message)
+        self.exit_code = self.exit_code or error.exit_code
+
+
+class _Scan:
+    """What one pass over the members collects; the verdict is made from it afterwards."""
+
+    def __init__(self) -> None:
+        self.kinds: dict[str, Kind] = {}
+        self.links: dict[str, str] = {}  # symlink or hardlink member -> its target (relative path)
+        self.headers: dict[str, bytes] = {}  # interpreter candidates -> first 64 bytes
+        self.lib_versions: set[str] = set()
+        self.full_version: str | None = None
+        self.dist: dict[str, str] = {}
+        self.conda: dict[str, str] = {}
+        self.unpack_script: str | None = None
+        self.unpack_script_too_big = False
+        self.unsafe: list[str] = []
+        self.members = 0
+
+    def add(self, m: Member, report: Report) -> None:
+        self.members += 1
+        try:
+            rel = normalize(m.name)
+            link = normalize(m.linkname) if m.kind is Kind.HARDLINK else m.linkname
+        except ArchiveError as exc:
+            self.unsafe.append(str(exc))
+            return
+        if m.kind is Kind.OTHER:
+            self.unsafe.append(f"member {m.name}: is a {m.describe}")
+            return
+        self.kinds[rel] = m.kind
+        if m.kind is Kind.DIR:
+            report.directories += 1
+        elif m.kind is Kind.SYMLINK:
+            report.symlinks += 1
+            self.links[rel] = posixpath.normpath(posixpath.join(posixpath.dirname(rel), link))
+        elif m.kind is Kind.HARDLINK:
+            report.hardlinks += 1
+            self.links[rel] = link
+        else:
+            report.files += 1
+            report.unpacked_bytes += m.size
+            self._read_file(rel, m)
+        if (found := LIB_PYTHON.match(rel)) is not None:
+            self.lib_versions.add(found.group(1))
+        if (meta := CONDA_META.fullmatch(rel)) is not None:
+            self.conda[canonical(meta.group(1))] = meta.group(2)
+
+    def _read_file(self, rel: str, m: Member) -> None:
+        assert m.open is not None
+        if INTERPRETER.fullmatch(rel) or rel == "python.exe":
+            self.headers[rel] = _head(m, 64)
+        elif DIST_INFO.fullmatch(rel):
+            name, version = _metadata(_head(m, METADATA_HEAD))
+            if name and version:
+                self.dist[canonical(name)] = version
+        elif PATCHLEVEL.fullmatch(rel):
+            found = PY_VERSION.search(_head(m, METADATA_HEAD))
+            self.full_version = found.group(1).decode() if found else None
+        elif rel == relocate.UNPACK_SCRIPT:
+            if m.size > UNPACK_SCRIPT_MAX:
+                self.unpack_script_too_big = True
+            else:
+                self.unpack_script = _head(m, m.size).decode("utf-8", "replace")
+
+    def resolve(self, rel: str) -> str | None:
+        """Follow in-archive links from `rel` to a regular file member, as the unpacked tree would."""
+        for _ in range(40):
+            kind = self.kinds.get(rel)
+            if kind is Kind.FILE:
+                return rel
+            if kind not in (Kind.SYMLINK, Kind.HARDLINK):
+                return None
+            rel = self.links[rel]
+        return None
+
+
+def _head(m: Member, n: int) -> bytes:
+    """At most `n` bytes from the start of a file member (the stream skips the rest)."""
+    assert m.open is not None
+    out = bytearray()
+    with m.open() as f:
+        while len(out) < n and (chunk := f.read(min(n - len(out), archive.CHUNK))):
+            out += chunk
+    return bytes(out)
+
+
+def _metadata(head: bytes) -> tuple[str | None, str | None]:
+    text = head.decode("utf-8", "replace").split("\n\n", 1)[0]
+    msg = email.parser.HeaderParser().parsestr(text)
+    return msg.get("Name"), msg.get("Version")
+
+
+def inspect_tarball(path: Path, settings: Settings) -> Report:
+    """Stream `path` once and judge it against this image and these settings."""
+    try:
+        raw = open(path, "rb")  # noqa: SIM115 - closed below, after the member stream is done
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot open: {exc.strerror}") from None
+    with raw:
+        fmt = archive.detect_format(raw.read(512))
+        raw.seek(0)
+        report = Report(str(path), fmt, sha256_file(path), os.fstat(raw.fileno()).st_size)
+        scan = _Scan()
+        try:
+            for m in archive.members(raw):
+                scan.add(m, report)
+        except archive.CORRUPT as exc:
+            raise ArchiveError(f"{path}: corrupt or truncated archive ({exc}); pack it again") from None
+    _judge(report, scan, settings)
+    return report
+
+
+def _judge(report: Report, scan: _Scan, settings: Settings) -> None:
+    notes = report.notes
+    for unsafe in scan.unsafe[:5]:
+        report.problem(f"the entrypoint would refuse {unsafe}", ArchiveError)
+    report.python = scan.full_version or scan.conda.get("python") or _one(scan.lib_versions)
+    if len(scan.lib_versions) > 1:
+        notes.append(f"several lib/pythonX.Y folders: {', '.join(sorted(scan.lib_versions))}")
+    report.packages = {n: v for n, v in sorted({**scan.conda, **scan.dist}.items()) if interesting(n) and n != "python"}
+    _judge_interpreter(report, scan)
+    if "mlserver" not in report.packages and scan.kinds.get("bin/mlserver") is None:
+        report.problem(
+            "no mlserver; add `mlserver` and its runtime (e.g. `mlserver-sklearn`) to the environment's "
+            "pip dependencies and pack it again"
+        )
+    elif not any(n.startswith("mlserver-") for n in report.packages):
+        notes.append("no mlserver runtime package (mlserver-sklearn, mlserver-xgboost, …) found")
+
+    entry = Entry(settings.cache_dir, report.sha256)
+    report.cache_prefix = str(entry.prefix)
+    report.cached = entry.marker.exists()
+    if scan.unpack_script_too_big:
+        notes.append(f"{relocate.UNPACK_SCRIPT} is over {UNPACK_SCRIPT_MAX >> 20} MiB; its prefix was not read")
+    elif scan.unpack_script is None:
+        notes.append(f"no {relocate.UNPACK_SCRIPT}: not a conda-pack archive, paths inside are not relocated")
+    else:
+        records = relocate.parse_prefix_records(scan.unpack_script, f"{report.tarball}:{relocate.UNPACK_SCRIPT}")
+        placeholders = sorted({ph for _, ph, _ in records}, key=len)
+        if placeholders:
+            report.packed_prefix = placeholders[0]
+            report.packed_prefix_length = len(placeholders[0])
+        try:
+            relocate.check_prefix_length(records, entry.prefix)
+        except ConfigError as exc:
+            report.problem(str(exc), ConfigError)
+
+    if scan.members > settings.max_members:
+        report.problem(f"{scan.members} members, over MLSERVER_ENV_MAX_MEMBERS={settings.max_members}", ArchiveError)
+    if report.unpacked_bytes > settings.max_unpacked_bytes:
+        report.problem(
+            f"unpacks to {report.unpacked_bytes} bytes, over MLSERVER_ENV_MAX_UNPACKED_BYTES="
+            f"{settings.max_unpacked_bytes}",
+            ArchiveError,
+        )
+    report.will_work = not report.problems
+
+
+def _judge_interpreter(report: Report, scan: _Scan) -> None:
+    """The rules of activate.find_python, applied to the packed members."""
+    if "python.exe" in scan.headers:
+        report.platform = "Windows"
+        report.problem("built for Windows; pack the environment on Linux")
+        return
+    target = next((t for t in map(scan.resolve, ("bin/python", "bin/python3")) if t is not None), None)
+    if target is None:
+        report.problem("no bin/python; add python to the environment before `conda pack`")
+        return
+    report.interpreter = target
+    header = scan.headers.get(target, b"")
+    if header.startswith(MACHO):
+        report.platform = "macOS"
+        report.problem(f"{target} is a macOS binary; pack the environment on Linux")
+        return
+    elf = _elf_target(header)
+    if elf is None:
+        report.problem(f"{target} is not an ELF executable; the environment was not built for Linux")
+        return
+    report.platform = _describe(elf)
+    host = _host_target()
+    if host is not None and elf != host:
+        report.problem(
+            f"{target} is built for {_describe(elf)}, this machine runs {_describe(host)}; "
+            f"pack the environment on {_describe(host)}"
+        )
+
+
+def _one(values: Iterable[str]) -> str | None:
+    found = sorted(values)
+    return found[0] if len(found) == 1 else None
+
+
+def render(report: Report) -> str:
+    """The report as aligned text lines, problems last."""
+    mb = 1e6
+    packages = ", ".join(f"{n} {v}" for n, v in report.packages.items()) or "none found"
+    prefix = f"{report.packed_prefix} ({report.packed_prefix_length} characters)" if report.packed_prefix else "unknown"
+    rows = [
+        ("archive", f"{report.tarball} ({report.format}, {report.packed_bytes / mb:.1f} MB)"),
+        ("sha256", report.sha256),
+        ("python", report.python or "unknown"),
+        ("interpreter", f"{report.interpreter or 'none'} ({report.platform or 'unknown platform'})"),
+        ("packages", packages),
+        ("packed prefix", prefix),
+        (
+            "members",
+            f"{report.files} files, {report.directories} directories, {report.symlinks} symlinks, "
+            f"{report.hardlinks} hardlinks",
+        ),
+        ("unpacked size", f"{report.unpacked_bytes / mb:.1f} MB"),
+        (
+            "cache entry",
+            f"{report.cache_prefix} ({len(report.cache_prefix)} characters, "
+            f"{'already unpacked' if report.cached else 'not unpacked yet'})",
+        ),
+        ("this image", "will work" if report.will_work else "will NOT work"),
+    ]
+    lines = [f"{k + ':':<15}{v}" for k, v in rows]
+    lines += [f"  problem: {p}" for p in report.problems]
+    lines += [f"  note: {n}" for n in report.notes]
+    return "\n".join(lines)
+
+
+def main(args: list[str], settings: Settings) -> int:
+    """`inspect [TARBALL] [--json]`; without TARBALL, the one MLSERVER_ENV_TARBALL names.
+
+    Exits 0 when the environment will work in this image, otherwise with the code a start would
+    fail with (after printing the whole report), so scripts can gate on it.
+    """
+    as_json = "--json" in args
+    rest = [a for a in args if a != "--json"]
+    if len(rest) > 1 or any(a.startswith("-") for a in rest):
+        raise ConfigError(f"usage: inspect [TARBALL] [--json] (got {' '.join(args)})")
+    configured = None if rest else locate(settings)
+    if rest:
+        path = Path(rest[0])
+    elif configured is not None:
+        path = configured.path
+    else:
+        raise ConfigError("inspect what? give a TARBALL, or set MLSERVER_ENV_TARBALL")
+    report = inspect_tarball(path, settings)
+    print(json.dumps(asdict(report), indent=1) if as_json else render(report), flush=True)
+    if report.will_work:
+        return 0
+    error = EntrypointError(f"{path} will not work in this image: {report.problems[0]}")
+    error.exit_code = report.exit_code
+    raise error

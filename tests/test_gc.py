@@ -1,0 +1,141 @@
+"""Cache garbage collection (issue 7): oldest-used first, by age and size, never an entry a live
+process uses, and that protection ends with the process, even on kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from support import ENTRYPOINT, REPO, entry_env, run_entrypoint
+
+DAY = 86400
+ENTRY = re.compile(r"[0-9a-f]{8}")
+
+
+@pytest.fixture
+def tarballs(small_tarball: Path, tmp_path: Path) -> list[Path]:
+    """Three archives of different content (trailing zeros after the gzip stream), same environment."""
+    data = small_tarball.read_bytes()
+    out = []
+    for i in range(3):
+        path = tmp_path / f"v{i}.tar.gz"
+        path.write_bytes(data + b"\0" * 1024 * i)
+        out.append(path)
+    return out
+
+
+def unpack(tarball: Path, cache: Path, **settings: str) -> subprocess.CompletedProcess[str]:
+    proc = run_entrypoint(["unpack"], entry_env(MLSERVER_ENV_TARBALL=tarball, MLSERVER_ENV_CACHE_DIR=cache, **settings))
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def prefix_of(proc: subprocess.CompletedProcess[str]) -> Path:
+    return Path(proc.stdout.splitlines()[-1])
+
+
+def age(prefix: Path, days: float) -> None:
+    """Make an entry look last used `days` ago (its start touched `.use`, its unpack wrote `.ready`)."""
+    t = time.time() - days * DAY
+    for suffix in (".use", ".ready"):
+        os.utime(prefix.with_name(prefix.name + suffix), (t, t))
+
+
+def gc(cache: Path, *args: str) -> dict[str, str]:
+    """Run `gc`; {entry prefix: action} from its report."""
+    proc = run_entrypoint(["gc", *args], entry_env(MLSERVER_ENV_CACHE_DIR=cache))
+    assert proc.returncode == 0, proc.stderr
+    actions = {}
+    for line in proc.stdout.splitlines()[:-1]:
+        action, rest = line[:13].strip(), line[13:]
+        actions[rest.split()[0]] = action
+    return actions
+
+
+def gone(prefix: Path) -> bool:
+    return not any(prefix.parent.glob(prefix.name + "*"))
+
+
+def test_gc_removes_oldest_unused_first_and_spares_a_running_process(tarballs: list[Path], tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    a, b, c = (prefix_of(unpack(t, cache)) for t in tarballs)
+    # A process started through the entrypoint on A: the exec'd interpreter holds A from now on.
+    holder = subprocess.Popen(
+        [*ENTRYPOINT, "python", "-c", "import sys; print('up', flush=True); sys.stdin.read()"],
+        env=entry_env(MLSERVER_ENV_TARBALL=tarballs[0], MLSERVER_ENV_CACHE_DIR=cache),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "up\n"
+        assert Path(os.readlink(f"/proc/{holder.pid}/exe")).is_relative_to(a)  # the exec'd process, same pid
+        age(a, 10)  # A is the oldest, but in use
+        age(b, 5)
+        age(c, 2)
+        unit = sum(f.stat().st_size for f in b.rglob("*") if f.is_file() and not f.is_symlink())
+        bound = str(int(2.5 * unit))  # two entries fit, three do not
+
+        planned = gc(cache, "--max-bytes", bound, "--dry-run")
+        assert planned == {str(a): "in use", str(b): "would remove", str(c): "kept"}
+        assert all((p / "bin" / "python").exists() for p in (a, b, c))
+
+        assert gc(cache, "--max-bytes", bound) == {str(a): "in use", str(b): "removed", str(c): "kept"}
+        assert gone(b) and (a / "bin" / "python").exists() and (c / "bin" / "python").exists()
+
+        assert gc(cache, "--max-age", "3") == {str(a): "in use", str(c): "kept"}
+        assert holder.poll() is None
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs, the kernel drops its lock
+        holder.wait()
+    assert gc(cache, "--max-age", "3") == {str(a): "removed", str(c): "kept"}
+    assert gone(a) and (c / "bin" / "python").exists()
+    # The next start on A unpacks it again, as if it never was.
+    assert "extract:" in unpack(tarballs[0], cache).stderr
+
+
+def test_bound_at_start_never_removes_the_entry_being_started(tarballs: list[Path], tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    a = prefix_of(unpack(tarballs[0], cache))
+    second = unpack(tarballs[1], cache, MLSERVER_ENV_CACHE_MAX_BYTES="1")
+    b = prefix_of(second)
+    assert f"gc: removed {a} " in second.stderr and gone(a)
+    assert json.loads(b.with_name(b.name + ".ready").read_text())["prefix"] == str(b)
+    again = unpack(tarballs[1], cache, MLSERVER_ENV_CACHE_MAX_BYTES="1", MLSERVER_ENV_CACHE_MAX_AGE="0.0001")
+    assert "cache hit" in again.stderr and "gc: removed" not in again.stderr
+
+
+def test_partial_entry_is_kept_while_unpacking_and_removed_once_its_process_is_killed(
+    tarballs: list[Path], tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen(
+        [*ENTRYPOINT, "unpack"],
+        env=entry_env(MLSERVER_ENV_TARBALL=tarballs[0], MLSERVER_ENV_CACHE_DIR=cache),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not (entries := [p for p in cache.glob("*") if ENTRY.fullmatch(p.name)]) and proc.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        os.kill(proc.pid, signal.SIGSTOP)  # frozen mid-extraction: alive, holding its entry
+        (partial,) = entries
+        assert not partial.with_name(partial.name + ".ready").exists()
+        assert gc(cache) == {str(partial): "in use"}
+        assert partial.is_dir()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert gc(cache, "--dry-run") == {str(partial): "would remove"}
+    assert gc(cache) == {str(partial): "removed"} and gone(partial)
+
+
+def test_bad_arguments_are_refused(tmp_path: Path) -> None:
+    for args in (["--max-bytes", "lots"], ["--max-age", "old"], ["--force"]):
+        proc = run_entrypoint(["gc", *args], entry_env(MLSERVER_ENV_CACHE_DIR=tmp_path))
+        assert proc.returncode == 2 and proc.stderr.startswith("mlserver-entrypoint: error:"), proc.stderr

@@ -1,0 +1,138 @@
+"""`mlserver-entrypoint inspect`: its report checked against the archive, the unpacked environment
+itself, and what a real start does with the same archive (issue 7)."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+import tempfile
+from pathlib import Path
+
+import pytest
+from conftest import Example
+from support import entry_env, env_python, error_line, run_entrypoint
+
+ENV_FACTS = """
+import json, platform, sys, mlserver, sklearn
+print(json.dumps([platform.python_version(), mlserver.__version__, sklearn.__version__, platform.machine()]))
+"""
+
+
+def inspect_json(tarball: Path, cache_dir: Path) -> tuple[int, dict[str, object], str]:
+    proc = run_entrypoint(["inspect", str(tarball), "--json"], entry_env(MLSERVER_ENV_CACHE_DIR=cache_dir))
+    return proc.returncode, json.loads(proc.stdout), proc.stderr
+
+
+def listing(tarball: Path) -> tuple[int, int, str]:
+    """Regular files, their bytes and bin/conda-unpack's text, read with the standard library."""
+    files = size = 0
+    script = ""
+    with tarfile.open(tarball) as tf:
+        for ti in tf:
+            if ti.isreg():
+                files += 1
+                size += ti.size
+            if ti.name == "bin/conda-unpack":
+                script = tf.extractfile(ti).read().decode()  # type: ignore[union-attr]
+    return files, size, script
+
+
+def test_inspect_agrees_with_the_archive_and_the_environment(seed: Example, tmp_path: Path) -> None:
+    cache_dir = tmp_path / "c"
+    code, report, _ = inspect_json(seed.tarball, cache_dir)
+    assert code == 0 and report["will_work"] is True and report["problems"] == []
+    assert not cache_dir.exists()  # it only read the archive
+
+    files, size, script = listing(seed.tarball)
+    assert (report["files"], report["unpacked_bytes"]) == (files, size)
+    assert report["packed_bytes"] == seed.tarball.stat().st_size
+    placeholder = re.search(r"^\('[^']+', '([^']+)', 'text'\),$", script, re.M)
+    assert placeholder is not None and report["packed_prefix"] == placeholder.group(1)
+    assert report["packed_prefix_length"] == len(placeholder.group(1))
+
+    # The environment, unpacked by a real start, says the same about itself.
+    unpacked = run_entrypoint(
+        ["unpack"], entry_env(MLSERVER_ENV_TARBALL=seed.tarball, MLSERVER_ENV_CACHE_DIR=cache_dir)
+    )
+    assert unpacked.returncode == 0, unpacked.stderr
+    prefix = Path(unpacked.stdout.splitlines()[-1])
+    python, mlserver, sklearn, machine = env_python(prefix, ENV_FACTS)  # type: ignore[misc]
+    assert report["python"] == python and report["platform"] == f"{machine} 64-bit Linux"
+    assert report["packages"] == {"mlserver": mlserver, "mlserver-sklearn": mlserver, "scikit-learn": sklearn}
+    assert report["interpreter"] == f"bin/python{python.rsplit('.', 1)[0]}"
+
+    # Same entry as the start computed, now reported as unpacked; text output says the same.
+    proc = run_entrypoint(["inspect", str(seed.tarball)], entry_env(MLSERVER_ENV_CACHE_DIR=cache_dir))
+    assert proc.returncode == 0, proc.stderr
+    assert f"cache entry:   {prefix} (" in proc.stdout and "already unpacked" in proc.stdout
+    assert f"mlserver {mlserver}, mlserver-sklearn {mlserver}, scikit-learn {sklearn}" in proc.stdout
+    assert "this image:    will work" in proc.stdout
+
+
+def test_inspect_without_argument_reads_the_configured_tarball(small_tarball: Path, tmp_path: Path) -> None:
+    env = entry_env(MLSERVER_ENV_TARBALL=small_tarball, MLSERVER_ENV_CACHE_DIR=tmp_path)
+    proc = run_entrypoint(["inspect"], env)
+    assert proc.returncode == 4  # what a start serving it would exit with: no mlserver
+    assert f"archive:       {small_tarball} (tar.gz" in proc.stdout
+    assert "no mlserver" in error_line(proc) and "mlserver-sklearn" in error_line(proc)
+    assert "problem: no mlserver" in proc.stdout
+
+
+def _patched(small_tarball: Path, out: Path, machine: int | None = None, binary_record: bool = False) -> Path:
+    """A small archive of the real interpreter and conda-unpack, with one defect a real env can have:
+    an interpreter built for another machine, or a binary file holding the packed prefix."""
+    with tarfile.open(small_tarball) as src, tarfile.open(out, "w:gz") as dst:
+        for ti in src:
+            if not (ti.name.startswith("bin/python") or ti.name == "bin/conda-unpack"):
+                continue
+            data = src.extractfile(ti).read() if ti.isreg() else b""  # type: ignore[union-attr]
+            if machine is not None and ti.name == "bin/python3.8":
+                data = data[:18] + machine.to_bytes(2, "little") + data[20:]
+            if binary_record and ti.name == "bin/conda-unpack":
+                data = data.replace(b"', 'text'),\n", b"', 'binary'),\n", 1)
+            dst.addfile(ti, io.BytesIO(data) if ti.isreg() else None)
+    return out
+
+
+def test_wrong_architecture_is_reported_as_a_start_would_refuse_it(small_tarball: Path, tmp_path: Path) -> None:
+    arm = _patched(small_tarball, tmp_path / "arm.tar.gz", machine=183)
+    code, report, _ = inspect_json(arm, tmp_path / "c")
+    assert code == 4 and report["platform"] == "aarch64 64-bit Linux" and not report["will_work"]
+    arch = [p for p in report["problems"] if "built for aarch64" in p]  # type: ignore[union-attr]
+    assert arch and "this machine runs x86_64 64-bit Linux" in arch[0]
+    start = run_entrypoint(["unpack"], entry_env(MLSERVER_ENV_TARBALL=arm, MLSERVER_ENV_CACHE_DIR=tmp_path / "c"))
+    assert start.returncode == 4 and arch[0].split(" is built for ")[1] in error_line(start)
+
+
+def test_prefix_too_long_for_the_cache_dir_is_reported_as_a_start_would_refuse_it(
+    small_tarball: Path, tmp_path: Path
+) -> None:
+    tarball = _patched(small_tarball, tmp_path / "binary.tar.gz", binary_record=True)
+    with tempfile.TemporaryDirectory(dir="/tmp", prefix="i") as short:  # /tmp/iXXXXXXXX/<key8>: 23 characters
+        code, report, _ = inspect_json(tarball, Path(short))
+    length = report["packed_prefix_length"]
+    assert isinstance(length, int) and not any("prefix" in p for p in report["problems"])  # type: ignore[union-attr]
+
+    long_dir = tmp_path / ("x" * length)  # entries go one level deeper: always longer than the packed prefix
+    code, report, _ = inspect_json(tarball, long_dir)
+    assert code == 4 and not report["will_work"]  # exits as serving it would: for the missing mlserver first
+    too_long = [p for p in report["problems"] if "MLSERVER_ENV_CACHE_DIR" in p]  # type: ignore[union-attr]
+    assert len(too_long) == 1 and f"{length}-character prefix" in too_long[0]
+    start = run_entrypoint(["unpack"], entry_env(MLSERVER_ENV_TARBALL=tarball, MLSERVER_ENV_CACHE_DIR=long_dir))
+    assert start.returncode == 2 and too_long[0] in error_line(start)
+
+
+def test_corrupt_archive_is_one_error_line(small_tarball: Path, tmp_path: Path) -> None:
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(small_tarball.read_bytes()[: 4 << 20])
+    proc = run_entrypoint(["inspect", str(cut)], entry_env(MLSERVER_ENV_CACHE_DIR=tmp_path))
+    assert proc.returncode == 3 and "corrupt or truncated" in error_line(proc)
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("args", [["a", "b"], ["--yaml", "x.tar.gz"]])
+def test_bad_arguments_are_refused(args: list[str], tmp_path: Path) -> None:
+    proc = run_entrypoint(["inspect", *args], entry_env(MLSERVER_ENV_CACHE_DIR=tmp_path))
+    assert proc.returncode == 2 and "usage: inspect" in error_line(proc)
