@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from entrypoint import __version__, log
 from entrypoint.errors import ConfigError, EntrypointError
+
+if TYPE_CHECKING:
+    from entrypoint.fastpath import Hit
 
 SUBCOMMANDS = ("unpack", "inspect", "gc")
 USAGE = __doc__.split("\n\n", 1)[1].rstrip() if __doc__ else ""
@@ -59,6 +63,11 @@ def _dispatch(args: list[str]) -> int:
 
 def unpack() -> int:
     """Prepare the environment (for init containers and scripts); its prefix is stdout's last line."""
+    hit = _warm(())
+    if hit is not None:
+        print(hit.entry.prefix, flush=True)
+        return 0
+
     from entrypoint.prepare import prepare
     from entrypoint.settings import load_settings
     from entrypoint.source import locate
@@ -75,15 +84,21 @@ def unpack() -> int:
     return 0
 
 
-def run(command: list[str]) -> int:
-    """Prepare the environment if there is one, activate it and exec the command."""
+def _warm(require: tuple[str, ...]) -> Hit | None:
+    """A cache hit found without loading the settings model (see fastpath), logged as `locate`."""
     from entrypoint import fastpath
 
+    t0 = time.monotonic()
+    hit = fastpath.lookup(os.environ, require)
+    if hit is not None:
+        log.info(f"locate: {(time.monotonic() - t0) * 1000:.0f} ms, cache hit {hit.entry.prefix}")
+    return hit
+
+
+def run(command: list[str]) -> int:
+    """Prepare the environment if there is one, activate it and exec the command."""
     require = ("mlserver",) if (command or ["mlserver"])[0] == "mlserver" else ()
-    with log.phase("locate") as details:
-        hit = fastpath.lookup(os.environ, require)
-        if hit is not None:
-            details["cache hit"] = str(hit.entry.prefix)
+    hit = _warm(require)
     if hit is not None:
         launch(command or _default_command(hit.models_dir), hit.entry.prefix)
 
