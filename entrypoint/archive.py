@@ -25,8 +25,10 @@ from isal import igzip
 
 from entrypoint.errors import ArchiveError
 
-CHUNK = 1 << 20
-PREFETCH_DEPTH = 8  # chunks buffered ahead of the extractor: bounds memory at ~8 MiB
+# 256 KiB: big enough that per-chunk overhead is nil, small enough to stay below glibc's mmap
+# threshold games (1 MiB chunks fragmented the heap: +20 MB of RSS on the seed environment).
+CHUNK = 256 << 10
+PREFETCH_DEPTH = 16  # chunks buffered ahead of the extractor: bounds memory at 4 MiB
 
 # Errors a codec or zipfile raises on bad bytes; all become one ArchiveError naming the archive.
 CORRUPT = (

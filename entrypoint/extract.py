@@ -15,7 +15,7 @@ import os
 import posixpath
 import shutil
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from entrypoint.archive import CHUNK, Kind, Member
@@ -37,7 +37,6 @@ class Stats:
     symlinks: int = 0
     hardlinks: int = 0
     bytes: int = 0
-    names: set[str] = field(default_factory=set)
 
 
 def normalize(name: str) -> str:
@@ -58,7 +57,10 @@ class Extractor:
     def __init__(self, dest: Path, limits: Limits) -> None:
         self.dest = str(dest)
         self.limits = limits
-        self.kinds: dict[str, Kind] = {"": Kind.DIR}  # what we created, by relative path
+        # What we created, by relative path: directories by name, everything else by the name's
+        # hash, which halves the memory per member (~70 bytes: 100,000 members cost ~7 MB).
+        self.dirs: set[str] = {""}
+        self.others: dict[int, Kind] = {}
         self.symlinks: list[str] = []
         self.stats = Stats()
         self._declared = 0  # bytes of file members seen, written or not
@@ -70,14 +72,14 @@ class Extractor:
     def _parents(self, rel: str, name: str) -> None:
         """Create missing parent directories; refuse to go through anything but our own dirs."""
         parent = posixpath.dirname(rel)
-        kind = self.kinds.get(parent)
-        if kind is Kind.DIR:
+        if parent in self.dirs:
             return
+        kind = self.others.get(hash(parent))
         if kind is not None:
             raise ArchiveError(f"member {name}: would be written through the {kind.value} {parent}")
         self._parents(parent, name)
         os.mkdir(self._path(parent), 0o755)
-        self.kinds[parent] = Kind.DIR
+        self.dirs.add(parent)
         self.stats.dirs += 1
 
     def add(self, m: Member) -> None:
@@ -94,7 +96,7 @@ class Extractor:
             if m.kind is Kind.DIR:
                 return
             raise ArchiveError(f"member {m.name}: a {m.kind.value} in place of the environment's root")
-        previous = self.kinds.get(rel)
+        previous = Kind.DIR if rel in self.dirs else self.others.get(hash(rel))
         if previous is not None:
             if previous is Kind.DIR and m.kind is Kind.DIR:
                 return
@@ -113,11 +115,14 @@ class Extractor:
             self.stats.symlinks += 1
         else:  # HARDLINK: only to a regular file this archive already wrote
             target = normalize(m.linkname)
-            if self.kinds.get(target) is not Kind.FILE:
+            if target in self.dirs or self.others.get(hash(target)) is not Kind.FILE:
                 raise ArchiveError(f"member {m.name}: hardlink to {m.linkname}, which is not a file of this archive")
             os.link(self._path(target), path, follow_symlinks=False)
             self.stats.hardlinks += 1
-        self.kinds[rel] = m.kind
+        if m.kind is Kind.DIR:
+            self.dirs.add(rel)
+        else:
+            self.others[hash(rel)] = m.kind
 
     def _write_file(self, m: Member, path: str) -> None:
         self._declared += m.size

@@ -131,7 +131,7 @@ def _unpack(entry: Entry, tarball: Tarball, settings: Settings, require: tuple[s
             ran = relocate.run_conda_unpack(entry.prefix, python)
             details["conda-unpack"] = f"{len(records)} files" if ran else "absent (not a conda-pack archive)"
         with log.phase("publish"):
-            cache.write_manifest(entry, cache.scan(entry.prefix))
+            cache.write_manifest(entry)
             cache.publish(entry, {"tarball": tarball.display, "files": stats.files, "bytes": stats.bytes})
         gc.at_start(settings)  # the cache just grew
         return Prepared(entry.prefix, python, False)
