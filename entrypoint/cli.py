@@ -120,7 +120,8 @@ def _default_command(models_dir: Path) -> list[str]:
 
 
 def launch(command: list[str], prefix: Path | None) -> NoReturn:
-    """Activate the environment at `prefix` (None: run as is) and exec the command."""
+    """Activate the environment at `prefix` (None: run as is) and exec the command (or, as PID 1,
+    run it under a tiny init: see supervise.py)."""
     from entrypoint.activate import activated_environ, exec_command, resolve_command
 
     if prefix is None:
@@ -129,5 +130,15 @@ def launch(command: list[str], prefix: Path | None) -> NoReturn:
         env = activated_environ(prefix, os.environ)
         env["PYTHONDONTWRITEBYTECODE"] = "1"  # the entry is shared and may be read-only: never write into it
     argv = resolve_command(command, env, prefix)
+    from entrypoint import supervise
+
+    mode, grace = supervise.options(os.environ)
+    if supervise.wanted(mode):  # PID 1 of a container: stay as a tiny init (see supervise.py)
+        log.info(
+            f"run: {' '.join(argv)} as the child of this init (pid {os.getpid()}, MLSERVER_ENV_INIT={mode}) "
+            f"(entrypoint work {log.elapsed_ms():.0f} ms)"
+        )
+        sys.exit(supervise.run(argv, env, grace))
     log.info(f"exec: {' '.join(argv)} (entrypoint work {log.elapsed_ms():.0f} ms)")
+    supervise.reset_signals()
     exec_command(argv, env)

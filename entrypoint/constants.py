@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal, get_args
 
 ENV_PREFIX = "MLSERVER_ENV_"
 DEFAULT_TARBALL_NAME = "environment.tar.gz"  # what MLServer's own images look for in the models dir
 DEFAULT_MODELS_DIR = "/mnt/models"
+DEFAULT_STOP_GRACE = 8.0  # seconds between the first SIGTERM/SIGINT and SIGKILL of the server's group
+InitMode = Literal["auto", "always", "never"]  # MLSERVER_ENV_INIT; see entrypoint/supervise.py
+INIT_MODES: tuple[InitMode, ...] = get_args(InitMode)
+DEFAULT_INIT: InitMode = "auto"  # a tiny init only when the entrypoint is PID 1
 
 
 def default_cache_dir() -> Path:

@@ -9,7 +9,14 @@ from typing import Literal
 from pydantic import AliasChoices, ByteSize, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from entrypoint.constants import DEFAULT_MODELS_DIR, ENV_PREFIX, default_cache_dir
+from entrypoint.constants import (
+    DEFAULT_INIT,
+    DEFAULT_MODELS_DIR,
+    DEFAULT_STOP_GRACE,
+    ENV_PREFIX,
+    InitMode,
+    default_cache_dir,
+)
 from entrypoint.errors import ConfigError
 
 
@@ -29,7 +36,14 @@ class Settings(BaseSettings):
     max_members: int = Field(default=2_000_000, gt=0, description="refuse archives with more members")
     max_unpacked_bytes: int = Field(default=64 << 30, gt=0, description="refuse archives unpacking larger")
     verify: Literal["quick", "full"] = Field(default="quick", description="how a cached entry is checked at start")
-    stop_grace: float = Field(default=8.0, ge=0, description="seconds between SIGTERM and SIGKILL of mlserver")
+    stop_grace: float = Field(
+        default=DEFAULT_STOP_GRACE, ge=0, description="seconds between SIGTERM and SIGKILL of mlserver"
+    )
+    init: InitMode = Field(
+        default=DEFAULT_INIT,
+        description="run the command under a tiny init that forwards signals (auto: when PID 1); "
+        "see entrypoint/supervise.py",
+    )
     cache_max_bytes: ByteSize | None = Field(
         default=None, description="at start, remove unused entries, oldest-used first, until the cache fits"
     )
