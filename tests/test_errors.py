@@ -1,0 +1,257 @@
+"""Bad input (issue 3): one clear error line, a non-zero exit, nothing cached.
+
+Tarball path missing or unreadable; not an archive; truncated or corrupt; an environment without
+a Python interpreter, or built for another OS or CPU; a cache directory that cannot be written;
+a prefix too long for the environment's binary files; a SHA-256 pin that does not match. (An
+environment without mlserver is in test_serve.py.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from archives import HOST_PYTHON, M, conda_pack_tiny, tiny_env, write_tar
+from support import ENTRYPOINT, REPO, entry_env, error_line, run_entrypoint
+
+NOBODY = 65534
+
+
+def no_entries(cache: Path) -> bool:
+    """Nothing published, nothing half-made: no .ready, no .manifest, no entry directory."""
+    if not cache.exists():
+        return True
+    return not [p for p in cache.iterdir() if p.suffix in (".ready", ".manifest") or (p.is_dir() and p.name != ".keys")]
+
+
+def start(tarball: Path | str, cache: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    env_ = entry_env(MLSERVER_ENV_TARBALL=tarball, MLSERVER_ENV_CACHE_DIR=cache, **env)
+    return run_entrypoint(list(args) or ["unpack"], env_, timeout=120)  # a hang is a failure, not a stall
+
+
+def refused(proc: subprocess.CompletedProcess[str], code: int, *words: str) -> str:
+    assert proc.returncode == code, proc.stderr
+    line = error_line(proc)
+    for word in words:
+        assert word in line, line
+    return line
+
+
+@pytest.fixture
+def shared_tmp() -> Iterator[Path]:
+    """A directory an unprivileged user can enter (pytest's own tmp_path is root-only)."""
+    path = Path(tempfile.mkdtemp(prefix="mlenv-test-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def as_nobody(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """The entrypoint as uid/gid 65534 with no capabilities (we run as root: os.access says yes)."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run the entrypoint as an unprivileged user")
+    drop = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--inh-caps=-all"]
+    return subprocess.run(
+        [*drop, *ENTRYPOINT, *(list(args) or ["unpack"])],
+        env=entry_env(HOME="/nonexistent", **env), capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+
+
+# --- The tarball ---------------------------------------------------------------------------------
+
+
+def test_tarball_path_missing(tmp_path: Path) -> None:
+    proc = start(tmp_path / "nowhere" / "env.tar.gz", tmp_path / "c")
+    refused(proc, 2, "MLSERVER_ENV_TARBALL", "no such file", "nowhere/env.tar.gz")
+    assert not (tmp_path / "c").exists()
+
+
+def test_tarball_unreadable(shared_tmp: Path) -> None:
+    tarball = write_tar(shared_tmp / "env.tar.gz", tiny_env())
+    tarball.chmod(0o600)  # root's only
+    proc = as_nobody(MLSERVER_ENV_TARBALL=str(tarball), MLSERVER_ENV_CACHE_DIR=str(shared_tmp / "c"))
+    refused(proc, 2, "not readable by uid 65534", str(tarball))
+    assert no_entries(shared_tmp / "c")
+
+
+def test_not_an_archive(tmp_path: Path) -> None:
+    text = tmp_path / "environment.yml"
+    text.write_text("name: old-sklearn\ndependencies:\n  - python=3.8\n" * 40)
+    refused(start(text, tmp_path / "c"), 3, "not an archive", "environment.yml")
+    assert no_entries(tmp_path / "c")
+
+
+def test_truncated_real_tarball(small_tarball: Path, tmp_path: Path) -> None:
+    cut = tmp_path / "bare.tar.gz"
+    with open(small_tarball, "rb") as src:
+        cut.write_bytes(src.read(small_tarball.stat().st_size * 2 // 5))
+    refused(start(cut, tmp_path / "c"), 3, "corrupt or truncated", str(cut))
+    assert no_entries(tmp_path / "c")
+
+
+# --- The environment ------------------------------------------------------------------------------
+
+
+def without_python() -> list[M]:
+    return [m for m in tiny_env() if not m.name.startswith("bin/python")]
+
+
+def with_interpreter(data: bytes, name: str = "bin/python3.11") -> list[M]:
+    """The tiny environment with bin/python pointing at `data` instead of this machine's ELF."""
+    return [*without_python(), M(name, data=data, mode=0o755), M("bin/python", "symlink", target=name.split("/")[-1])]
+
+
+def elf_for(machine: int, elf_class: int = 2, byte_order: int = 1) -> bytes:
+    """This machine's interpreter with its ELF header saying another class, byte order or CPU."""
+    elf = bytearray(HOST_PYTHON.read_bytes())
+    elf[4], elf[5] = elf_class, byte_order
+    elf[18:20] = machine.to_bytes(2, "little" if byte_order == 1 else "big")
+    return bytes(elf)
+
+
+def test_environment_without_python(tmp_path: Path) -> None:
+    tarball = write_tar(tmp_path / "nopython.tar.gz", without_python())
+    refused(start(tarball, tmp_path / "c"), 4, "has no bin/python")
+    assert no_entries(tmp_path / "c")
+
+
+@pytest.mark.parametrize(
+    "interpreter,words",
+    [
+        (lambda: elf_for(183), ("aarch64 64-bit Linux", "x86_64 64-bit Linux")),
+        (lambda: elf_for(3, elf_class=1), ("x86 (32-bit) 32-bit Linux",)),
+        (lambda: elf_for(22, byte_order=2), ("s390x",)),
+        (lambda: b"\xcf\xfa\xed\xfe" + bytes(4000), ("macOS",)),
+        (lambda: b"#!/bin/sh\necho (not python)\n", ("not an ELF executable",)),
+    ],
+    ids=["aarch64", "i386", "s390x", "macos", "shell-script"],
+)
+def test_environment_for_another_os_or_cpu(tmp_path: Path, interpreter, words: tuple[str, ...]) -> None:  # type: ignore[no-untyped-def]
+    if os.uname().machine != "x86_64" and "x86_64 64-bit Linux" in words:
+        words = words[:1]
+    tarball = write_tar(tmp_path / "foreign.tar.gz", with_interpreter(interpreter()))
+    refused(start(tarball, tmp_path / "c"), 4, *words)
+    # Running a command in it says the same, before any exec: no shell "Syntax error: ( unexpected".
+    proc = start(tarball, tmp_path / "c", "python", "-c", "print('ran')")
+    refused(proc, 4, *words)
+    assert "ran" not in proc.stdout and "Syntax error" not in proc.stderr
+    assert no_entries(tmp_path / "c")
+
+
+def test_environment_built_for_windows(tmp_path: Path) -> None:
+    tarball = write_tar(tmp_path / "win.zip.tar.gz", [M("python.exe", data=b"MZ" + bytes(200)), M("Lib/os.py")])
+    refused(start(tarball, tmp_path / "c"), 4, "Windows")
+    assert no_entries(tmp_path / "c")
+
+
+# --- The cache directory --------------------------------------------------------------------------
+
+
+def test_cache_dir_not_writable_by_this_user(shared_tmp: Path) -> None:
+    tarball = write_tar(shared_tmp / "env.tar.gz", tiny_env())
+    cache = shared_tmp / "cache"
+    cache.mkdir(mode=0o755)  # root's; uid 65534 may read it but not write it
+    proc = as_nobody(MLSERVER_ENV_TARBALL=str(tarball), MLSERVER_ENV_CACHE_DIR=str(cache))
+    refused(proc, 2, "MLSERVER_ENV_CACHE_DIR", str(cache), "not writable by uid 65534")
+    assert list(cache.iterdir()) == []
+    # An unprivileged user with a cache of its own is fine.
+    own = shared_tmp / "own"
+    own.mkdir()
+    os.chown(own, NOBODY, NOBODY)
+    proc = as_nobody(MLSERVER_ENV_TARBALL=str(tarball), MLSERVER_ENV_CACHE_DIR=str(own))
+    assert proc.returncode == 0, proc.stderr
+    assert Path(proc.stdout.splitlines()[-1]).parent == own
+
+
+def test_cache_dir_cannot_be_created(tmp_path: Path) -> None:
+    tarball = write_tar(tmp_path / "env.tar.gz", tiny_env())
+    (tmp_path / "file").write_text("a file, not a directory")
+    refused(start(tarball, tmp_path / "file" / "cache"), 2, "MLSERVER_ENV_CACHE_DIR", "cannot create cache directory")
+
+
+@pytest.fixture
+def read_only_cache(tmp_path: Path) -> Iterator[Path]:
+    """A cache directory on a read-only bind mount of itself (root: a mode would not stop us)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    if subprocess.run(["mount", "--bind", str(cache), str(cache)], capture_output=True).returncode != 0:
+        pytest.skip("mount --bind is not permitted here")
+    try:
+        yield cache
+    finally:
+        subprocess.run(["umount", str(cache)], check=True)
+
+
+def test_read_only_cache_serves_what_it_has_and_refuses_to_grow(read_only_cache: Path, tmp_path: Path) -> None:
+    cached = write_tar(tmp_path / "cached.tar.gz", tiny_env())
+    assert start(cached, read_only_cache).returncode == 0  # unpacked while still writable
+    subprocess.run(["mount", "-o", "remount,bind,ro", str(read_only_cache)], check=True)
+
+    proc = start(cached, read_only_cache, "python", "-c", "print('from the read-only cache')")
+    assert proc.returncode == 0 and proc.stdout.strip() == "from the read-only cache", proc.stderr
+    assert "cache hit" in proc.stderr
+
+    other = write_tar(tmp_path / "other.tar.gz", [*tiny_env(), M("lib/other", data=b"other")])
+    refused(start(other, read_only_cache), 2, "MLSERVER_ENV_CACHE_DIR", str(read_only_cache), "not writable")
+
+
+# --- conda-unpack's prefix limit --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def short_placeholder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real conda-pack tarball whose binary file was packed with a 32-character prefix."""
+    return conda_pack_tiny(tmp_path_factory.mktemp("cp"), "/opt/tiny_placeholder_0123456789")
+
+
+def test_prefix_too_long_names_both_lengths_and_the_setting(short_placeholder: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "a-cache-directory-with-a-rather-long-name"
+    proc = start(short_placeholder, cache)
+    line = refused(proc, 2, "MLSERVER_ENV_CACHE_DIR", "32-character prefix")
+    entry_len = len(str(cache)) + 9  # <cache>/<8 hex digits>
+    assert f"({entry_len} characters)" in line and f"at least {entry_len - 32} characters shorter" in line
+    assert no_entries(cache)
+
+
+def test_prefix_short_enough_is_rewritten_in_binary_files(short_placeholder: Path) -> None:
+    cache = Path(tempfile.mkdtemp(prefix="pl-", dir="/tmp"))  # "/tmp/pl-XXXXXXXX/<key8>": 25 characters
+    try:
+        proc = start(short_placeholder, cache)
+        assert proc.returncode == 0, proc.stderr
+        prefix = Path(proc.stdout.splitlines()[-1])
+        lib = (prefix / "lib" / "libtiny.so").read_bytes()
+        placeholder = b"/opt/tiny_placeholder_0123456789"
+        assert placeholder not in lib
+        assert str(prefix).encode() + b"/lib/libz.so" + b"\0" * (len(placeholder) - len(str(prefix))) in lib
+        assert len(lib) == len(b"\x7fELF\0\0" + placeholder + b"/lib/libz.so\0\0\0trailer")
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+# --- The SHA-256 pin ------------------------------------------------------------------------------------
+
+
+def test_sha256_pin_mismatch_is_refused_before_anything_is_extracted(tmp_path: Path) -> None:
+    tarball = write_tar(tmp_path / "env.tar.gz", tiny_env())
+    digest = hashlib.sha256(tarball.read_bytes()).hexdigest()
+    wrong = hashlib.sha256(b"another tarball").hexdigest()
+    cache = tmp_path / "c"
+
+    proc = start(tarball, cache, "python", "-c", "print('ran')", MLSERVER_ENV_TARBALL_SHA256=wrong)
+    line = refused(proc, 2, digest, wrong, "MLSERVER_ENV_TARBALL_SHA256", "nothing was extracted")
+    assert "extract:" not in proc.stderr and "ran" not in proc.stdout and no_entries(cache), line
+
+    ok = start(tarball, cache, MLSERVER_ENV_TARBALL_SHA256=digest.upper())
+    assert ok.returncode == 0, ok.stderr
+    # Once cached (and its key remembered), a wrong pin is still refused, and nothing runs.
+    proc = start(tarball, cache, "python", "-c", "print('ran')", MLSERVER_ENV_TARBALL_SHA256=wrong)
+    refused(proc, 2, wrong, "MLSERVER_ENV_TARBALL_SHA256")
+    assert "ran" not in proc.stdout
+
+    refused(start(tarball, cache, MLSERVER_ENV_TARBALL_SHA256="abc123"), 2, "MLSERVER_ENV_TARBALL_SHA256", "64 hex")

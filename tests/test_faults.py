@@ -1,0 +1,475 @@
+"""Faults (issues 3 and 6): kill -9 at random moments, many starters at once, a full disk, entries
+damaged after publishing, signals during the unpack, a tarball changed while it is read.
+
+The unpacks here are of the real bare Python 3.8 conda-pack tarball (`small_tarball`), so the
+phases are the real ones (extract, conda-unpack, publish). Its caches live in /dev/shm when it
+has room: kill -9 does not care about the filesystem, and RAM keeps 20+ unpacks within the
+default suite. The slow variants run more trials, and some on the ordinary disk.
+
+Set MLSERVER_TEST_SEED to replay the random kill moments of a failed run (it is in the message).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import random
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from archives import M, raw_header, tiny_env, write_tar
+from support import ENTRYPOINT, REPO, entry_env, error_line, run_entrypoint
+
+PY_CHECK = "import json, os, sqlite3, ssl, sys; print(json.dumps([sys.prefix, os.__file__]))"
+
+
+def digest_tree(prefix: Path) -> dict[str, tuple[object, ...]]:
+    """Every path under `prefix`: kind, permission bits, and the content (file hash, link target)."""
+    out: dict[str, tuple[object, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(prefix):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            rel = os.path.relpath(path, prefix)
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("l", os.readlink(path))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("d", stat.S_IMODE(st.st_mode))
+            else:
+                with open(path, "rb") as f:
+                    out[rel] = ("f", stat.S_IMODE(st.st_mode), st.st_size, hashlib.sha256(f.read()).hexdigest())
+    return out
+
+
+def assert_works(prefix: Path) -> None:
+    """The environment's own interpreter starts, finds its standard library inside the prefix."""
+    proc = subprocess.run(
+        [prefix / "bin" / "python", "-c", PY_CHECK], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"}
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert str(prefix) in proc.stdout, proc.stdout
+
+
+def no_partial_state(cache: Path) -> None:
+    """Only complete entries: every entry directory has its marker, no temporary files."""
+    if not cache.exists():
+        return
+    names = {p.name for p in cache.iterdir()}
+    assert not [n for n in names if n.startswith(".") and n != ".keys"], names
+    for name in names:
+        if (cache / name).is_dir() and name != ".keys":
+            assert f"{name}.ready" in names, f"partial entry {name} left behind: {sorted(names)}"
+
+
+class Start:
+    """The entrypoint started in the background, its stderr read line by line with timestamps."""
+
+    def __init__(self, env: dict[str, str], args: tuple[str, ...] = ("unpack",)) -> None:
+        self.t0 = time.monotonic()
+        self.proc = subprocess.Popen(
+            [*ENTRYPOINT, *args], env=env, cwd=REPO, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        )  # fmt: skip
+        self.lines: list[tuple[float, str]] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append((time.monotonic() - self.t0, line.rstrip("\n")))
+
+    def wait_for(self, phase: str, timeout: float = 300) -> bool:
+        """Until a `mlserver-entrypoint: <phase>` line appears (True) or the process ends (False)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(line.startswith(f"mlserver-entrypoint: {phase}") for _, line in self.lines):
+                return True
+            if self.proc.poll() is not None:
+                self._reader.join(5)
+                return any(line.startswith(f"mlserver-entrypoint: {phase}") for _, line in self.lines)
+            time.sleep(0.005)
+        raise AssertionError(f"no {phase!r} line in {timeout} s")
+
+    def finish(self, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        self.proc.wait(timeout)  # not communicate(): it would read stderr too, away from _read
+        assert self.proc.stdout is not None
+        stdout = self.proc.stdout.read()
+        self._reader.join(5)
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, stdout, self.stderr)
+
+    @property
+    def stderr(self) -> str:
+        return "".join(line + "\n" for _, line in self.lines)
+
+    def kill_group(self) -> None:
+        """Whatever the start left running (an orphaned child) goes too."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def fast_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 3 << 30:
+        root = Path(tempfile.mkdtemp(prefix="mlenv-faults-", dir=shm))
+        yield root
+        shutil.rmtree(root, ignore_errors=True)
+    else:
+        yield tmp_path_factory.mktemp("faults")
+
+
+@dataclass
+class Reference:
+    """One uninterrupted cold start: what every start after a fault must reproduce exactly."""
+
+    tarball: Path
+    cache: Path  # trials reuse this very path, so conda-unpack writes the very same prefix
+    prefix: Path
+    tree: dict[str, tuple[object, ...]]
+    seconds: float  # the whole start, wall clock
+    at: dict[str, float] = field(default_factory=dict)  # when each phase's line appeared
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return entry_env(MLSERVER_ENV_TARBALL=self.tarball, MLSERVER_ENV_CACHE_DIR=self.cache, **extra)
+
+
+def make_reference(tarball: Path, cache: Path) -> Reference:
+    shutil.rmtree(cache, ignore_errors=True)
+    start = Start(entry_env(MLSERVER_ENV_TARBALL=tarball, MLSERVER_ENV_CACHE_DIR=cache))
+    done = start.finish()
+    assert done.returncode == 0, done.stderr
+    prefix = Path(done.stdout.splitlines()[-1])
+    assert_works(prefix)
+    at = {m.group(1): t for t, line in start.lines if (m := re.match(r"mlserver-entrypoint: (\w+):", line))}
+    assert {"extract", "relocate", "publish"} <= set(at), done.stderr
+    return Reference(tarball, cache, prefix, digest_tree(prefix), time.monotonic() - start.t0, at)
+
+
+@pytest.fixture(scope="module")
+def ref(small_tarball: Path, fast_root: Path) -> Reference:
+    return make_reference(small_tarball, fast_root / "k")
+
+
+def seeded_rng() -> tuple[random.Random, int]:
+    seed = int(os.environ.get("MLSERVER_TEST_SEED") or random.randrange(1 << 30))
+    return random.Random(seed), seed
+
+
+# --- kill -9 at random moments ----------------------------------------------------------------------
+
+
+def kill_trial(ref: Reference, rng: random.Random) -> str | None:
+    """Start a cold unpack, SIGKILL it at a random moment, then start again.
+
+    Returns the phase the kill landed in (None if the start had already finished). Moments are
+    drawn over the whole start, and, a third of the time, inside the short conda-unpack and
+    publish phases, which uniform draws would rarely hit."""
+    shutil.rmtree(ref.cache, ignore_errors=True)
+    start = Start(ref.env())
+    aim = rng.choice(["anytime", "anytime", "anytime", "anytime", "relocate", "publish"])
+    if aim == "anytime":
+        time.sleep(rng.uniform(0, ref.seconds))
+    else:
+        after = {"relocate": "extract:", "publish": "relocate:"}[aim]
+        span = ref.at[aim] - ref.at[after[:-1]]
+        start.wait_for(after)
+        time.sleep(rng.uniform(0, span))
+    landed = start.proc.poll() is None
+    phases = [line.split(":")[1].strip() for _, line in start.lines if re.match(r"mlserver-entrypoint: \w+:", line)]
+    start.proc.send_signal(signal.SIGKILL)  # a no-op if it already ended
+    start.proc.wait()
+
+    # Right after the kill, anything published is complete and exact.
+    for marker in ref.cache.glob("*.ready"):
+        assert digest_tree(ref.cache / marker.stem) == ref.tree, f"published but incomplete after kill in {phases}"
+
+    # The next start ends with the complete, working environment, orphans of the killed one or not.
+    nxt = run_entrypoint(["unpack"], ref.env())
+    start.kill_group()
+    assert nxt.returncode == 0, nxt.stderr
+    prefix = Path(nxt.stdout.splitlines()[-1])
+    assert prefix == ref.prefix
+    assert digest_tree(prefix) == ref.tree, f"environment differs after a kill following {phases}"
+    assert_works(prefix)
+    no_partial_state(ref.cache)
+    return (phases[-1] if phases else "start") if landed else None
+
+
+def run_kill_trials(ref: Reference, trials: int) -> dict[str, int]:
+    rng, seed = seeded_rng()
+    landed: dict[str, int] = {}
+    attempts = 0
+    while sum(landed.values()) < trials:
+        attempts += 1
+        assert attempts <= trials * 3, f"kills keep missing the unpack (seed {seed}): {landed}"
+        try:
+            where = kill_trial(ref, rng)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc} (MLSERVER_TEST_SEED={seed}, trial {attempts})") from None
+        if where is not None:
+            landed[where] = landed.get(where, 0) + 1
+    return landed
+
+
+def test_kill_9_at_random_moments(ref: Reference) -> None:
+    landed = run_kill_trials(ref, 20)
+    # The kills landed all over the start: before the first phase ended, during the extraction
+    # (after "locate"), during conda-unpack (after "extract") and during publishing (after "relocate").
+    assert len(landed) >= 3, landed
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_many(ref: Reference) -> None:
+    landed = run_kill_trials(ref, 60)
+    assert {"locate", "extract", "relocate"} <= set(landed), landed
+
+
+@pytest.mark.slow
+def test_kill_9_on_the_ordinary_disk(small_tarball: Path, tmp_path: Path) -> None:
+    """The same on a disk filesystem (the page cache, syncfs and rename do real work there)."""
+    ref = make_reference(small_tarball, tmp_path / "k")
+    run_kill_trials(ref, 6)
+
+
+# --- Concurrency ---------------------------------------------------------------------------------------
+
+
+def test_eight_starters_at_once_one_extraction(ref: Reference) -> None:
+    shutil.rmtree(ref.cache, ignore_errors=True)
+    starts = [Start(ref.env()) for _ in range(8)]
+    done = [s.finish() for s in starts]
+    assert [d.returncode for d in done] == [0] * 8, [d.stderr for d in done if d.returncode]
+    assert {d.stdout.splitlines()[-1] for d in done} == {str(ref.prefix)}
+    assert sum("mlserver-entrypoint: extract:" in d.stderr for d in done) == 1
+    assert sum("cache hit" in d.stderr for d in done) == 7
+    assert digest_tree(ref.prefix) == ref.tree
+    assert_works(ref.prefix)
+
+
+@pytest.mark.slow
+def test_killing_the_unpacker_hands_over_to_a_waiting_starter(ref: Reference) -> None:
+    shutil.rmtree(ref.cache, ignore_errors=True)
+    starts = [Start(ref.env()) for _ in range(4)]
+    for s in starts:
+        s.wait_for("locate:")
+    time.sleep(0.5)
+    unpacker = [s for s in starts if not any("waiting for another process" in line for _, line in s.lines)]
+    assert len(unpacker) == 1, [s.stderr for s in starts]
+    os.kill(unpacker[0].proc.pid, signal.SIGKILL)
+    unpacker[0].kill_group()
+    rest = [s.finish() for s in starts if s is not unpacker[0]]
+    assert [d.returncode for d in rest] == [0, 0, 0], [d.stderr for d in rest]
+    assert sum("mlserver-entrypoint: extract:" in d.stderr for d in rest) == 1
+    assert digest_tree(ref.prefix) == ref.tree
+
+
+# --- Signals during the unpack --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("phase", ["extract", "relocate"])
+def test_signal_during_unpack_cleans_up(ref: Reference, sig: signal.Signals, phase: str) -> None:
+    shutil.rmtree(ref.cache, ignore_errors=True)
+    start = Start(ref.env())
+    if phase == "extract":
+        while not (ref.prefix / "lib").exists():  # well into the extraction
+            assert start.proc.poll() is None, start.stderr
+            time.sleep(0.005)
+    else:
+        assert start.wait_for("extract:"), start.stderr
+    start.proc.send_signal(sig)
+    done = start.finish(timeout=60)
+    assert done.returncode != 0
+    assert f"stopped by {sig.name}" in error_line(done), done.stderr
+    assert not ref.prefix.exists() and not list(ref.cache.glob("*.ready")) and not list(ref.cache.glob("*.manifest"))
+    no_partial_state(ref.cache)
+    with pytest.raises(ProcessLookupError):  # conda-unpack, if it ran, was stopped too
+        os.killpg(start.proc.pid, 0)
+    nxt = run_entrypoint(["unpack"], ref.env())
+    assert nxt.returncode == 0, nxt.stderr
+    assert digest_tree(ref.prefix) == ref.tree
+
+
+# --- A full disk -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A mount point for small tmpfs volumes (unmounted at the end, however the test ends)."""
+    point = tmp_path / "vol"
+    point.mkdir()
+    probe = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(point)], capture_output=True, text=True
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {probe.stderr.strip()}")
+    subprocess.run(["umount", str(point)], check=True)
+    yield point
+    while subprocess.run(["umount", str(point)], capture_output=True).returncode == 0:
+        pass
+
+
+def mount_tmpfs(point: Path, size: int, *options: str) -> None:
+    subprocess.run(["umount", str(point)], capture_output=True)
+    opts = ",".join([f"size={size}", *options])
+    subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(point)], check=True)
+
+
+def used_bytes(point: Path) -> int:
+    st = os.statvfs(point)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+# --- Entries damaged after publishing --------------------------------------------------------------------
+
+
+def restart(tarball: Path, cache: Path, verify: str = "quick") -> subprocess.CompletedProcess[str]:
+    env = entry_env(MLSERVER_ENV_TARBALL=tarball, MLSERVER_ENV_CACHE_DIR=cache, MLSERVER_ENV_VERIFY=verify)
+    proc = run_entrypoint(["python", "-c", "print('ok')"], env)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+    return proc
+
+
+def manifest_sections(cache: Path, prefix: Path) -> tuple[list[str], list[str]]:
+    """Files quick mode checks, and files only full mode checks, as the manifest lists them."""
+    text = (cache / f"{prefix.name}.manifest").read_text()
+    quick, _, rest = text.partition("\n--\n")
+    files = [
+        [line.split("\t", 2)[2] for line in part.splitlines() if line and not line.startswith("-")]
+        for part in (quick, rest)
+    ]
+    return files[0], files[1]
+
+
+@pytest.fixture
+def tiny_cached(tmp_path: Path) -> tuple[Path, Path, Path, dict[str, tuple[object, ...]]]:
+    tarball = write_tar(tmp_path / "env.tar.gz", tiny_env(extra_files=300))
+    cache = tmp_path / "c"
+    proc = run_entrypoint(["unpack"], entry_env(MLSERVER_ENV_TARBALL=tarball, MLSERVER_ENV_CACHE_DIR=cache))
+    assert proc.returncode == 0, proc.stderr
+    prefix = Path(proc.stdout.splitlines()[-1])
+    return tarball, cache, prefix, digest_tree(prefix)
+
+
+def unpacked_again(proc: subprocess.CompletedProcess[str], why: str) -> bool:
+    return "unusable" in proc.stderr and why in proc.stderr and "mlserver-entrypoint: extract:" in proc.stderr
+
+
+def test_damage_found_by_quick_check_is_unpacked_again(
+    tiny_cached: tuple[Path, Path, Path, dict[str, tuple[object, ...]]],
+) -> None:
+    tarball, cache, prefix, tree = tiny_cached
+    quick, rest = manifest_sections(cache, prefix)
+    deep = next(rel for rel in rest if rel.endswith(".py"))
+
+    damages = [
+        ("a file deleted anywhere (its directory changes)", lambda: (prefix / deep).unlink(), "was changed"),
+        ("the interpreter truncated", lambda: os.truncate(prefix / "bin" / "python3.11", 100), "bin/python3.11"),
+        ("a shared library truncated", lambda: os.truncate(prefix / "lib" / "libtiny.so.1", 10), "libtiny.so.1"),
+        ("a file of the quick sample truncated", lambda: os.truncate(prefix / quick[-1], 1), quick[-1]),
+        ("the whole directory gone", lambda: shutil.rmtree(prefix), "is missing"),
+        ("the manifest gone", lambda: (cache / f"{prefix.name}.manifest").unlink(), "manifest is missing"),
+    ]
+    for what, damage, why in damages:
+        damage()
+        proc = restart(tarball, cache)
+        assert unpacked_again(proc, why), f"{what}: {proc.stderr}"
+        assert digest_tree(prefix) == tree, what
+
+    # A marker that is not the entry's own (damaged, or another tarball's) is not trusted either.
+    (cache / f"{prefix.name}.ready").write_text("{not json")
+    proc = restart(tarball, cache)
+    assert "mlserver-entrypoint: extract:" in proc.stderr and digest_tree(prefix) == tree
+
+
+def test_quick_check_samples_full_check_sees_every_file(
+    tiny_cached: tuple[Path, Path, Path, dict[str, tuple[object, ...]]],
+) -> None:
+    """The trade-off, shown: a file outside quick mode's sample, truncated, is served by a quick
+    start (as documented) and caught by MLSERVER_ENV_VERIFY=full, which stats every file."""
+    tarball, cache, prefix, tree = tiny_cached
+    _, rest = manifest_sections(cache, prefix)
+    victim = prefix / rest[len(rest) // 2]
+    os.truncate(victim, 0)
+
+    proc = restart(tarball, cache, "quick")
+    assert "cache hit" in proc.stderr and "extract:" not in proc.stderr
+
+    proc = restart(tarball, cache, "full")
+    assert unpacked_again(proc, rest[len(rest) // 2]), proc.stderr
+    assert digest_tree(prefix) == tree
+
+    # Truncated with its mtime put back: the size still gives it away to the full check.
+    st = victim.stat()
+    os.truncate(victim, 1)
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    proc = restart(tarball, cache, "full")
+    assert unpacked_again(proc, rest[len(rest) // 2]), proc.stderr
+
+
+def test_damaged_real_environment_is_unpacked_again(ref: Reference) -> None:
+    if not (ref.cache / f"{ref.prefix.name}.ready").exists():
+        assert run_entrypoint(["unpack"], ref.env()).returncode == 0
+    (ref.prefix / "lib" / "python3.8" / "os.py").unlink()
+    proc = run_entrypoint(["python", "-c", "import os; print(os.__file__)"], ref.env())
+    assert proc.returncode == 0, proc.stderr
+    assert "unusable" in proc.stderr and "mlserver-entrypoint: extract:" in proc.stderr
+    assert proc.stdout.strip() == str(ref.prefix / "lib" / "python3.8" / "os.py")
+    assert digest_tree(ref.prefix) == ref.tree
+
+
+# --- The tarball changing under the start ---------------------------------------------------------------
+
+
+def sparse_tar(path: Path, big: int, last: bytes) -> int:
+    """An uncompressed tar: a small member, `big` bytes of zeros (a hole: cheap to write), and a
+    last member whose data is `last`. Returns the offset of that data in the file."""
+    with open(path, "wb") as f:
+        f.write(raw_header("a_first", b"%011o\0" % 5) + b"first" + bytes(507))
+        f.write(raw_header("big", b"%011o\0" % big))
+        f.seek(big, os.SEEK_CUR)
+        f.write(raw_header("z_last", b"%011o\0" % len(last)))
+        offset = f.tell()
+        f.write(last + bytes(-len(last) % 512) + bytes(1024))
+    return offset
+
+
+def test_tarball_replaced_by_rename_while_read_stays_consistent(fast_root: Path, tmp_path: Path) -> None:
+    """Replacing the file (a new inode) under a running start: that start finishes with the bytes it
+    hashed; the next start sees the new file and gets its own entry."""
+    tarball = tmp_path / "env.tar"
+    sparse_tar(tarball, 512 << 20, b"FIRST VERSION")
+    cache = fast_root / "rename"
+    shutil.rmtree(cache, ignore_errors=True)
+    env = entry_env(MLSERVER_ENV_TARBALL=tarball, MLSERVER_ENV_CACHE_DIR=cache)
+    start = Start(env)
+    while not list(cache.glob("*/big")):
+        assert start.proc.poll() is None, start.stderr
+        time.sleep(0.001)
+    newer = tmp_path / "new.tar"
+    write_tar(newer, [*tiny_env(), M("z_last", data=b"SECOND VERSION")], "tar")
+    os.replace(newer, tarball)
+    done = start.finish()
+    if done.returncode == 0:
+        first = Path(done.stdout.splitlines()[-1])
+        assert (first / "z_last").read_bytes() == b"FIRST VERSION"
+    else:
+        assert "replaced" in error_line(done) or "changed" in error_line(done)
+    nxt = run_entrypoint(["unpack"], env)
+    assert nxt.returncode == 0, nxt.stderr
+    second = Path(nxt.stdout.splitlines()[-1])
+    assert (second / "z_last").read_bytes() == b"SECOND VERSION"
+    shutil.rmtree(cache, ignore_errors=True)

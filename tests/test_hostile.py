@@ -1,0 +1,302 @@
+"""Hostile archives (issue 6): each one is refused with one error line and a non-zero exit; no
+file appears outside the environment's directory (a canary folder sits next to the cache); no
+entry is published; and the cache, which holds a good environment all along, stays usable.
+
+The archives are generated here (tests/archives.py) in every format the entrypoint reads, and
+the entrypoint runs as a subprocess, exactly as a container starts it.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from archives import (
+    HOST_PYTHON,
+    M,
+    compress,
+    end_of_archive,
+    fix_checksum,
+    gz_bomb,
+    pax_header,
+    raw_header,
+    real_tar_head,
+    snapshot,
+    tar_bytes,
+    tiny_env,
+    write_raw,
+    write_tar,
+    write_zip,
+    zst_bomb,
+)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from support import entry_env, error_line, run_entrypoint
+
+FORMATS = ["tar", "tar.gz", "tar.bz2", "tar.xz", "tar.zst"]
+# Names the cache may gain from a refused start: lock files, in-use marks, remembered keys.
+METADATA_SUFFIXES = (".lock", ".use")
+
+
+@dataclass(frozen=True)
+class Site:
+    root: Path  # holds cache/, canary/ and the archives
+    cache: Path
+    canary: Path
+    good: Path  # a benign tarball, unpacked into the cache before any hostile one
+    good_prefix: Path
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Site:
+    root = tmp_path_factory.mktemp("hostile")
+    canary = root / "canary"
+    canary.mkdir()
+    (canary / "victim").write_text("must stay as it is\n")
+    good = write_tar(root / "good.tar.gz", tiny_env(extra_files=20))
+    proc = run_entrypoint(["unpack"], entry_env(MLSERVER_ENV_TARBALL=good, MLSERVER_ENV_CACHE_DIR=root / "cache"))
+    assert proc.returncode == 0, proc.stderr
+    return Site(root, root / "cache", canary, good, Path(proc.stdout.splitlines()[-1]))
+
+
+def assert_nothing_escaped(site: Site, before: dict[str, tuple[str, int, int]]) -> None:
+    """Compared with `before`: only cache metadata files appeared or changed; nothing else did."""
+    after = snapshot(site.root)
+    for rel in sorted(set(after) | set(before)):
+        if after.get(rel) == before.get(rel):
+            continue
+        parts = Path(rel).parts
+        metadata = (
+            rel in ("cache", "cache/.keys")
+            or (parts[:2] == ("cache", ".keys") and len(parts) == 3 and after.get(rel, ("f",))[0] == "f")
+            or (len(parts) == 2 and parts[0] == "cache" and rel.endswith(METADATA_SUFFIXES) and after[rel][0] == "f")
+        )
+        assert metadata, f"{rel}: {before.get(rel)} -> {after.get(rel)}"
+    assert not [p for p in site.cache.iterdir() if p.name.startswith(".") and p.name != ".keys"]  # no temp files
+
+
+def refuse(site: Site, tarball: Path, *expected: str, **env: str) -> str:
+    """Start with a hostile tarball: one error line containing each of `expected`, nothing cached."""
+    before = snapshot(site.root)
+    proc = run_entrypoint(
+        ["unpack"], entry_env(MLSERVER_ENV_TARBALL=tarball, MLSERVER_ENV_CACHE_DIR=site.cache, **env), timeout=120
+    )
+    assert proc.returncode == 3, proc.stderr  # "a bad archive" (README), not a setting nor the environment
+    line = error_line(proc)
+    for text in expected:
+        assert text in line, line
+    assert "\x1b" not in proc.stderr
+    assert_nothing_escaped(site, before)
+    return line
+
+
+def canary(site: Site, rel: str = "") -> str:
+    return str(site.canary / rel) if rel else str(site.canary)
+
+
+# Each case: (id, members built from the site, words the error must contain). The tiny benign
+# environment comes first, so an archive is refused for its hostile member, not for lacking python.
+CASES: list[tuple[str, Callable[[Site], list[M]], tuple[str, ...]]] = [
+    ("absolute-path", lambda s: [M(canary(s, "abs"), data=b"pwned")], ("absolute path",)),
+    ("dotdot", lambda s: [M("../../canary/dotdot", data=b"pwned")], ("'..'",)),
+    ("dotdot-inside-path", lambda s: [M("lib/../../../canary/x", data=b"pwned")], ("'..'",)),
+    ("dot-slash-dotdot", lambda s: [M("./../../canary/y", data=b"pwned")], ("'..'",)),
+    (
+        "symlink-out-then-write-through",
+        lambda s: [M("lib/out", "symlink", target="../../../canary"), M("lib/out/pwned", data=b"x")],
+        ("outside the environment",),
+    ),
+    (
+        "symlink-absolute-then-write-through",
+        lambda s: [M("etc", "symlink", target=canary(s)), M("etc/pwned", data=b"x")],
+        ("absolute path",),
+    ),
+    (
+        # Each link looks inside on its own; resolved on the real tree, `out` is the canary.
+        "symlink-chain-escapes-only-when-resolved",
+        lambda s: [M("d1/d2/up", "symlink", target="../.."), M("d1/d2/out", "symlink", target="up/../../canary")],
+        ("outside the environment",),
+    ),
+    (
+        "symlink-chain-then-write-through",
+        lambda s: [
+            M("d1/d2/up", "symlink", target="../.."),
+            M("d1/d2/out", "symlink", target="up/../../canary"),
+            M("d1/d2/out/pwned", data=b"x"),
+        ],
+        ("symlink",),
+    ),
+    (
+        "symlink-chain-to-absolute",
+        lambda s: [M("a", "symlink", target="b"), M("b", "symlink", target="c"), M("c", "symlink", target=canary(s))],
+        ("absolute path",),
+    ),
+    (
+        "symlink-to-destination-itself-then-write-through",
+        lambda s: [M("self", "symlink", target="."), M("self/bin/pwned", data=b"x")],
+        ("written through the symlink self",),
+    ),
+    (
+        "symlink-to-parent-of-destination",
+        lambda s: [M("up", "symlink", target=".."), M("up/canary/pwned", data=b"x")],
+        ("outside the environment",),
+    ),
+    ("hardlink-out", lambda s: [M("h", "hardlink", target="../../canary/victim")], ("'..'",)),
+    ("hardlink-absolute", lambda s: [M("h", "hardlink", target=canary(s, "victim"))], ("absolute path",)),
+    (
+        "hardlink-through-symlink",
+        lambda s: [M("l", "symlink", target="bin"), M("h", "hardlink", target="l/python")],
+        ("not a file of this archive",),
+    ),
+    ("hardlink-to-symlink", lambda s: [M("h", "hardlink", target="bin/python")], ("not a file of this archive",)),
+    ("hardlink-before-its-target", lambda s: [M("h", "hardlink", target="later"), M("later")], ("hardlink",)),
+    ("fifo", lambda s: [M("lib/fifo", "fifo")], ("FIFO",)),
+    ("character-device", lambda s: [M("dev/null", "chr")], ("character device",)),
+    ("block-device", lambda s: [M("dev/sda", "blk")], ("block device",)),
+    ("duplicate-file", lambda s: [M("lib/x", data=b"1"), M("lib/x", data=b"2")], ("duplicate",)),
+    ("file-then-directory", lambda s: [M("lib/x", data=b"1"), M("lib/x", "dir")], ("duplicate",)),
+    (
+        # GNU tar CVE-2025-45582's shape, inside one archive: a symlink, then a directory of
+        # the same name, then a member that would land wherever the symlink points.
+        "symlink-then-directory-of-same-name",
+        lambda s: [M("share", "symlink", target="lib"), M("share", "dir"), M("share/pwned", data=b"x")],
+        ("duplicate",),
+    ),
+    ("file-over-a-file-parent", lambda s: [M("share/doc/README/x", data=b"x")], ("written through the file",)),
+]
+
+
+@pytest.mark.parametrize("build,expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_hostile_member_is_refused(site: Site, build: Callable[[Site], list[M]], expected: tuple[str, ...]) -> None:
+    tarball = write_tar(site.root / "hostile.tar.gz", tiny_env() + build(site))
+    refuse(site, tarball, "hostile.tar.gz", *expected)
+
+
+@pytest.mark.parametrize("fmt", [*FORMATS, "zip"])
+def test_escapes_are_refused_in_every_format(site: Site, fmt: str) -> None:
+    for member, expected in [
+        (M("../../canary/fmt", data=b"x"), "'..'"),
+        (M("lib/out", "symlink", target="../../../canary"), "outside the environment"),
+    ]:
+        path = site.root / f"hostile.{fmt}"
+        members = [*tiny_env(), member]
+        write_zip(path, members) if fmt == "zip" else write_tar(path, members, fmt)
+        refuse(site, path, expected)
+
+
+def test_zip_specific_hostility(site: Site) -> None:
+    zpath = site.root / "hostile.zip"
+    write_zip(zpath, [*tiny_env(), M("lib/link", "symlink", target="../.."), M("lib/link/pwned", data=b"x")])
+    refuse(site, zpath, "outside the environment")
+    write_zip(zpath, [*tiny_env(), M("l", "symlink", target="bin"), M("l/pwned", data=b"x")])
+    refuse(site, zpath, "written through the symlink l")
+    write_zip(zpath, [*tiny_env(), M("lib/fifo", "fifo")])
+    refuse(site, zpath, "lib/fifo")
+    write_zip(zpath, [*tiny_env(), M("x", data=b"1"), M("x", data=b"2")])
+    refuse(site, zpath, "duplicate")
+
+
+def _patch_zip_entry(
+    path: Path, name: str, local: Callable[[bytearray, int], None], central: Callable[[bytearray, int], None]
+) -> None:
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(name)
+    local(data, info.header_offset)
+    at = data.find(b"PK\x01\x02")
+    while at >= 0:
+        length = int.from_bytes(data[at + 28 : at + 30], "little")
+        if data[at + 46 : at + 46 + length] == name.encode():
+            central(data, at)
+        at = data.find(b"PK\x01\x02", at + 4)
+    path.write_bytes(bytes(data))
+
+
+def test_member_sizes_that_lie(site: Site) -> None:
+    base = tar_bytes(tiny_env(), end=False)
+    path = site.root / "lies.tar.gz"
+    # The header claims more data than the archive holds.
+    write_raw(path, base + raw_header("lib/big", b"%011o\0" % 100_000) + b"a" * 1000)
+    refuse(site, path, "truncated")
+    # The data runs on past the size its header claims: the rest is read as a (bad) header.
+    write_raw(path, base + raw_header("lib/small", b"%011o\0" % 10) + b"a" * 3000 + end_of_archive())
+    refuse(site, path, "corrupt")
+    # A negative size in base-256.
+    write_raw(path, base + raw_header("lib/neg", b"\xff" * 12) + end_of_archive())
+    refuse(site, path, "negative")
+
+
+def test_decompression_bombs_stop_at_the_limits(site: Site) -> None:
+    # 1 GiB of zeros in a 1 MB tar.gz and in a few-kB tar.zst, against a 100 MB limit.
+    for bomb in (
+        gz_bomb(site.root / "bomb.tar.gz", "lib/bomb", 1 << 30),
+        zst_bomb(site.root / "bomb.tar.zst", "lib/bomb", 1 << 30),
+    ):
+        assert bomb.stat().st_size < 2_000_000
+        line = refuse(
+            site, bomb, "MLSERVER_ENV_MAX_UNPACKED_BYTES", "100000000", MLSERVER_ENV_MAX_UNPACKED_BYTES="100000000"
+        )
+        assert "lib/bomb" in line
+    # The default limit (64 GiB) stops an 80 GiB bomb at once, before writing it.
+    bomb = zst_bomb(site.root / "bomb80.tar.zst", "lib/bomb", 80 << 30)
+    assert bomb.stat().st_size < 10_000_000
+    refuse(site, bomb, "MLSERVER_ENV_MAX_UNPACKED_BYTES", str(64 << 30))
+    # Many small members add up too.
+    many = write_tar(
+        site.root / "many.tar.zst", tiny_env() + [M(f"lib/z{i}", data=bytes(1 << 20)) for i in range(120)], "tar.zst"
+    )
+    refuse(site, many, "MLSERVER_ENV_MAX_UNPACKED_BYTES", MLSERVER_ENV_MAX_UNPACKED_BYTES="50000000")
+
+
+def test_absurd_member_count_stops_at_the_limit(site: Site) -> None:
+    many = write_tar(site.root / "members.tar.gz", tiny_env() + [M(f"lib/m{i}") for i in range(3000)])
+    refuse(site, many, "more than 1000 members", "MLSERVER_ENV_MAX_MEMBERS", MLSERVER_ENV_MAX_MEMBERS="1000")
+
+
+def test_setuid_and_writable_bits_are_dropped(site: Site) -> None:
+    members = [
+        *tiny_env(),
+        M("bin/suid", data=b"#!/bin/sh\n", mode=0o4755),
+        M("bin/sgid", data=b"#!/bin/sh\n", mode=0o2755),
+        M("lib/world-writable", data=b"x", mode=0o666),
+        M("shared", "dir", mode=0o3777),  # setgid + sticky + world-writable directory
+        M("shared/f", data=b"x", mode=0o600),
+    ]
+    path = write_tar(site.root / "modes.tar.gz", members)
+    proc = run_entrypoint(["unpack"], entry_env(MLSERVER_ENV_TARBALL=path, MLSERVER_ENV_CACHE_DIR=site.cache))
+    assert proc.returncode == 0, proc.stderr
+    prefix = Path(proc.stdout.splitlines()[-1])
+    modes = {
+        rel: stat.S_IMODE((prefix / rel).lstat().st_mode)
+        for rel in ("bin/suid", "bin/sgid", "lib/world-writable", "shared", "shared/f")
+    }
+    assert modes == {
+        "bin/suid": 0o755,
+        "bin/sgid": 0o755,
+        "lib/world-writable": 0o644,
+        "shared": 0o755,
+        "shared/f": 0o600,
+    }
+    assert (prefix / "bin" / HOST_PYTHON.name).stat().st_mode & 0o111
+
+
+def test_cache_still_serves_after_every_hostile_archive(site: Site) -> None:
+    """Runs last in this module: the good entry is still a cache hit, and its interpreter runs."""
+    env = entry_env(MLSERVER_ENV_TARBALL=site.good, MLSERVER_ENV_CACHE_DIR=site.cache)
+    proc = run_entrypoint(["python", "-c", "import sys; print(sys.prefix != '')"], env)
+    assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stderr
+    assert "cache hit" in proc.stderr
+    # And a new environment still unpacks into it.
+    fresh = write_tar(site.root / "fresh.tar.gz", [*tiny_env(extra_files=3), M("lib/fresh", data=os.urandom(64))])
+    proc = run_entrypoint(["unpack"], entry_env(MLSERVER_ENV_TARBALL=fresh, MLSERVER_ENV_CACHE_DIR=site.cache))
+    assert proc.returncode == 0 and "extract:" in proc.stderr, proc.stderr
+    assert (
+        subprocess.run([Path(proc.stdout.splitlines()[-1]) / "bin" / "python", "-c", "pass"], check=False).returncode
+        == 0
+    )
