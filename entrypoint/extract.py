@@ -22,6 +22,7 @@ from entrypoint.archive import CHUNK, Kind, Member
 from entrypoint.errors import ArchiveError, ConfigError
 
 O_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+MAX_DEPTH = 128  # path components of a member; real environments stay under 20
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,8 @@ def normalize(name: str) -> str:
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise ArchiveError(f"member {name}: '..' in path")
+    if len(parts) > MAX_DEPTH:  # deeper trees break recursive walkers (ours, rmtree, os.walk) and no env has one
+        raise ArchiveError(f"member {name[:200]}…: {len(parts)} levels deep, more than the {MAX_DEPTH} allowed")
     return "/".join(parts)
 
 

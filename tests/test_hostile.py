@@ -169,6 +169,7 @@ CASES: list[tuple[str, Callable[[Site], list[M]], tuple[str, ...]]] = [
         ("duplicate",),
     ),
     ("file-over-a-file-parent", lambda s: [M("share/doc/README/x", data=b"x")], ("written through the file",)),
+    ("deep-path", lambda s: [M("a/" * 1500 + "f", data=b"x")], ("1501 levels deep",)),
 ]
 
 
