@@ -310,6 +310,8 @@ class TarReader:
                     size = int(fields["size"])
                 except ValueError:
                     raise ArchiveError(f"member {name}: bad pax size (corrupt archive)") from None
+                if size < 0:  # would shrink the unpacked-bytes total and misalign the next header
+                    raise ArchiveError(f"member {name}: negative pax size (corrupt archive)")
             mtime_ns = _pax_mtime_ns(fields["mtime"]) if "mtime" in fields else _number(header[136:148]) * 10**9
             pax, long_name, long_link = {}, None, None
             kind = TYPES.get(flag, Kind.OTHER)

@@ -233,6 +233,16 @@ def test_member_sizes_that_lie(site: Site) -> None:
     refuse(site, path, "negative")
 
 
+def test_negative_pax_size(site: Site) -> None:
+    """Accepted, it would shrink the unpacked-bytes total (beating MLSERVER_ENV_MAX_UNPACKED_BYTES)
+    and realign the reader onto bytes the attacker chose."""
+    base = tar_bytes(tiny_env(), end=False)
+    path = site.root / "lies.tar.gz"
+    pax = pax_header({"size": "-1000"})
+    write_raw(path, base + pax + raw_header("lib/neg", b"%011o\0" % 0) + end_of_archive())
+    refuse(site, path, "lib/neg", "negative")
+
+
 def test_decompression_bombs_stop_at_the_limits(site: Site) -> None:
     # 1 GiB of zeros in a 1 MB tar.gz and in a few-kB tar.zst, against a 100 MB limit.
     for bomb in (
