@@ -150,7 +150,10 @@ class Extractor:
                 while view:
                     view = view[os.write(fd, view) :]
             if m.mtime_ns:  # keeps .pyc files valid: they record their source's mtime
-                os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
+                try:
+                    os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
+                except OverflowError:
+                    raise ArchiveError(f"member {m.name}: modification time out of range (corrupt archive)") from None
         finally:
             os.close(fd)
         self.stats.files += 1

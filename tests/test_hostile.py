@@ -243,6 +243,19 @@ def test_negative_pax_size(site: Site) -> None:
     refuse(site, path, "lib/neg", "negative")
 
 
+def test_modification_time_out_of_range(site: Site) -> None:
+    base = tar_bytes(tiny_env(), end=False)
+    path = site.root / "lies.tar.gz"
+    data = b"a" + bytes(511)
+    write_raw(
+        path, base + raw_header("lib/t", b"%011o\0" % 1, mtime_field=b"\x80" + b"\xff" * 11) + data + end_of_archive()
+    )
+    refuse(site, path, "lib/t", "modification time")
+    pax = pax_header({"mtime": "9" * 30})
+    write_raw(path, base + pax + raw_header("lib/t", b"%011o\0" % 1) + data + end_of_archive())
+    refuse(site, path, "lib/t", "modification time")
+
+
 def test_decompression_bombs_stop_at_the_limits(site: Site) -> None:
     # 1 GiB of zeros in a 1 MB tar.gz and in a few-kB tar.zst, against a 100 MB limit.
     for bomb in (
