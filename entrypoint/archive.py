@@ -41,6 +41,7 @@ CORRUPT = (
     UnicodeDecodeError,
     ValueError,
 )
+ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
 
 
 class Kind(enum.Enum):
@@ -325,6 +326,11 @@ class TarReader:
 
 
 def _zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Member:
+    if (
+        info.flag_bits & 0x1 or info.compress_type not in ZIP_METHODS
+    ):  # zipfile would raise RuntimeError/NotImplementedError
+        how = "encrypted" if info.flag_bits & 0x1 else f"compressed with method {info.compress_type}"
+        raise ArchiveError(f"member {info.filename}: {how}, which conda-pack never writes; pack it again")
     mode = (info.external_attr >> 16) & 0xFFFF
     mtime_ns = 0
     if info.is_dir():

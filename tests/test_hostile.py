@@ -219,6 +219,31 @@ def _patch_zip_entry(
     path.write_bytes(bytes(data))
 
 
+def test_zip_with_unknown_compression_or_encryption(site: Site) -> None:
+    zpath = site.root / "hostile.zip"
+
+    def method(offset: int) -> Callable[[bytearray, int], None]:
+        return lambda d, at: d.__setitem__(slice(at + offset, at + offset + 2), (99).to_bytes(2, "little"))
+
+    write_zip(zpath, tiny_env())
+    _patch_zip_entry(zpath, "conda-meta/history", method(8), method(10))
+    refuse(site, zpath, "hostile.zip", "compressed with method 99")
+
+    def encrypted(offset: int) -> Callable[[bytearray, int], None]:
+        return lambda d, at: d.__setitem__(at + offset, d[at + offset] | 1)
+
+    write_zip(zpath, tiny_env())
+    _patch_zip_entry(zpath, "conda-meta/history", encrypted(6), encrypted(8))
+    refuse(site, zpath, "hostile.zip", "encrypted")
+
+    def size_lie(offset: int) -> Callable[[bytearray, int], None]:
+        return lambda d, at: d.__setitem__(slice(at + offset, at + offset + 4), (10**6).to_bytes(4, "little"))
+
+    write_zip(zpath, tiny_env())
+    _patch_zip_entry(zpath, "conda-meta/history", size_lie(22), size_lie(24))
+    refuse(site, zpath, "hostile.zip", "conda-meta/history")
+
+
 def test_member_sizes_that_lie(site: Site) -> None:
     base = tar_bytes(tiny_env(), end=False)
     path = site.root / "lies.tar.gz"
