@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import IO, Any, BinaryIO, Protocol, cast
 
 import zstandard
-from isal import igzip
+from isal import igzip, isal_zlib
 
 from entrypoint.errors import ArchiveError
 
@@ -40,6 +40,7 @@ CORRUPT = (
     zipfile.LargeZipFile,
     UnicodeDecodeError,
     ValueError,
+    isal_zlib.error,  # isal's deflate errors ("Invalid lookback distance") derive from Exception only
 )
 ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
 

@@ -95,6 +95,18 @@ def test_truncated_real_tarball(small_tarball: Path, tmp_path: Path) -> None:
     assert no_entries(tmp_path / "c")
 
 
+def test_corrupt_real_tarball(small_tarball: Path, tmp_path: Path) -> None:
+    """Bytes flipped in the middle of the deflate stream: found by the codec or by gzip's CRC at
+    the very end, after every file was written; either way the error is the archive's."""
+    bad = tmp_path / "bare.tar.gz"
+    data = bytearray(small_tarball.read_bytes())
+    for at in range(len(data) // 2, len(data) // 2 + 64, 8):
+        data[at] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    refused(start(bad, tmp_path / "c"), 3, "corrupt", str(bad))
+    assert no_entries(tmp_path / "c")
+
+
 # --- The environment ------------------------------------------------------------------------------
 
 

@@ -308,6 +308,31 @@ def test_absurd_member_count_stops_at_the_limit(site: Site) -> None:
     refuse(site, many, "more than 1000 members", "MLSERVER_ENV_MAX_MEMBERS", MLSERVER_ENV_MAX_MEMBERS="1000")
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_truncated_and_corrupt_streams(site: Site, fmt: str) -> None:
+    members = tiny_env(extra_files=30)
+    data = compress(tar_bytes(members), fmt)
+    # A plain tar ends in zero padding that is no loss to cut; compressed streams end in a trailer.
+    end = len(tar_bytes(members, end=False)) if fmt == "tar" else len(data)
+    path = site.root / f"damaged.{fmt}"
+    for cut in (end // 3, end * 2 // 3, end - 700):
+        path.write_bytes(data[:cut])
+        refuse(site, path, f"damaged.{fmt}")
+    if fmt in ("tar.gz", "tar.bz2", "tar.xz"):  # plain tar and zstd frames carry no checksum of the data
+        flipped = bytearray(data)
+        for at in range(len(data) // 4, len(data) - 16, len(data) // 5):
+            flipped[at] ^= 0x5A
+        path.write_bytes(bytes(flipped))
+        refuse(site, path, f"damaged.{fmt}")
+
+
+@pytest.mark.parametrize("magic", [b"", b"\x1f\x8b", b"\x28\xb5\x2f\xfd", b"BZh9", b"\xfd7zXZ\x00", b"PK\x03\x04"])
+def test_random_bytes(site: Site, magic: bytes) -> None:
+    path = site.root / "random.bin"
+    path.write_bytes(magic + os.urandom(20_000))
+    refuse(site, path, "random.bin")
+
+
 def test_setuid_and_writable_bits_are_dropped(site: Site) -> None:
     members = [
         *tiny_env(),
