@@ -190,6 +190,8 @@ def extract(members: Iterable[Member], dest: Path, limits: Limits) -> Stats:
     except OSError as exc:
         if exc.errno is None:  # not a failed system call: a codec's complaint (gzip.BadGzipFile, bz2)
             raise ArchiveError(f"corrupt or truncated archive ({exc}); pack it again") from None
+        if exc.errno == errno.ENAMETOOLONG:
+            raise ArchiveError(f"a member's name is too long for this filesystem ({exc.filename})") from None
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             # Read on without writing, so the error can say how much space the environment needs.
             needed = ex._declared + sum(m.size for m in stream if m.kind is Kind.FILE)

@@ -170,6 +170,7 @@ CASES: list[tuple[str, Callable[[Site], list[M]], tuple[str, ...]]] = [
     ),
     ("file-over-a-file-parent", lambda s: [M("share/doc/README/x", data=b"x")], ("written through the file",)),
     ("deep-path", lambda s: [M("a/" * 1500 + "f", data=b"x")], ("1501 levels deep",)),
+    ("component-longer-than-the-filesystem-allows", lambda s: [M("a" * 300 + "/f", data=b"x")], ("name is too long",)),
 ]
 
 
