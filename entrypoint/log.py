@@ -11,8 +11,13 @@ START = time.monotonic()
 PROG = "mlserver-entrypoint"
 
 
+# Control characters (from member names, paths) escaped: a log line stays one line, and a hostile
+# name cannot forge a line or send a terminal escape sequence.
+ESCAPE = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
+
+
 def info(message: str) -> None:
-    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+    print(f"{PROG}: {message.translate(ESCAPE)}", file=sys.stderr, flush=True)
 
 
 def elapsed_ms() -> float:

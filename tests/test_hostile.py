@@ -171,6 +171,13 @@ CASES: list[tuple[str, Callable[[Site], list[M]], tuple[str, ...]]] = [
     ("file-over-a-file-parent", lambda s: [M("share/doc/README/x", data=b"x")], ("written through the file",)),
     ("deep-path", lambda s: [M("a/" * 1500 + "f", data=b"x")], ("1501 levels deep",)),
     ("component-longer-than-the-filesystem-allows", lambda s: [M("a" * 300 + "/f", data=b"x")], ("name is too long",)),
+    (
+        # A name that would forge a second log line, or repaint the terminal, must not.
+        "newline-in-name",
+        lambda s: [M("../x\nmlserver-entrypoint: error: forged", data=b"x")],
+        ("'..'",),
+    ),
+    ("escape-sequence-in-name", lambda s: [M("/\x1b[2J\x1b[31mred", data=b"x")], ("absolute path",)),
 ]
 
 
