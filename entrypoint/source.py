@@ -42,7 +42,7 @@ def locate(settings: Settings) -> Tarball | None:
     else:
         path = Path(settings.tarball)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO must not block the start
     except FileNotFoundError:
         raise ConfigError(
             f"MLSERVER_ENV_TARBALL={path}: no such file; check the path and that its folder is mounted"

@@ -72,6 +72,14 @@ def test_tarball_path_missing(tmp_path: Path) -> None:
     assert not (tmp_path / "c").exists()
 
 
+def test_tarball_is_a_directory_or_a_fifo(tmp_path: Path) -> None:
+    refused(start(tmp_path, tmp_path / "c"), 2, "not a regular file")
+    fifo = tmp_path / "env.tar.gz"
+    os.mkfifo(fifo)  # nobody writes to it: opening it for reading must not hang the start
+    refused(start(fifo, tmp_path / "c"), 2, "not a regular file")
+    assert no_entries(tmp_path / "c")
+
+
 def test_tarball_unreadable(shared_tmp: Path) -> None:
     tarball = write_tar(shared_tmp / "env.tar.gz", tiny_env())
     tarball.chmod(0o600)  # root's only
