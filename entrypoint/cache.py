@@ -154,12 +154,19 @@ def verify(entry: Entry, full: bool) -> str | None:
     for line in text.splitlines():
         if line == QUICK_END[:-1]:
             continue
-        size_s, mtime_s, rel = line.split("\t", 2)
+        try:
+            size_s, mtime_s, rel = line.split("\t", 2)
+        except ValueError:
+            return "its manifest is damaged"
         try:
             st = os.stat(f"{prefix}/{rel}" if rel else prefix, follow_symlinks=False)
         except OSError:
             return f"{rel or '.'} is missing"
-        if st.st_mtime_ns != int(mtime_s) or (size_s[0] != "-" and st.st_size != int(size_s)):
+        try:
+            changed = st.st_mtime_ns != int(mtime_s) or (size_s[:1] != "-" and st.st_size != int(size_s))
+        except ValueError:
+            return "its manifest is damaged"
+        if changed:
             return f"{rel or '.'} was changed after unpacking"
     return None
 

@@ -395,6 +395,23 @@ def test_damage_found_by_quick_check_is_unpacked_again(
     assert "mlserver-entrypoint: extract:" in proc.stderr and digest_tree(prefix) == tree
 
 
+def test_damaged_manifest_is_unpacked_again(
+    tiny_cached: tuple[Path, Path, Path, dict[str, tuple[object, ...]]],
+) -> None:
+    """A manifest that no longer parses (a bad disk, a stray edit) means: unpack again, not a crash
+    at every start from then on."""
+    tarball, cache, prefix, tree = tiny_cached
+    manifest = cache / f"{prefix.name}.manifest"
+    for garbage in ("garbage\n", "x\ty\tz\n", "\t\tbin/python\n"):
+        manifest.write_text(garbage + manifest.read_text())
+        for verify in ("quick", "full"):
+            proc = restart(tarball, cache, verify)
+            assert unpacked_again(proc, "manifest is damaged"), proc.stderr
+            assert digest_tree(prefix) == tree
+            if verify == "quick":
+                manifest.write_text(garbage + manifest.read_text())
+
+
 def test_quick_check_samples_full_check_sees_every_file(
     tiny_cached: tuple[Path, Path, Path, dict[str, tuple[object, ...]]],
 ) -> None:
