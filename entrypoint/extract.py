@@ -23,6 +23,8 @@ from entrypoint.errors import ArchiveError, ConfigError
 
 O_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 MAX_DEPTH = 128  # path components of a member; real environments stay under 20
+DISK_BLOCK = 4096  # what a file or directory occupies is rounded up to this (ext4, xfs, tmpfs)
+MANIFEST_LINE = 128  # bytes the cache's manifest spends per member, generously
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,12 @@ class Stats:
     symlinks: int = 0
     hardlinks: int = 0
     bytes: int = 0
+    disk_bytes: int = 0  # space taken: files rounded up to whole blocks, directories, manifest lines
+
+
+def disk_bytes(m: Member) -> int:
+    blocks = -(-m.size // DISK_BLOCK) if m.kind is Kind.FILE else 1 if m.kind is Kind.DIR else 0
+    return blocks * DISK_BLOCK + MANIFEST_LINE
 
 
 def normalize(name: str) -> str:
@@ -84,9 +92,11 @@ class Extractor:
         os.mkdir(self._path(parent), 0o755)
         self.dirs.add(parent)
         self.stats.dirs += 1
+        self.stats.disk_bytes += DISK_BLOCK + MANIFEST_LINE
 
     def add(self, m: Member) -> None:
         self._count += 1
+        self.stats.disk_bytes += disk_bytes(m)
         if self._count > self.limits.max_members:
             raise ArchiveError(
                 f"more than {self.limits.max_members} members; raise MLSERVER_ENV_MAX_MEMBERS if this "
@@ -194,7 +204,7 @@ def extract(members: Iterable[Member], dest: Path, limits: Limits) -> Stats:
             raise ArchiveError(f"a member's name is too long for this filesystem ({exc.filename})") from None
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             # Read on without writing, so the error can say how much space the environment needs.
-            needed = ex._declared + sum(m.size for m in stream if m.kind is Kind.FILE)
+            needed = ex.stats.disk_bytes + sum(disk_bytes(m) for m in stream)
             raise no_space_error(dest, needed) from None
         raise write_error(exc, dest) from None
     finally:
@@ -208,7 +218,7 @@ def no_space_error(dest: Path, needed: int) -> ConfigError:
     free = st.f_bavail * st.f_frsize
     return ConfigError(
         f"no space left in cache directory {dest.parent} (MLSERVER_ENV_CACHE_DIR): the environment needs "
-        f"{needed / 1e6:.0f} MB, {free / 1e6:.0f} MB are free with it removed; free space or point "
+        f"{-(-needed // 1_000_000)} MB, {free / 1e6:.0f} MB are free with it removed; free space or point "
         "MLSERVER_ENV_CACHE_DIR at a bigger volume"
     )
 

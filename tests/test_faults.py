@@ -333,6 +333,41 @@ def used_bytes(point: Path) -> int:
     return (st.f_blocks - st.f_bfree) * st.f_frsize
 
 
+def test_disk_full_names_the_space_needed_and_that_space_is_enough(small_tarball: Path, tmpfs: Path) -> None:
+    cache = tmpfs / "c"
+    env = entry_env(MLSERVER_ENV_TARBALL=small_tarball, MLSERVER_ENV_CACHE_DIR=cache)
+
+    # 1. Far too small: the extraction fails, the error says how much is needed.
+    mount_tmpfs(tmpfs, 40 << 20)
+    proc = run_entrypoint(["unpack"], env)
+    line = error_line(proc)
+    assert proc.returncode == 2 and "no space left" in line and "MLSERVER_ENV_CACHE_DIR" in line, line
+    needed = int(re.search(r"needs (\d+) MB", line).group(1)) * 1_000_000  # type: ignore[union-attr]
+    no_partial_state(cache)
+    assert not [p for p in cache.iterdir() if p.is_dir() and p.name != ".keys"]
+
+    # 2. Exactly the space the message named, on top of what the cache already holds: it fits.
+    mount_tmpfs(tmpfs, 40 << 20)
+    cache.mkdir()
+    mount_tmpfs(tmpfs, -(-(needed + used_bytes(tmpfs)) // 4096) * 4096)
+    proc = run_entrypoint(["unpack"], env)
+    assert proc.returncode == 0, proc.stderr
+    prefix = Path(proc.stdout.splitlines()[-1])
+    assert_works(prefix)
+
+    # 3. Out of inodes rather than bytes: the same clear error.
+    mount_tmpfs(tmpfs, 1 << 30, "nr_inodes=400")
+    proc = run_entrypoint(["unpack"], env)
+    assert proc.returncode == 2 and "no space left" in error_line(proc), proc.stderr
+    no_partial_state(cache)
+
+    # 4. Enough space again: the next start succeeds.
+    mount_tmpfs(tmpfs, 1 << 30)
+    proc = run_entrypoint(["unpack"], env)
+    assert proc.returncode == 0, proc.stderr
+    assert_works(Path(proc.stdout.splitlines()[-1]))
+
+
 # --- Entries damaged after publishing --------------------------------------------------------------------
 
 
