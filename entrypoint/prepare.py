@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from collections.abc import Iterator
@@ -131,8 +132,13 @@ def _unpack(entry: Entry, tarball: Tarball, settings: Settings, require: tuple[s
             ran = relocate.run_conda_unpack(entry.prefix, python)
             details["conda-unpack"] = f"{len(records)} files" if ran else "absent (not a conda-pack archive)"
         with log.phase("publish"):
-            cache.write_manifest(entry)
-            cache.publish(entry, {"tarball": tarball.display, "files": stats.files, "bytes": stats.bytes})
+            try:
+                cache.write_manifest(entry)
+                cache.publish(entry, {"tarball": tarball.display, "files": stats.files, "bytes": stats.bytes})
+            except OSError as exc:  # the disk filled up after the extraction, or the cache turned read-only
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise extract.no_space_error(entry.prefix, stats.disk_bytes) from None
+                raise extract.write_error(exc, entry.prefix) from None
         gc.at_start(settings)  # the cache just grew
         return Prepared(entry.prefix, python, False)
     except ArchiveError as exc:

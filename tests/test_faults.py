@@ -368,6 +368,29 @@ def test_disk_full_names_the_space_needed_and_that_space_is_enough(small_tarball
     assert_works(Path(proc.stdout.splitlines()[-1]))
 
 
+def test_disk_full_while_publishing(small_tarball: Path, tmpfs: Path) -> None:
+    """Room for the files but not for the manifest: the disk fills up after the extraction."""
+    cache = tmpfs / "c"
+    env = entry_env(MLSERVER_ENV_TARBALL=small_tarball, MLSERVER_ENV_CACHE_DIR=cache)
+    mount_tmpfs(tmpfs, 1 << 30)
+    proc = run_entrypoint(["unpack"], env)
+    assert proc.returncode == 0, proc.stderr
+    prefix = Path(proc.stdout.splitlines()[-1])
+    full_use = used_bytes(tmpfs)
+    manifest = (cache / f"{prefix.name}.manifest").stat().st_size
+    marker = (cache / f"{prefix.name}.ready").stat().st_size
+
+    # The same start again (same paths, so the same bytes), on a volume one page short of the
+    # manifest and marker: extraction and conda-unpack fit, publishing does not.
+    mount_tmpfs(tmpfs, full_use - (-(-marker // 4096) + manifest // 2 // 4096) * 4096)
+    proc = run_entrypoint(["unpack"], env)
+    line = error_line(proc)
+    assert proc.returncode == 2 and "no space left" in line and re.search(r"needs \d+ MB", line), proc.stderr
+    assert "mlserver-entrypoint: relocate:" in proc.stderr  # it got that far
+    no_partial_state(cache)
+    assert not prefix.exists()
+
+
 # --- Entries damaged after publishing --------------------------------------------------------------------
 
 
