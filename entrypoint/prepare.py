@@ -119,7 +119,9 @@ def _unpack(entry: Entry, tarball: Tarball, settings: Settings, require: tuple[s
             except archive.CORRUPT as exc:
                 raise ArchiveError(f"{tarball.display}: corrupt or truncated archive ({exc}); pack it again") from None
             st = os.fstat(raw.fileno())
-            if (st.st_size, st.st_mtime_ns) != (tarball.identity[2], tarball.identity[3]):
+            # ctime too: a rewrite in place that restores size and mtime (rsync --inplace, touch -r)
+            # still changes it, and the key (or the SHA-256 pin) was computed from the old bytes.
+            if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != tuple(tarball.identity[2:5]):
                 raise ConfigError(f"{tarball.display} changed while it was being read; start again")
             details.update(files=stats.files, MB=round(stats.bytes / 1e6))
         with log.phase("relocate") as details:

@@ -522,6 +522,39 @@ def sparse_tar(path: Path, big: int, last: bytes) -> int:
     return offset
 
 
+def test_tarball_rewritten_in_place_while_read_is_refused(fast_root: Path, tmp_path: Path) -> None:
+    """The SHA-256 pin (and the cache key) come from the bytes hashed before extracting; bytes
+    rewritten afterwards, with size and mtime put back, must not be published under that key."""
+    tarball = tmp_path / "env.tar"
+    original = b"ORIGINAL CONTENT"
+    offset = sparse_tar(tarball, 512 << 20, original)
+    with open(tarball, "rb") as f:
+        pin = hashlib.file_digest(f, "sha256").hexdigest()
+    cache = fast_root / "inplace"
+    shutil.rmtree(cache, ignore_errors=True)
+    start = Start(
+        entry_env(MLSERVER_ENV_TARBALL=tarball, MLSERVER_ENV_CACHE_DIR=cache, MLSERVER_ENV_TARBALL_SHA256=pin)
+    )
+    big = cache / pin[:8] / "big"
+    while not big.exists():
+        assert start.proc.poll() is None, start.stderr
+        time.sleep(0.001)
+    st = tarball.stat()
+    fd = os.open(tarball, os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"EVIL!!! CONTENT!", offset)
+    finally:
+        os.close(fd)
+    os.utime(tarball, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert big.exists() and big.stat().st_size < 512 << 20, "the extraction ended before the rewrite: make `big` larger"
+    done = start.finish()
+    assert done.returncode != 0, f"published bytes that do not match the pin:\n{done.stderr}"
+    assert "changed while it was being read" in error_line(done)
+    no_partial_state(cache)
+    assert not list(cache.glob("*.ready"))
+    shutil.rmtree(cache, ignore_errors=True)
+
+
 def test_tarball_replaced_by_rename_while_read_stays_consistent(fast_root: Path, tmp_path: Path) -> None:
     """Replacing the file (a new inode) under a running start: that start finishes with the bytes it
     hashed; the next start sees the new file and gets its own entry."""
