@@ -40,7 +40,7 @@ CORRUPT = (
     zipfile.LargeZipFile,
     UnicodeDecodeError,
     ValueError,
-    isal_zlib.error,  # isal's deflate errors ("Invalid lookback distance") derive from Exception only
+    cast("type[Exception]", isal_zlib.error),  # deflate errors ("Invalid lookback distance"); the stub says instance
 )
 ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
 
