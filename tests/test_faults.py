@@ -23,7 +23,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -433,7 +433,7 @@ def test_damage_found_by_quick_check_is_unpacked_again(
     quick, rest = manifest_sections(cache, prefix)
     deep = next(rel for rel in rest if rel.endswith(".py"))
 
-    damages = [
+    damages: list[tuple[str, Callable[[], object], str]] = [
         ("a file deleted anywhere (its directory changes)", lambda: (prefix / deep).unlink(), "was changed"),
         ("the interpreter truncated", lambda: os.truncate(prefix / "bin" / "python3.11", 100), "bin/python3.11"),
         ("a shared library truncated", lambda: os.truncate(prefix / "lib" / "libtiny.so.1", 10), "libtiny.so.1"),

@@ -368,6 +368,150 @@ def test_setuid_and_writable_bits_are_dropped(site: Site) -> None:
     assert (prefix / "bin" / HOST_PYTHON.name).stat().st_mode & 0o111
 
 
+# --- Mutants of a real conda-pack tarball's headers -------------------------------------------
+
+FIELDS = {"name": (0, 100), "mode": (100, 8), "size": (124, 12), "mtime": (136, 12), "checksum": (148, 8),
+          "type": (156, 1), "linkname": (157, 100), "magic": (257, 8), "prefix": (345, 155)}  # fmt: skip
+HOSTILE_NAMES = [
+    b"../../canary/m",
+    b"/tmp/abs",
+    b"a/" * 45,
+    b"bin/python",
+    b"bin",
+    b".",
+    b"",
+    b"x\nforged",
+    b"lib/\xff\xfe",
+]
+
+
+@st.composite
+def numbers(draw: st.DrawFn, width: int) -> bytes:
+    kind = draw(st.sampled_from(["octal", "base256", "negative", "bytes", "spaces"]))
+    if kind == "octal":
+        return b"%0*o\0" % (width - 1, draw(st.integers(0, 8 ** (width - 1) - 1)))
+    if kind == "base256":
+        return b"\x80" + draw(st.integers(0, 256 ** (width - 1) - 1)).to_bytes(width - 1, "big")
+    if kind == "negative":
+        return b"\xff" * width
+    if kind == "spaces":
+        return b" " * width
+    return draw(st.binary(min_size=width, max_size=width))
+
+
+@st.composite
+def field_values(draw: st.DrawFn, field: str) -> bytes:
+    width = FIELDS[field][1]
+    if field in ("mode", "size", "mtime", "checksum"):
+        return draw(numbers(width))
+    if field == "type":
+        return draw(st.sampled_from([bytes([c]) for c in b"0123456789xgLKSVA\0"]))
+    if field == "magic":
+        return draw(st.sampled_from([b"ustar\x0000", b"ustar  \0", bytes(8), b"garbage!"]))
+    value = draw(st.one_of(st.sampled_from(HOSTILE_NAMES), st.binary(max_size=width)))
+    return value[:width].ljust(width, b"\0")
+
+
+@dataclass(frozen=True)
+class Mutant:
+    data: bytes = field(repr=False)
+    fmt: str
+    ops: tuple[str, ...]  # what was done, for the report of a failing example
+
+
+@st.composite
+def mutants(draw: st.DrawFn, base: bytes, offsets: list[int]) -> Mutant:
+    data = bytearray(base)
+    ops = []
+    for _ in range(draw(st.integers(1, 3))):
+        at = draw(st.sampled_from(offsets))
+        field_ = draw(st.sampled_from(sorted(FIELDS)))
+        start, width = FIELDS[field_]
+        value = draw(field_values(field_))
+        data[at + start : at + start + width] = value
+        fixed = field_ != "checksum" and draw(st.booleans())
+        if fixed:
+            data[at : at + 512] = fix_checksum(bytes(data[at : at + 512]))
+        ops.append(f"header@{at}.{field_}={value!r}{' +checksum' if fixed else ''}")
+    structural = draw(st.sampled_from(["none", "none", "truncate", "pax"]))
+    if structural == "truncate":
+        cut = draw(st.integers(0, len(data) - 1))
+        del data[cut:]
+        ops.append(f"truncate@{cut}")
+    elif structural == "pax":
+        at = draw(st.sampled_from(offsets))
+        records = draw(st.dictionaries(st.sampled_from(["path", "linkpath", "size", "mtime", "uid"]),
+                                       st.text(st.characters(codec="utf-8", exclude_characters="\n"), max_size=40),
+                                       min_size=1, max_size=3))  # fmt: skip
+        data[at:at] = pax_header(records)
+        ops.append(f"pax@{at}={records!r}")
+    return Mutant(bytes(data), draw(st.sampled_from(["tar", "tar.gz", "tar.zst"])), tuple(ops))
+
+
+def check_mutant(site: Site, data: bytes, fmt: str) -> None:
+    tarball = site.root / f"mutant.{fmt}"
+    tarball.write_bytes(compress(data, fmt))
+    before = snapshot(site.root)
+    entries = {p.name for p in site.cache.iterdir()}
+    proc = run_entrypoint(
+        ["unpack"], entry_env(MLSERVER_ENV_TARBALL=tarball, MLSERVER_ENV_CACHE_DIR=site.cache), timeout=120
+    )
+    assert "Traceback" not in proc.stderr, proc.stderr
+    if proc.returncode != 0:
+        error_line(proc)
+        assert_nothing_escaped(site, before)
+        return
+    # Accepted: then it is a sane environment, inside its directory, and nothing else changed.
+    prefix = Path(proc.stdout.splitlines()[-1])
+    assert prefix.parent == site.cache and (site.cache / f"{prefix.name}.ready").is_file()
+    real_root = os.path.realpath(prefix)
+    for dirpath, dirnames, filenames in os.walk(prefix):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st_ = os.lstat(path)
+            assert stat.S_ISREG(st_.st_mode) or stat.S_ISDIR(st_.st_mode) or stat.S_ISLNK(st_.st_mode), path
+            if not stat.S_ISLNK(st_.st_mode):
+                assert not st_.st_mode & (stat.S_ISUID | stat.S_ISGID | stat.S_IWOTH), path
+            if stat.S_ISLNK(st_.st_mode):
+                real = os.path.realpath(path)
+                assert real == real_root or real.startswith(real_root + "/"), (path, real)
+    if prefix.name not in entries:
+        for name in (prefix.name, f"{prefix.name}.ready", f"{prefix.name}.manifest"):
+            before.update(
+                {k: v for k, v in snapshot(site.root).items() if k == f"cache/{name}" or k.startswith(f"cache/{name}/")}
+            )
+    assert_nothing_escaped(site, before)
+
+
+@pytest.fixture(scope="module")
+def real_head(small_tarball: Path) -> tuple[bytes, list[int]]:
+    """The first ~250 kB of the real bare Python 3.8 tarball: conda-pack's own headers, and a real
+    interpreter (bin/python3.8), so the unmutated head is an environment the entrypoint accepts."""
+    data, offsets = real_tar_head(small_tarball)
+    assert len(offsets) > 10
+    return data, offsets
+
+
+def test_unmutated_real_head_is_accepted(site: Site, real_head: tuple[bytes, list[int]]) -> None:
+    check_mutant(site, real_head[0], "tar.gz")
+    assert list(site.cache.glob("*.ready"))
+
+
+@settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_header_mutants(site: Site, real_head: tuple[bytes, list[int]], data: st.DataObject) -> None:
+    mutant = data.draw(mutants(*real_head))
+    check_mutant(site, mutant.data, mutant.fmt)
+
+
+@pytest.mark.slow
+@settings(max_examples=250, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_header_mutants_many(site: Site, real_head: tuple[bytes, list[int]], data: st.DataObject) -> None:
+    mutant = data.draw(mutants(*real_head))
+    check_mutant(site, mutant.data, mutant.fmt)
+
+
 def test_cache_still_serves_after_every_hostile_archive(site: Site) -> None:
     """Runs last in this module: the good entry is still a cache hit, and its interpreter runs."""
     env = entry_env(MLSERVER_ENV_TARBALL=site.good, MLSERVER_ENV_CACHE_DIR=site.cache)
