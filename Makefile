@@ -27,6 +27,14 @@ test-marked: $(VENV)/.installed
 	scripts/install-system-deps container
 	$(PY) -m pytest -m "slow or container" $(PYTEST_ARGS)
 
+# The unpack benchmark (README "Performance"): about an hour on 2 cores; BENCH_ARGS=--quick skips the
+# 2 GB synthetic environment. Writes benchmarks/results/unpack.{md,png,json}.
+BENCH_ARGS ?=
+bench: $(VENV)/.installed
+	scripts/install-system-deps
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]'
+	$(PY) benchmarks/unpack.py $(BENCH_ARGS)
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check entrypoint tests examples benchmarks
 	$(VENV)/bin/ruff format --check entrypoint tests examples benchmarks
