@@ -26,7 +26,7 @@ from entrypoint.cache import Entry
 from entrypoint.errors import ArchiveError, ConfigError, EntrypointError, EnvError
 from entrypoint.extract import normalize
 from entrypoint.settings import Settings
-from entrypoint.source import locate, sha256_file
+from entrypoint.source import Tarball, locate, sha256_file
 
 METADATA_HEAD = 64 << 10  # Name and Version are in the first lines of METADATA / PKG-INFO
 UNPACK_SCRIPT_MAX = 64 << 20  # conda-unpack of a 17,000-file environment is ~1 MB
@@ -308,10 +308,13 @@ def main(args: list[str], settings: Settings) -> int:
     rest = [a for a in args if a != "--json"]
     if len(rest) > 1 or any(a.startswith("-") for a in rest):
         raise ConfigError(f"usage: inspect [TARBALL] [--json] (got {' '.join(args)})")
+    target = rest[0] if rest else (settings.tarball or "")
+    if "://" in target:
+        raise ConfigError("inspect reads a local archive; download the URL and give the file")
     configured = None if rest else locate(settings)
     if rest:
         path = Path(rest[0])
-    elif configured is not None:
+    elif isinstance(configured, Tarball):
         path = configured.path
     else:
         raise ConfigError("inspect what? give a TARBALL, or set MLSERVER_ENV_TARBALL")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 from pathlib import Path
 
 from entrypoint.errors import ConfigError, EnvError
 
 UNPACK_SCRIPT = "bin/conda-unpack"
+RECORD = re.compile(r"\('([^'\\\n]*)', '([^'\\\n]*)', '(text|binary)'\)")  # ('path', 'placeholder', 'mode')
 
 
 def prefix_records(prefix: Path) -> list[tuple[str, str, str]]:
@@ -22,17 +24,30 @@ def prefix_records(prefix: Path) -> list[tuple[str, str, str]]:
 
 
 def parse_prefix_records(source: str, where: str) -> list[tuple[str, str, str]]:
-    """The records in a conda-unpack script's text (`where` names it in errors): shared with `inspect`,
-    which reads the script out of the archive without extracting it."""
+    """The records in a conda-unpack script's text (`where` names it in errors); `inspect` reads the
+    script out of the archive. conda-pack writes one `repr`'d tuple per line: a regular expression
+    reads the plain ones, literal_eval the rest (evaluating the whole list at once took 4 s and
+    190 MB for the 35,000 records of an mlserver 1.7 environment)."""
     start = source.find("_prefix_records = [")
     if start < 0:
         return []
     end = source.find("\n]\n", start)
-    try:
-        records = ast.literal_eval(source[start + len("_prefix_records = ") : end + 2])
-    except (ValueError, SyntaxError):
-        raise EnvError(f"{where}: cannot read its prefix records; re-pack with conda-pack") from None
-    return [(str(p), str(ph), str(m)) for p, ph, m in records]
+    records: list[tuple[str, str, str]] = []
+    for line in source[start + len("_prefix_records = [") : end if end >= 0 else None].split("\n"):
+        line = line.strip().removesuffix(",")
+        if not line:
+            continue
+        if plain := RECORD.fullmatch(line):
+            records.append((plain[1], plain[2], plain[3]))
+            continue
+        try:
+            path, placeholder, mode = ast.literal_eval(line)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            raise EnvError(f"{where}: cannot read its prefix records; re-pack with conda-pack") from None
+        records.append((str(path), str(placeholder), str(mode)))
+    if end < 0:
+        raise EnvError(f"{where}: its prefix records do not end; re-pack with conda-pack")
+    return records
 
 
 def check_prefix_length(records: list[tuple[str, str, str]], prefix: Path) -> None:

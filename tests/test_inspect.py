@@ -3,6 +3,7 @@ itself, and what a real start does with the same archive (issue 7)."""
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import re
@@ -13,6 +14,9 @@ from pathlib import Path
 import pytest
 from conftest import Example
 from support import entry_env, env_python, error_line, run_entrypoint
+
+from entrypoint import relocate
+from entrypoint.errors import EnvError
 
 ENV_FACTS = """
 import json, platform, sys, mlserver, sklearn
@@ -136,3 +140,18 @@ def test_corrupt_archive_is_one_error_line(small_tarball: Path, tmp_path: Path) 
 def test_bad_arguments_are_refused(args: list[str], tmp_path: Path) -> None:
     proc = run_entrypoint(["inspect", *args], entry_env(MLSERVER_ENV_CACHE_DIR=tmp_path))
     assert proc.returncode == 2 and "usage: inspect" in error_line(proc)
+
+
+def test_prefix_records_parse_like_python_does(small_tarball: Path) -> None:
+    """One record per line, read by a regular expression or, for quotes and escapes, literal_eval:
+    the same list Python gets by evaluating the whole literal, as conda-unpack itself does."""
+    _, _, script = listing(small_tarball)
+    odd = "('it\\'s', '/p', 'text'),\n(\"a\\\\b \\u00e9\\n\", '/p', 'binary'),\n"
+    script = script.replace("_prefix_records = [\n", "_prefix_records = [\n" + odd, 1)
+    start = script.index("_prefix_records = [") + len("_prefix_records = ")
+    expected = ast.literal_eval(script[start : script.index("\n]\n", start) + 2])
+    records = relocate.parse_prefix_records(script, "bin/conda-unpack")
+    assert records == [tuple(r) for r in expected] and len(records) > 1000
+    assert records[:2] == [("it's", "/p", "text"), ("a\\b \u00e9\n", "/p", "binary")]
+    with pytest.raises(EnvError, match="cannot read its prefix records"):
+        relocate.parse_prefix_records(script.replace("'text'),", "'text'", 1), "bin/conda-unpack")
