@@ -351,12 +351,46 @@ def _zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Member:
     )
 
 
+class NeedsRandomAccess(ArchiveError):
+    """A zip archive (its index is at its end) given as a forward-only stream."""
+
+
+class _Replay:
+    """A forward-only stream (a download) with the bytes read for format detection put back."""
+
+    def __init__(self, head: bytes, rest: BinaryIO) -> None:
+        self._head, self._rest = head, rest
+
+    def seekable(self) -> bool:
+        return False
+
+    def read(self, n: int = -1) -> bytes:
+        if not self._head:
+            return self._rest.read(n)
+        if 0 <= n < len(self._head):
+            out, self._head = self._head[:n], self._head[n:]
+            return out
+        out, self._head = self._head, b""
+        return out + self._rest.read(-1 if n < 0 else n - len(out))
+
+    def readinto(self, buffer: memoryview | bytearray) -> int:  # isal's C gzip reader calls it
+        data = self.read(len(buffer))
+        memoryview(buffer).cast("B")[: len(data)] = data
+        return len(data)
+
+
 def members(raw: BinaryIO) -> Iterator[Member]:
-    """Yield the archive's members in order; `raw` is the tarball opened for binary reading."""
+    """Yield the archive's members in order; `raw` is the tarball opened for binary reading, or a
+    forward-only stream (`seekable()` false), which serves every format but zip."""
     head = raw.read(512)
-    raw.seek(0)
+    if raw.seekable():
+        raw.seek(0)
+    else:
+        raw = cast(BinaryIO, _Replay(head, raw))
     fmt = detect_format(head)
     if fmt == "zip":
+        if not raw.seekable():
+            raise NeedsRandomAccess("a zip archive needs random access (its index is at its end), not a stream")
         with zipfile.ZipFile(raw) as zf:
             for info in zf.infolist():
                 yield _zip_member(zf, info)

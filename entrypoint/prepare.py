@@ -20,6 +20,7 @@ from entrypoint.source import Tarball, content_key
 
 if TYPE_CHECKING:
     from entrypoint.archive import Member
+    from entrypoint.remote import RemoteTarball
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class Interrupted(EntrypointError):
     exit_code = 130
 
 
-def prepare(settings: Settings, tarball: Tarball, require: tuple[str, ...] = ()) -> Prepared:
+def prepare(settings: Settings, tarball: Tarball | RemoteTarball, require: tuple[str, ...] = ()) -> Prepared:
     """The relocated environment's prefix, unpacked now or found complete in the cache.
 
     `require` names programs the command needs in the environment's bin/ (e.g. "mlserver"): an
@@ -97,33 +98,42 @@ def _missing_program(prefix: Path, program: str) -> None:
     )
 
 
-def _unpack(entry: Entry, tarball: Tarball, settings: Settings, require: tuple[str, ...]) -> Prepared:
+def _unpack(entry: Entry, tarball: Tarball | RemoteTarball, settings: Settings, require: tuple[str, ...]) -> Prepared:
     from entrypoint import archive, extract, relocate  # the cold path's heavier imports
 
     cache.discard(entry)
     previous = _trap_signals()
     try:
-        with log.phase("extract") as details, open(tarball.path, "rb") as raw:
-            if os.fstat(raw.fileno()).st_ino != tarball.identity[1]:
-                raise ConfigError(f"{tarball.display} was replaced while starting; start again")
-            os.mkdir(entry.prefix, 0o755)
-            try:
-                progress = log.Progress("extract", tarball.size, raw.tell)
-                with cache.BackgroundSync(settings.cache_dir):
-                    stats = extract.extract(
-                        _ticking(archive.members(raw), progress),
-                        entry.prefix,
-                        extract.Limits(settings.max_members, settings.max_unpacked_bytes),
-                    )
-                progress.done()
-            except archive.CORRUPT as exc:
-                raise ArchiveError(f"{tarball.display}: corrupt or truncated archive ({exc}); pack it again") from None
-            st = os.fstat(raw.fileno())
-            # ctime too: a rewrite in place that restores size and mtime (rsync --inplace, touch -r)
-            # still changes it, and the key (or the SHA-256 pin) was computed from the old bytes.
-            if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != tuple(tarball.identity[2:5]):
-                raise ConfigError(f"{tarball.display} changed while it was being read; start again")
-            details.update(files=stats.files, MB=round(stats.bytes / 1e6))
+        if not isinstance(tarball, Tarball):  # a URL: streamed, retried, SHA-256 checked (entrypoint/remote.py)
+            from entrypoint import remote
+
+            with log.phase("extract") as details:
+                stats = remote.extract(tarball, entry, settings)
+                details.update(files=stats.files, MB=round(stats.bytes / 1e6))
+        else:
+            with log.phase("extract") as details, open(tarball.path, "rb") as raw:
+                if os.fstat(raw.fileno()).st_ino != tarball.identity[1]:
+                    raise ConfigError(f"{tarball.display} was replaced while starting; start again")
+                os.mkdir(entry.prefix, 0o755)
+                try:
+                    progress = log.Progress("extract", tarball.size, raw.tell)
+                    with cache.BackgroundSync(settings.cache_dir):
+                        stats = extract.extract(
+                            _ticking(archive.members(raw), progress),
+                            entry.prefix,
+                            extract.Limits(settings.max_members, settings.max_unpacked_bytes),
+                        )
+                    progress.done()
+                except archive.CORRUPT as exc:
+                    raise ArchiveError(
+                        f"{tarball.display}: corrupt or truncated archive ({exc}); pack it again"
+                    ) from None
+                st = os.fstat(raw.fileno())
+                # ctime too: a rewrite in place that restores size and mtime (rsync --inplace, touch -r)
+                # still changes it, and the key (or the SHA-256 pin) was computed from the old bytes.
+                if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != tuple(tarball.identity[2:5]):
+                    raise ConfigError(f"{tarball.display} changed while it was being read; start again")
+                details.update(files=stats.files, MB=round(stats.bytes / 1e6))
         with log.phase("relocate") as details:
             python = find_python(entry.prefix)
             for program in require:

@@ -31,6 +31,8 @@ class Settings(BaseSettings):
         "present; empty: no environment (stock mlserver)",
     )
     tarball_sha256: str | None = Field(default=None, description="refuse a tarball with another SHA-256")
+    remote_retries: int = Field(default=4, ge=0, description="a URL tarball's retries after a transient error")
+    remote_timeout: float = Field(default=60.0, gt=0, description="seconds a URL tarball's transfer may stall")
     cache_dir: Path = Field(default_factory=default_cache_dir, description="where unpacked envs live")
     lock_timeout: float = Field(default=1800.0, gt=0, description="seconds to wait for another unpack")
     max_members: int = Field(default=2_000_000, gt=0, description="refuse archives with more members")

@@ -14,6 +14,7 @@ from entrypoint.constants import DEFAULT_TARBALL_NAME
 from entrypoint.errors import ConfigError
 
 if TYPE_CHECKING:
+    from entrypoint.remote import RemoteTarball
     from entrypoint.settings import Settings
 
 CHUNK = 1 << 20
@@ -30,8 +31,8 @@ class Tarball:
         return str(self.path)
 
 
-def locate(settings: Settings) -> Tarball | None:
-    """The configured tarball, or None to run without an environment."""
+def locate(settings: Settings) -> Tarball | RemoteTarball | None:
+    """The configured tarball (a file, or a URL: entrypoint/remote.py), or None to run without an environment."""
     if settings.tarball is None:
         fallback = settings.models_dir / DEFAULT_TARBALL_NAME
         if not fallback.is_file():
@@ -39,6 +40,10 @@ def locate(settings: Settings) -> Tarball | None:
         path = fallback
     elif settings.tarball.strip() == "":
         return None
+    elif "://" in settings.tarball:  # only now is the remote module (and, later, fsspec) imported
+        from entrypoint import remote
+
+        return remote.locate(settings.tarball.strip(), settings)
     else:
         path = Path(settings.tarball)
     try:
@@ -83,13 +88,18 @@ def memo_path(cache_dir: Path, tarball: Path) -> Path:
     return cache_dir / ".keys" / hashlib.sha256(str(tarball).encode()).hexdigest()[:24]
 
 
-def content_key(tarball: Tarball, cache_dir: Path, pin: str | None) -> tuple[str, bool]:
+def content_key(tarball: Tarball | RemoteTarball, cache_dir: Path, pin: str | None) -> tuple[str, bool]:
     """SHA-256 of the tarball, and whether it was remembered rather than computed.
 
     Hashing 170 MB costs ~0.2 s, too much for a warm start, so the key is remembered by the file's
     device, inode, size, mtime and ctime: replacing or rewriting the file changes ctime, which no
-    user can set back.
+    user can set back. A URL's key is the pin, or derived from its ETag/Last-Modified and size
+    (remote.content_key): hashing it would mean downloading it twice.
     """
+    if not isinstance(tarball, Tarball):
+        from entrypoint import remote
+
+        return remote.content_key(tarball, pin)
     memo = memo_path(cache_dir, tarball.path)
     try:
         saved = json.loads(memo.read_text())

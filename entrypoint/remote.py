@@ -1,0 +1,473 @@
+"""Tarballs behind a URL (http://, https://, s3://, gs://), streamed into the extractor through fsspec.
+
+Why it works this way:
+- The bytes go from the connection straight into the extractor, which reads a forward-only
+  stream: no copy on disk, bounded memory. zip alone needs random access (its index is at the
+  end); it is read with range requests.
+- An entry's name must be known before extracting (conda-unpack writes the prefix it finds itself
+  at), but a download cannot be hashed before it is read. So the key is the pin
+  (MLSERVER_ENV_TARBALL_SHA256) when there is one, which also lets a warm start skip the network;
+  otherwise it is derived from what the server says about the object without sending it (ETag,
+  Last-Modified, generation and size, from one HEAD).
+- The SHA-256 is computed while streaming and checked before anything is relocated, run or
+  published.
+- A transient failure (reset, timeout, 5xx) restarts the unpack in an empty entry after a backoff:
+  resuming a decompressor mid-stream is not worth its complexity.
+fsspec and its backends are imported here only, and only when a URL is configured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import io
+import json
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar, cast
+from urllib.parse import urlsplit
+
+from entrypoint import log
+from entrypoint.errors import ArchiveError, ConfigError, EntrypointError
+
+if TYPE_CHECKING:
+    from entrypoint.archive import Member
+    from entrypoint.cache import Entry
+    from entrypoint.extract import Stats
+    from entrypoint.settings import Settings
+
+T = TypeVar("T")
+
+# scheme -> (fsspec protocol, the package that implements it)
+SCHEMES = {"http": ("http", "aiohttp"), "https": ("https", "aiohttp"), "s3": ("s3", "s3fs"), "gs": ("gs", "gcsfs")}
+CHUNK = 1 << 20
+BLOCK = 8 << 20  # range-request size for object stores and zip: bounds what is buffered
+# What identifies one version of an object, as fs.info reports it (http, s3, gcs spellings).
+VALIDATORS = ("ETag", "etag", "Last-Modified", "LastModified", "generation", "updated", "VersionId")
+TRANSIENT_STATUS = {408, 425, 429}  # and every 5xx
+BACKOFF_BASE, BACKOFF_MAX = 0.5, 30.0
+
+_infos: dict[str, dict[str, Any]] = {}  # url -> fs.info, so the cold path does not ask twice
+
+
+@dataclass(frozen=True)
+class RemoteTarball:
+    url: str
+    retries: int
+    timeout: float
+
+    @property
+    def scheme(self) -> str:
+        return urlsplit(self.url).scheme.lower()
+
+    @property
+    def display(self) -> str:
+        """The URL without password or query: a presigned URL's signature stays out of logs."""
+        return _redact(self.url)
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return f"{parts.scheme}://{netloc}{parts.path}" + ("?…" if parts.query else "")
+
+
+def is_url(value: str) -> bool:
+    return "://" in value
+
+
+def locate(url: str, settings: Settings) -> RemoteTarball:
+    """Check the URL's form only: a pinned warm start needs no network and no fsspec."""
+    tarball = RemoteTarball(url, settings.remote_retries, settings.remote_timeout)
+    parts = urlsplit(url)
+    if tarball.scheme not in SCHEMES:
+        raise ConfigError(
+            f"MLSERVER_ENV_TARBALL={tarball.display}: unsupported URL scheme {tarball.scheme}://; use "
+            "http://, https://, s3:// or gs://, or a local path"
+        )
+    if not parts.netloc or parts.path.strip("/") == "":
+        raise ConfigError(f"MLSERVER_ENV_TARBALL={tarball.display}: the URL names no file; give its full path")
+    return tarball
+
+
+def content_key(tarball: RemoteTarball, pin: str | None) -> tuple[str, bool]:
+    """The entry key for a URL: the pin, else a hash of the object's identity (no body is read)."""
+    if pin is not None:
+        return pin, True
+    info = _info(tarball)
+    identity = {k: str(info[k]) for k in VALIDATORS if info.get(k) not in (None, "")}
+    if not identity:
+        raise ConfigError(
+            f"{tarball.display}: the server reports neither ETag nor Last-Modified, so a changed tarball "
+            "could not be told from the cached one; set MLSERVER_ENV_TARBALL_SHA256 to its SHA-256"
+        )
+    parts = urlsplit(tarball.url)  # no query: a presigned URL's signature changes, the object does not
+    host = parts.netloc.rpartition("@")[2].lower()
+    identity.update(url=f"{parts.scheme.lower()}://{host}{parts.path}", size=str(info.get("size")))
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest(), True
+
+
+def extract(tarball: RemoteTarball, entry: Entry, settings: Settings) -> Stats:
+    """Stream the URL into the new entry.prefix and check the pin; what a transient failure left
+    is discarded and the download starts over. Returns once the digest is known to be right."""
+    from entrypoint import cache
+
+    info = _info(tarball)
+    return _retrying(
+        tarball, "download", lambda: _extract_once(tarball, info, entry, settings), lambda: cache.discard(entry)
+    )
+
+
+def _extract_once(tarball: RemoteTarball, info: dict[str, Any], entry: Entry, settings: Settings) -> Stats:
+    from entrypoint import archive, cache
+    from entrypoint import extract as extractor
+
+    fs, path = _filesystem(tarball)
+    size = info.get("size")
+    limits = extractor.Limits(settings.max_members, settings.max_unpacked_bytes)
+    with _open(tarball, lambda: _open_stream(tarball, fs, path, info)) as f:
+        _check_same_object(tarball, f, info)
+        reader = _Reader(f, tarball, size, forward=True)
+        os.mkdir(entry.prefix, 0o755)
+        progress = log.Progress("extract", size, reader.tell) if size else None
+        try:
+            with cache.BackgroundSync(settings.cache_dir):
+                stats = extractor.extract(
+                    _ticking(archive.members(cast(BinaryIO, reader)), progress), entry.prefix, limits
+                )
+        except archive.NeedsRandomAccess:
+            return _extract_zip(tarball, fs, path, info, entry, settings)
+        except archive.CORRUPT as exc:
+            raise ArchiveError(f"{tarball.display}: corrupt or truncated archive ({exc}); pack it again") from None
+        if progress is not None:
+            progress.done()
+        digest = reader.finish()  # the bytes after the end-of-archive marker count too
+    _check_pin(tarball, digest, settings.tarball_sha256, reader.pos)
+    return stats
+
+
+def _extract_zip(
+    tarball: RemoteTarball, fs: Any, path: str, info: dict[str, Any], entry: Entry, settings: Settings
+) -> Stats:
+    """zip is read out of order, with range requests; a pin is checked by a streaming pass first."""
+    from entrypoint import archive
+    from entrypoint import extract as extractor
+
+    size = info.get("size")
+    if settings.tarball_sha256 is not None:
+        with _open(tarball, lambda: _open_stream(tarball, fs, path, info)) as f:
+            reader = _Reader(f, tarball, size, forward=True)
+            _check_pin(tarball, reader.finish(), settings.tarball_sha256, reader.pos)
+    with _open(tarball, lambda: _open_random(tarball, fs, path, info)) as f:
+        reader = _Reader(f, tarball, size, forward=False)
+        reader.require_ranges()
+        try:
+            return extractor.extract(
+                archive.members(cast(BinaryIO, reader)),
+                entry.prefix,
+                extractor.Limits(settings.max_members, settings.max_unpacked_bytes),
+            )
+        except archive.CORRUPT as exc:
+            raise ArchiveError(f"{tarball.display}: corrupt or truncated archive ({exc}); pack it again") from None
+
+
+def _ticking(members: Iterator[Member], progress: log.Progress | None) -> Iterator[Member]:
+    for m in members:
+        if progress is not None:
+            progress.tick()
+        yield m
+
+
+def _check_pin(tarball: RemoteTarball, digest: str, pin: str | None, size: int) -> None:
+    if pin is not None and digest != pin:
+        raise ConfigError(
+            f"{tarball.display}: SHA-256 of the download is {digest}, but MLSERVER_ENV_TARBALL_SHA256 pins "
+            f"{pin}; nothing was published; use the pinned tarball or update the pin"
+        )
+    how = "matches MLSERVER_ENV_TARBALL_SHA256" if pin else "set MLSERVER_ENV_TARBALL_SHA256 to it to pin this tarball"
+    log.info(f"downloaded {size / 1e6:.0f} MB, SHA-256 {digest} ({how})")
+
+
+# --- fsspec -------------------------------------------------------------------------------------
+
+
+def _filesystem(tarball: RemoteTarball) -> tuple[Any, str]:
+    """The fsspec filesystem for the URL (instances are cached by fsspec) and the path in it."""
+    protocol, package = SCHEMES[tarball.scheme]
+    try:
+        import fsspec
+        import fsspec.config
+
+        importlib.import_module(package)
+    except ImportError as exc:
+        raise ConfigError(
+            f"{tarball.display}: reading {tarball.scheme}:// URLs needs the Python package {exc.name or package}; "
+            "install mlserver-env-entrypoint[remote] in this image"
+        ) from None
+    names = ("http", "https") if package == "aiohttp" else (protocol,)
+    user = {k: v for name in names for k, v in fsspec.config.conf.get(name, {}).items()}  # FSSPEC_*: they win
+    options: dict[str, Any] = {}
+    if package == "aiohttp":
+        import aiohttp
+
+        # aiohttp's default 5-minute total would cut a large download short; bound stalls instead.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=tarball.timeout, sock_read=tarball.timeout)
+        options["client_kwargs"] = {"timeout": timeout, **user.get("client_kwargs", {})}
+        options["encoded"] = True  # send the URL as written: re-encoding breaks presigned signatures
+    elif package == "s3fs":
+        timeouts = {"connect_timeout": tarball.timeout, "read_timeout": tarball.timeout}
+        options["config_kwargs"] = {**timeouts, **user.get("config_kwargs", {})}
+    elif package == "gcsfs":
+        options["timeout"] = tarball.timeout
+    fs = fsspec.filesystem(protocol, **options)
+    return fs, fs._strip_protocol(tarball.url)
+
+
+def _info(tarball: RemoteTarball) -> dict[str, Any]:
+    """fs.info (a HEAD): size and validators, retried like a download."""
+    if tarball.url not in _infos:
+        fs, path = _filesystem(tarball)
+        _infos[tarball.url] = _retrying(tarball, "HEAD", lambda: dict(_call(tarball, lambda: fs.info(path))))
+    return _infos[tarball.url]
+
+
+def _open_stream(tarball: RemoteTarball, fs: Any, path: str, info: dict[str, Any]) -> Any:
+    if tarball.scheme in ("http", "https"):  # one GET, read as it arrives
+        return fs.open(path, "rb", block_size=0, size=info.get("size"), headers=_conditions(info))
+    # Ranged GETs of BLOCK bytes, the next one fetched while this one is read; two blocks kept at most.
+    return fs.open(path, "rb", block_size=BLOCK, cache_type="background", cache_options={"maxblocks": 2})
+
+
+def _open_random(tarball: RemoteTarball, fs: Any, path: str, info: dict[str, Any]) -> Any:
+    if tarball.scheme in ("http", "https"):
+        size = info.get("size")
+        return fs.open(path, "rb", block_size=BLOCK, cache_type="readahead", size=size, headers=_conditions(info))
+    return fs.open(path, "rb", block_size=BLOCK, cache_type="readahead")
+
+
+def _conditions(info: dict[str, Any]) -> dict[str, str]:
+    """Make the GET fail (412) if the object changed since the HEAD the key was derived from."""
+    etag = info.get("ETag")
+    if isinstance(etag, str) and etag and not etag.startswith("W/"):  # weak ETags never match If-Match
+        return {"If-Match": etag}
+    if info.get("Last-Modified"):
+        return {"If-Unmodified-Since": str(info["Last-Modified"])}
+    return {}
+
+
+def _check_same_object(tarball: RemoteTarball, f: Any, info: dict[str, Any]) -> None:
+    """s3fs pins its ranged reads to the ETag it saw at open; it must be the one the key came from."""
+    details = getattr(f, "details", None)
+    if isinstance(details, dict) and "ETag" in details and "ETag" in info and details["ETag"] != info["ETag"]:
+        raise ConfigError(f"{tarball.display} changed while starting; start again")
+
+
+class _open:
+    """Open with the backend's errors turned into ours; close whatever happens."""
+
+    def __init__(self, tarball: RemoteTarball, opener: Callable[[], Any]) -> None:
+        self._f = _call(tarball, opener)
+
+    def __enter__(self) -> Any:
+        return self._f
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(Exception):  # a broken connection may fail to close: nothing to keep
+            self._f.close()
+
+
+class _Reader:
+    """The remote file as the extractor reads it. Backend errors become `_Retry` or one-line
+    errors (never an OSError, which the extractor would blame on the cache directory); a forward
+    reader also hashes and counts every byte and notices a body cut short."""
+
+    def __init__(self, f: Any, tarball: RemoteTarball, size: int | None, forward: bool) -> None:
+        self._f = f
+        self._tarball = tarball
+        self._size = size
+        self._forward = forward
+        self._sha = hashlib.sha256()
+        self.pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return not self._forward
+
+    def tell(self) -> int:
+        return self.pos if self._forward else int(_call(self._tarball, self._f.tell))
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if self._forward:
+            raise io.UnsupportedOperation("a download is read forward only")
+        return int(_call(self._tarball, lambda: self._f.seek(offset, whence)))
+
+    def read(self, n: int = -1) -> bytes:
+        if not self._forward:
+            return bytes(_call(self._tarball, lambda: self._f.read(n)))
+        parts = []
+        while n != 0:
+            data = self._read_some(CHUNK if n < 0 else min(n, CHUNK))
+            if not data:
+                if self._size is not None and self.pos < self._size:
+                    raise _Retry(f"the transfer ended after {self.pos} of {self._size} bytes")
+                break
+            self._sha.update(data)
+            self.pos += len(data)
+            parts.append(data)
+            if n > 0:
+                n -= len(data)
+        return b"".join(parts)
+
+    def _read_some(self, n: int) -> bytes:
+        return bytes(_call(self._tarball, lambda: self._f.read(n)))
+
+    def finish(self) -> str:
+        """Read what the extractor left (end-of-archive padding, the compressor's trailer); the digest."""
+        while self.read(CHUNK):
+            pass
+        return self._sha.hexdigest()
+
+    def require_ranges(self) -> None:
+        try:
+            end = self._f.seek(0, io.SEEK_END)
+            self._f.seek(max(end - 1, 0))
+            self._f.read(1)
+            self._f.seek(0)
+        except ValueError:  # fsspec's words for "the server ignores Range" or "no size"
+            raise ConfigError(
+                f"{self._tarball.display}: a zip archive is read with range requests, which this server does not "
+                "answer; serve a .tar.gz (conda-pack's default) or enable range requests"
+            ) from None
+        except Exception as exc:
+            raise _failure(exc, self._tarball) from None
+
+
+# --- errors and retries ---------------------------------------------------------------------------
+
+
+class _Retry(Exception):
+    """A failure that trying again may cure (reset, timeout, 5xx, a body cut short)."""
+
+
+def _call(tarball: RemoteTarball, fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except (EntrypointError, _Retry):
+        raise
+    except Exception as exc:
+        raise _failure(exc, tarball) from None
+
+
+def _retrying(
+    tarball: RemoteTarball, what: str, attempt: Callable[[], T], cleanup: Callable[[], object] | None = None
+) -> T:
+    """Run `attempt`; after a `_Retry`, clean up, wait (exponential backoff with jitter) and run it again."""
+    for n in range(tarball.retries + 1):
+        try:
+            return attempt()
+        except _Retry as exc:
+            if n == tarball.retries:
+                raise EntrypointError(
+                    f"{tarball.display}: {what} failed {n + 1} times, last with: {exc}; check the network and the "
+                    "server, or raise MLSERVER_ENV_REMOTE_RETRIES"
+                ) from None
+            if cleanup is not None:
+                cleanup()
+            delay = min(BACKOFF_MAX, BACKOFF_BASE * 2**n) * random.uniform(1, 1.5)
+            log.info(
+                f"{what} of {tarball.display}: {exc}; retrying in {delay:.1f} s ({n + 2} of {tarball.retries + 1})"
+            )
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _status(exc: BaseException) -> int | None:
+    """The HTTP status behind a backend's exception (aiohttp, botocore via s3fs, gcsfs)."""
+    for e in _chain(exc):
+        # aiohttp's ClientResponseError.status, gcsfs' HttpError.code (not aiohttp's parser errors'
+        # `code`, a fixed 400 on a body cut short)
+        value = getattr(e, "code" if type(e).__name__ == "HttpError" else "status", None)
+        if isinstance(value, int) and 100 <= value < 600:
+            return value
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            value = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if isinstance(value, int):
+                return value
+    return None
+
+
+def _transient_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module, names in (
+        ("aiohttp", ("ClientConnectionError", "ClientPayloadError")),
+        ("fsspec.exceptions", ("FSTimeoutError",)),
+        ("botocore.exceptions", ("ConnectionError", "HTTPClientError", "IncompleteReadError")),
+        ("requests.exceptions", ("ConnectionError", "Timeout", "ChunkedEncodingError")),  # gcsfs' auth
+    ):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        types += [getattr(mod, name) for name in names if isinstance(getattr(mod, name, None), type)]
+    return tuple(types)
+
+
+def _failure(exc: BaseException, tarball: RemoteTarball) -> Exception:
+    """What a backend's exception means: `_Retry` if trying again may help, else a one-line error."""
+    status = _status(exc)
+    chain = list(_chain(exc))
+    names = {type(e).__name__ for e in chain}
+    where = f"MLSERVER_ENV_TARBALL={tarball.display}"
+    detail = f"HTTP {status}" if status else ""
+    message = _message(exc, tarball)
+    if tarball.scheme not in ("http", "https") and message:  # object stores say which of bucket or key
+        detail = f"{detail}: {message}" if detail else message
+    if status == 412 or "FileExpired" in names:
+        return ConfigError(f"{tarball.display} changed while it was being downloaded; start again")
+    if status is not None and (status >= 500 or status in TRANSIENT_STATUS):
+        return _Retry(detail)
+    if status is None and any(isinstance(e, _transient_types()) for e in chain):
+        return _Retry(f"{type(exc).__name__}: {message}" if message else type(exc).__name__)
+    if "NoCredentialsError" in names or "DefaultCredentialsError" in names:
+        return ConfigError(f"{where}: no credentials found; {_credentials_hint(tarball)}")
+    forbidden = any(isinstance(e, PermissionError) or str(e).startswith("Forbidden") for e in chain)  # gcsfs: OSError
+    if status in (401, 403) or forbidden:
+        return ConfigError(f"{where}: access denied ({detail or 'permission error'}); {_credentials_hint(tarball)}")
+    if status in (404, 410) or any(isinstance(e, FileNotFoundError) for e in chain):
+        what = "check the URL" if tarball.scheme in ("http", "https") else "check the bucket and key"
+        return ConfigError(f"{where}: not found ({detail or 'no such object'}); {what}")
+    return ConfigError(f"{where}: cannot read it ({detail or message or type(exc).__name__})")
+
+
+def _message(exc: BaseException, tarball: RemoteTarball) -> str:
+    """The exception's first line, without the URL (it may carry a signature)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return "" if tarball.url in text or text in (tarball.url, _redact(tarball.url)) else text[:200]
+
+
+def _credentials_hint(tarball: RemoteTarball) -> str:
+    if tarball.scheme == "s3":
+        return (
+            "check the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or the pod's IAM "
+            "role) and the bucket policy; FSSPEC_S3_ANON=true reads a public bucket"
+        )
+    if tarball.scheme == "gs":
+        return "check the credentials (GOOGLE_APPLICATION_CREDENTIALS or the workload identity) and the bucket's IAM"
+    return "check the URL (a presigned URL may have expired) and that this server lets the container read it"

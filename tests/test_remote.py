@@ -1,0 +1,437 @@
+"""Remote tarballs (issue 7): http(s) against a local HTTP server, s3 against a local moto server.
+
+The HTTP server below is real (loopback only) and counts what it is asked: a warm start must not
+GET the body again. Routes are /<behaviour>/<name>: ok, flaky (503 the first GETs), cut (closes
+the first GET half-way), stall (stops sending half-way), noval (no ETag nor Last-Modified),
+norange (ignores Range), moving (another ETag on HEAD than on GET), forbidden (403); an unknown
+name is a 404.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import stat
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import zipfile
+from collections import Counter
+from collections.abc import Iterator
+from email.utils import formatdate
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Example
+from support import REPO, entry_env, env_python, error_line, free_port, infer, run_entrypoint, serving
+from test_serve import DIGITS
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.files: dict[str, Path] = {}
+        self.requests: Counter[tuple[str, str]] = Counter()  # (method, path) -> count
+        self.failures: Counter[str] = Counter()  # path -> failures still to inflict
+        self.lock = threading.Lock()
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def gets(self, path: str) -> int:
+        return self.requests["GET", path]
+
+    def total(self) -> int:
+        return sum(self.requests.values())
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # clients hang up mid-body on purpose here
+            super().handle_error(request, client_address)
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: Server
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_HEAD(self) -> None:
+        self._serve(body=False)
+
+    def do_GET(self) -> None:
+        self._serve(body=True)
+
+    def _serve(self, body: bool) -> None:
+        srv = self.server
+        path = self.path.split("?", 1)[0]
+        with srv.lock:
+            srv.requests[self.command, path] += 1
+            fail = body and srv.failures[path] > 0
+            if fail:
+                srv.failures[path] -= 1
+        behaviour, _, name = path.lstrip("/").partition("/")
+        file = srv.files.get(name)
+        if behaviour == "forbidden":
+            return self._status(403)
+        if file is None:
+            return self._status(404)
+        if fail and behaviour == "flaky":
+            return self._status(503)
+        st = file.stat()
+        etag = f'"{st.st_size:x}-{st.st_mtime_ns:x}"'
+        start, end, status = 0, st.st_size, 200
+        ranged = self.headers.get("Range", "")
+        if ranged.startswith("bytes=") and behaviour != "norange":
+            first, _, last = ranged[6:].partition("-")
+            start, end, status = int(first), min(int(last) + 1 if last else st.st_size, st.st_size), 206
+        if behaviour != "noval" and self.headers.get("If-Match") not in (None, etag):
+            return self._status(412)
+        if behaviour == "moving" and not body:
+            etag = '"replaced-since"'  # the object changes between the HEAD and the GET
+        self.send_response(status)
+        self.send_header("Content-Length", str(end - start))
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{st.st_size}")
+        if behaviour != "norange":
+            self.send_header("Accept-Ranges", "bytes")
+        if behaviour != "noval":
+            self.send_header("ETag", etag)
+            self.send_header("Last-Modified", formatdate(st.st_mtime, usegmt=True))
+        self.end_headers()
+        if not body:
+            return
+        stop_at = (end - start) // 2 if fail and behaviour in ("cut", "stall") else None
+        with open(file, "rb") as f:
+            f.seek(start)
+            sent = 0
+            while sent < end - start:
+                chunk = f.read(min(1 << 20, end - start - sent))
+                if stop_at is not None and sent + len(chunk) > stop_at:
+                    self.wfile.write(chunk[: stop_at - sent])
+                    self.wfile.flush()
+                    if behaviour == "stall":
+                        time.sleep(3)  # longer than the test's MLSERVER_ENV_REMOTE_TIMEOUT
+                    self.close_connection = True
+                    return
+                self.wfile.write(chunk)
+                sent += len(chunk)
+
+    def _status(self, code: int) -> None:
+        self.send_response(code)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+@pytest.fixture(scope="module")
+def http() -> Iterator[Server]:
+    server = Server()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def unpack(url: str, cache: Path, **settings: str | Path | None) -> subprocess.CompletedProcess[str]:
+    env = entry_env(MLSERVER_ENV_TARBALL=url, MLSERVER_ENV_CACHE_DIR=cache, **settings)
+    return run_entrypoint(["unpack"], env, timeout=180)
+
+
+def published(cache: Path) -> list[str]:
+    return sorted(p.name for p in cache.glob("*.ready")) if cache.exists() else []
+
+
+def tiny_env(path: Path) -> Path:
+    """An environment the entrypoint accepts (a bin/python with this machine's ELF header) with an
+    8 MiB incompressible member, as .tar.gz or .zip: fault tests pay for the transfer, not an unpack."""
+    elf = Path(os.path.realpath(sys.executable)).read_bytes()[:4096]
+    blob = os.urandom(8 << 20)
+    if path.suffix == ".zip":
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+            for name, data, mode in (
+                ("bin/python3.11", elf, stat.S_IFREG | 0o755),
+                ("share/blob", blob, stat.S_IFREG | 0o644),
+            ):
+                zinfo = zipfile.ZipInfo(name)
+                zinfo.external_attr = mode << 16
+                zf.writestr(zinfo, data, zipfile.ZIP_STORED)
+            zlink = zipfile.ZipInfo("bin/python")
+            zlink.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zf.writestr(zlink, "python3.11")
+        return path
+    with tarfile.open(path, "w:gz", compresslevel=1) as tf:
+        for name, data, mode in (("bin/python3.11", elf, 0o755), ("share/blob", blob, 0o644)):
+            tinfo = tarfile.TarInfo(name)
+            tinfo.size, tinfo.mode = len(data), mode
+            tf.addfile(tinfo, io.BytesIO(data))
+        link = tarfile.TarInfo("bin/python")
+        link.type, link.linkname = tarfile.SYMTYPE, "python3.11"
+        tf.addfile(link)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_env(tmp_path_factory.mktemp("tiny") / "tiny.tar.gz")
+
+
+def test_http_cold_then_warm_start_does_not_download_again(http: Server, small_tarball: Path, tmp_path: Path) -> None:
+    http.files["bare.tar.gz"] = small_tarball
+    url, path = f"{http.base}/ok/bare.tar.gz", "/ok/bare.tar.gz"
+    cold = unpack(url, tmp_path / "c")
+    assert cold.returncode == 0, cold.stderr
+    prefix = Path(cold.stdout.splitlines()[-1])
+    assert (prefix / "bin" / "python").exists() and published(tmp_path / "c") == [f"{prefix.name}.ready"]
+    assert "extract:" in cold.stderr and "relocate:" in cold.stderr and "conda-unpack" in cold.stderr
+    assert f"SHA-256 {sha256(small_tarball)}" in cold.stderr  # computed while streaming, logged to pin it
+    assert http.gets(path) == 1
+
+    warm = unpack(url, tmp_path / "c")
+    assert warm.returncode == 0, warm.stderr
+    assert "cache hit" in warm.stderr and "extract:" not in warm.stderr
+    assert warm.stdout.splitlines()[-1] == str(prefix)
+    assert http.gets(path) == 1 and http.requests["HEAD", path] >= 2  # identity by HEAD only
+
+    env_output = env_python(prefix, "import json, sys; print(json.dumps(sys.prefix))")
+    assert env_output == str(prefix)  # relocated: the interpreter knows where it lives now
+
+
+def test_pinned_url_shares_the_local_entry_and_warm_starts_offline(http: Server, tiny: Path, tmp_path: Path) -> None:
+    http.files["pinned.tar.gz"] = tiny
+    pin = sha256(tiny)
+    cold = unpack(f"{http.base}/ok/pinned.tar.gz", tmp_path / "c", MLSERVER_ENV_TARBALL_SHA256=pin)
+    assert cold.returncode == 0, cold.stderr
+    prefix = Path(cold.stdout.splitlines()[-1])
+    assert prefix.name == pin[:8]  # the pin is the key: the same entry a local copy would get
+    assert "matches MLSERVER_ENV_TARBALL_SHA256" in cold.stderr
+
+    before = http.total()
+    warm = unpack(f"{http.base}/ok/pinned.tar.gz", tmp_path / "c", MLSERVER_ENV_TARBALL_SHA256=pin)
+    assert warm.returncode == 0 and "cache hit" in warm.stderr, warm.stderr
+    assert http.total() == before  # not even a HEAD
+
+    local = unpack(str(tiny), tmp_path / "c")
+    assert local.returncode == 0 and "cache hit" in local.stderr, local.stderr
+    assert local.stdout.splitlines()[-1] == str(prefix)
+
+
+def test_pin_mismatch_is_refused_and_nothing_is_published(http: Server, tiny: Path, tmp_path: Path) -> None:
+    http.files["wrong.tar.gz"] = tiny
+    proc = unpack(f"{http.base}/ok/wrong.tar.gz", tmp_path / "c", MLSERVER_ENV_TARBALL_SHA256="0" * 64)
+    assert proc.returncode == 2
+    line = error_line(proc)
+    assert f"SHA-256 of the download is {sha256(tiny)}" in line and "nothing was published" in line
+    assert "relocate:" not in proc.stderr  # checked before conda-unpack ran anything from it
+    assert published(tmp_path / "c") == [] and not (tmp_path / "c" / ("0" * 8)).exists()
+
+
+@pytest.mark.parametrize("behaviour", ["flaky", "cut", "stall"])
+def test_transient_failures_are_retried_from_a_clean_entry(
+    http: Server, tiny: Path, tmp_path: Path, behaviour: str
+) -> None:
+    name = f"{behaviour}.tar.gz"
+    http.files[name] = tiny
+    path = f"/{behaviour}/{name}"
+    http.failures[path] = 2 if behaviour == "flaky" else 1
+    proc = unpack(f"{http.base}{path}", tmp_path / "c", MLSERVER_ENV_REMOTE_TIMEOUT="1")
+    assert proc.returncode == 0, proc.stderr
+    retries = [line for line in proc.stderr.splitlines() if "retrying in" in line]
+    assert len(retries) == (2 if behaviour == "flaky" else 1) and http.failures[path] == 0, proc.stderr
+    if behaviour == "flaky":
+        assert "HTTP 503" in retries[0]
+    prefix = Path(proc.stdout.splitlines()[-1])
+    assert published(tmp_path / "c") == [f"{prefix.name}.ready"]
+    # The entry is whole: what the first attempt had written was discarded, not merged.
+    verify = unpack(f"{http.base}{path}", tmp_path / "c", MLSERVER_ENV_VERIFY="full")
+    assert verify.returncode == 0 and "cache hit" in verify.stderr, verify.stderr
+
+
+def test_retries_give_up_with_one_line(http: Server, tiny: Path, tmp_path: Path) -> None:
+    http.files["down.tar.gz"] = tiny
+    http.failures["/flaky/down.tar.gz"] = 10
+    proc = unpack(f"{http.base}/flaky/down.tar.gz", tmp_path / "c", MLSERVER_ENV_REMOTE_RETRIES="1")
+    assert proc.returncode == 1
+    line = error_line(proc)
+    assert "failed 2 times" in line and "HTTP 503" in line and "MLSERVER_ENV_REMOTE_RETRIES" in line
+    assert http.gets("/flaky/down.tar.gz") == 2 and published(tmp_path / "c") == []
+
+
+@pytest.mark.parametrize(
+    ("route", "expected"),
+    [("forbidden/x.tar.gz", "access denied (HTTP 403)"), ("ok/missing.tar.gz", "not found (HTTP 404)")],
+)
+def test_403_and_404_fail_at_once_with_one_line(http: Server, tmp_path: Path, route: str, expected: str) -> None:
+    t0 = time.monotonic()
+    proc = unpack(f"{http.base}/{route}?X-Amz-Signature=secret", tmp_path / "c")
+    assert proc.returncode == 2
+    line = error_line(proc)
+    assert expected in line and "retrying" not in proc.stderr
+    assert "secret" not in proc.stderr  # a presigned URL's signature stays out of the logs
+    assert time.monotonic() - t0 < 20
+
+
+def test_object_replaced_after_the_head_is_not_cached(http: Server, tiny: Path, tmp_path: Path) -> None:
+    http.files["moving.tar.gz"] = tiny
+    proc = unpack(f"{http.base}/moving/moving.tar.gz", tmp_path / "c")
+    assert proc.returncode == 2 and "changed while it was being downloaded; start again" in error_line(proc)
+    assert published(tmp_path / "c") == []
+
+
+def test_server_without_validators_needs_a_pin(http: Server, tiny: Path, tmp_path: Path) -> None:
+    http.files["noval.tar.gz"] = tiny
+    proc = unpack(f"{http.base}/noval/noval.tar.gz", tmp_path / "c")
+    assert proc.returncode == 2 and "MLSERVER_ENV_TARBALL_SHA256" in error_line(proc)
+    pinned = unpack(f"{http.base}/noval/noval.tar.gz", tmp_path / "c", MLSERVER_ENV_TARBALL_SHA256=sha256(tiny))
+    assert pinned.returncode == 0, pinned.stderr
+
+
+def test_zip_is_read_with_range_requests(http: Server, tmp_path: Path) -> None:
+    archive = tiny_env(tmp_path / "env.zip")
+    http.files["env.zip"] = archive
+    proc = unpack(f"{http.base}/ok/env.zip", tmp_path / "c", MLSERVER_ENV_TARBALL_SHA256=sha256(archive))
+    assert proc.returncode == 0, proc.stderr
+    prefix = Path(proc.stdout.splitlines()[-1])
+    with zipfile.ZipFile(archive) as zf:
+        assert (prefix / "share" / "blob").read_bytes() == zf.read("share/blob")
+    assert os.readlink(prefix / "bin" / "python") == "python3.11"
+    assert http.gets("/ok/env.zip") >= 3  # a streaming pass for the pin, then ranges (8 MiB blocks)
+
+    refused = unpack(f"{http.base}/norange/env.zip", tmp_path / "c2")
+    assert refused.returncode == 2 and "range requests" in error_line(refused)
+    assert published(tmp_path / "c2") == []
+
+
+def test_seed_served_from_an_http_url(http: Server, seed: Example, tmp_path: Path) -> None:
+    """End to end: the seed environment streamed from a URL, relocated, serving real predictions."""
+    http.files["old-sklearn.tar.gz"] = seed.tarball
+    cache = tmp_path / "c"
+    env = entry_env(
+        MLSERVER_ENV_TARBALL=f"{http.base}/ok/old-sklearn.tar.gz",
+        MLSERVER_ENV_CACHE_DIR=cache,
+        MLSERVER_MODELS_DIR=seed.models_dir,
+        TEST_LOG=tmp_path / "server.log",
+    )
+    with serving(env, timeout=240) as url:
+        prefix = next(p.with_suffix("") for p in cache.glob("*.ready"))
+        expected = env_python(prefix, DIGITS, str(seed.models_dir / "model.joblib"))
+        assert isinstance(expected, dict)
+        got = [infer(url, "mnist-svm", pixels) for pixels in expected["pixels"][:4]]
+    assert got == expected["predicted"][:4]
+    log = (tmp_path / "server.log").read_text()
+    assert "downloaded" in log and f"exec: {prefix}/bin/mlserver start" in log
+    assert http.gets("/ok/old-sklearn.tar.gz") == 1
+
+
+# --- s3, against moto -----------------------------------------------------------------------------
+
+BUCKET = "envs"
+
+
+@pytest.fixture(scope="module")
+def s3(tiny: Path) -> Iterator[str]:
+    """A local moto S3 (in this process, on loopback) holding the small tarball; its endpoint URL."""
+    boto3 = pytest.importorskip("boto3")
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request lines
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    client = boto3.client(
+        "s3", endpoint_url=endpoint, aws_access_key_id="k", aws_secret_access_key="s", region_name="us-east-1"
+    )
+    client.create_bucket(Bucket=BUCKET)
+    client.upload_file(str(tiny), BUCKET, "tiny.tar.gz")
+    yield endpoint
+    server.stop()
+
+
+def s3_env(**extra: str | Path | None) -> dict[str, str | Path | None]:
+    """Fake credentials and no shared AWS config: only what the test sets is used."""
+    return {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": "/nonexistent",
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+        **extra,
+    }
+
+
+def test_s3_cold_then_warm(s3: str, tiny: Path, tmp_path: Path) -> None:
+    env = s3_env(AWS_ENDPOINT_URL=s3)  # botocore's own variable, which s3fs honours
+    cold = unpack(f"s3://{BUCKET}/tiny.tar.gz", tmp_path / "c", **env)
+    assert cold.returncode == 0, cold.stderr
+    assert f"SHA-256 {sha256(tiny)}" in cold.stderr
+    warm = unpack(f"s3://{BUCKET}/tiny.tar.gz", tmp_path / "c", **env)
+    assert warm.returncode == 0 and "cache hit" in warm.stderr and "downloaded" not in warm.stderr, warm.stderr
+    assert warm.stdout == cold.stdout
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (f"s3://{BUCKET}/nope.tar.gz", "not found"),
+        ("s3://no-such-bucket/tiny.tar.gz", "not found"),
+    ],
+)
+def test_s3_missing_key_or_bucket(s3: str, tmp_path: Path, url: str, expected: str) -> None:
+    proc = unpack(url, tmp_path / "c", **s3_env(FSSPEC_S3_ENDPOINT_URL=s3))  # fsspec's config variable
+    assert proc.returncode == 2
+    line = error_line(proc)
+    assert expected in line and "check the bucket and key" in line and "retrying" not in proc.stderr
+
+
+def test_s3_bad_credentials(s3: str, tmp_path: Path) -> None:
+    from moto import settings
+
+    previous = settings.INITIAL_NO_AUTH_ACTION_COUNT
+    settings.INITIAL_NO_AUTH_ACTION_COUNT = 0  # moto checks credentials from now on; ours are unknown to it
+    try:
+        proc = unpack(f"s3://{BUCKET}/tiny.tar.gz", tmp_path / "c", **s3_env(AWS_ENDPOINT_URL=s3))
+    finally:
+        settings.INITIAL_NO_AUTH_ACTION_COUNT = previous
+    assert proc.returncode == 2
+    line = error_line(proc)
+    assert "access denied" in line and "AWS_ACCESS_KEY_ID" in line
+
+
+def test_s3_without_credentials(s3: str, tmp_path: Path) -> None:
+    env = s3_env(AWS_ENDPOINT_URL=s3, AWS_EC2_METADATA_DISABLED="true")  # no instance-metadata lookup
+    env.update(AWS_ACCESS_KEY_ID=None, AWS_SECRET_ACCESS_KEY=None)
+    proc = unpack(f"s3://{BUCKET}/tiny.tar.gz", tmp_path / "c", **env)
+    assert proc.returncode == 2
+    assert "no credentials found" in error_line(proc) and "retrying" not in proc.stderr
+
+
+def test_warm_local_start_does_not_import_fsspec(tiny: Path, tmp_path: Path) -> None:
+    env = entry_env(MLSERVER_ENV_TARBALL=tiny, MLSERVER_ENV_CACHE_DIR=tmp_path / "c")
+    assert run_entrypoint(["unpack"], env).returncode == 0
+    probe = (  # the full (not the pydantic-free fast) path, which is where URLs are handled
+        "import sys\n"
+        "from entrypoint.settings import load_settings\n"
+        "from entrypoint.source import locate\n"
+        "from entrypoint.prepare import prepare\n"
+        "settings = load_settings()\n"
+        "assert prepare(settings, locate(settings)).hit\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('fsspec', 'aiohttp', 's3fs', 'gcsfs')"
+        " or m == 'entrypoint.remote'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=REPO, capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
