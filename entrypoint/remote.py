@@ -72,13 +72,8 @@ class RemoteTarball:
 
 def _redact(url: str) -> str:
     parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return f"{parts.scheme}://{netloc}{parts.path}" + ("?…" if parts.query else "")
-
-
-def is_url(value: str) -> bool:
-    return "://" in value
+    host = parts.netloc.rpartition("@")[2]  # no user:password
+    return f"{parts.scheme}://{host}{parts.path}" + ("?…" if parts.query else "")
 
 
 def locate(url: str, settings: Settings) -> RemoteTarball:
@@ -96,7 +91,8 @@ def locate(url: str, settings: Settings) -> RemoteTarball:
 
 
 def content_key(tarball: RemoteTarball, pin: str | None) -> tuple[str, bool]:
-    """The entry key for a URL: the pin, else a hash of the object's identity (no body is read)."""
+    """The entry key for a URL: the pin, else a hash of the object's identity (no body is read);
+    True, like a remembered local key: nothing was hashed."""
     if pin is not None:
         return pin, True
     info = _info(tarball)
@@ -135,18 +131,22 @@ def _extract_once(tarball: RemoteTarball, info: dict[str, Any], entry: Entry, se
         reader = _Reader(f, tarball, size, forward=True)
         os.mkdir(entry.prefix, 0o755)
         progress = log.Progress("extract", size, reader.tell) if size else None
+        stats: Stats | None = None
         try:
             with cache.BackgroundSync(settings.cache_dir):
                 stats = extractor.extract(
                     _ticking(archive.members(cast(BinaryIO, reader)), progress), entry.prefix, limits
                 )
         except archive.NeedsRandomAccess:
-            return _extract_zip(tarball, fs, path, info, entry, settings)
+            pass  # a zip: this stream is closed first, then the file is read with ranges
         except archive.CORRUPT as exc:
             raise ArchiveError(f"{tarball.display}: corrupt or truncated archive ({exc}); pack it again") from None
-        if progress is not None:
-            progress.done()
-        digest = reader.finish()  # the bytes after the end-of-archive marker count too
+        else:
+            if progress is not None:
+                progress.done()
+            digest = reader.finish()  # the bytes after the end-of-archive marker count too
+    if stats is None:
+        return _extract_zip(tarball, fs, path, info, entry, settings)
     _check_pin(tarball, digest, settings.tarball_sha256, reader.pos)
     return stats
 
