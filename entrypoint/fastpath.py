@@ -23,7 +23,15 @@ from entrypoint.constants import DEFAULT_MODELS_DIR, DEFAULT_TARBALL_NAME, ENV_P
 from entrypoint.errors import EntrypointError
 
 READ_HERE = {"TARBALL", "TARBALL_SHA256", "CACHE_DIR", "VERIFY"}
-IRRELEVANT_ON_A_HIT = {"LOCK_TIMEOUT", "MAX_MEMBERS", "MAX_UNPACKED_BYTES", "STOP_GRACE", "INIT"}
+IRRELEVANT_ON_A_HIT = {
+    "LOCK_TIMEOUT",
+    "MAX_MEMBERS",
+    "MAX_UNPACKED_BYTES",
+    "STOP_GRACE",
+    "INIT",
+    "REMOTE_RETRIES",
+    "REMOTE_TIMEOUT",
+}
 HEX = frozenset("0123456789abcdef")
 
 
