@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ast
+import ctypes
 import os
 import re
+import signal
 import subprocess
 from pathlib import Path
 
@@ -65,6 +67,12 @@ def check_prefix_length(records: list[tuple[str, str, str]], prefix: Path) -> No
         )
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: PR_SET_PDEATHSIG, so a kill -9 of the entrypoint also kills
+    conda-unpack, instead of leaving it rewriting files the next start is already extracting."""
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
 def run_conda_unpack(prefix: Path, python: Path) -> bool:
     """Run the packed conda-unpack with the environment's own interpreter; False if there is none."""
     script = prefix / UNPACK_SCRIPT
@@ -73,7 +81,10 @@ def run_conda_unpack(prefix: Path, python: Path) -> bool:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH", "PYTHONSTARTUP")}
     env["PYTHONNOUSERSITE"] = "1"
     env["PYTHONDONTWRITEBYTECODE"] = "1"
-    proc = subprocess.run([str(python), str(script)], cwd=prefix, env=env, capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [str(python), str(script)], cwd=prefix, env=env, capture_output=True, text=True, check=False,
+        preexec_fn=_die_with_parent,
+    )  # fmt: skip
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise EnvError(f"{script} failed (exit {proc.returncode}): {last}")
