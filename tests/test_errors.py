@@ -180,6 +180,12 @@ def test_cache_dir_not_writable_by_this_user(shared_tmp: Path) -> None:
     proc = as_nobody(MLSERVER_ENV_TARBALL=str(tarball), MLSERVER_ENV_CACHE_DIR=str(cache))
     refused(proc, 2, "MLSERVER_ENV_CACHE_DIR", str(cache), "not writable by uid 65534")
     assert list(cache.iterdir()) == []
+    # What root unpacked there, uid 65534 may use: a cache it cannot write serves what it has.
+    assert start(tarball, cache).returncode == 0
+    proc = as_nobody(
+        "python", "-c", "print('served')", MLSERVER_ENV_TARBALL=str(tarball), MLSERVER_ENV_CACHE_DIR=str(cache)
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "served" and "cache hit" in proc.stderr, proc.stderr
     # An unprivileged user with a cache of its own is fine.
     own = shared_tmp / "own"
     own.mkdir()

@@ -485,7 +485,7 @@ def test_damaged_manifest_is_unpacked_again(
     at every start from then on."""
     tarball, cache, prefix, tree = tiny_cached
     manifest = cache / f"{prefix.name}.manifest"
-    for garbage in ("garbage\n", "x\ty\tz\n", "\t\tbin/python\n"):
+    for garbage in ("garbage\n", "x\ty\tbin/python\n", "\t\tbin/python\n"):
         manifest.write_text(garbage + manifest.read_text())
         for verify in ("quick", "full"):
             proc = restart(tarball, cache, verify)
