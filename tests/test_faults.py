@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from archives import M, raw_header, tiny_env, write_tar
+from archives import M, ram_dir, raw_header, tiny_env, write_tar
 from support import ENTRYPOINT, REPO, entry_env, error_line, run_entrypoint
 
 PY_CHECK = "import json, os, sqlite3, ssl, sys; print(json.dumps([sys.prefix, os.__file__]))"
@@ -438,9 +438,12 @@ def manifest_sections(cache: Path, prefix: Path) -> tuple[list[str], list[str]]:
 
 
 @pytest.fixture
-def tiny_cached(tmp_path: Path) -> tuple[Path, Path, Path, dict[str, tuple[object, ...]]]:
-    tarball = write_tar(tmp_path / "env.tar.gz", tiny_env(extra_files=300))
-    cache = tmp_path / "c"
+def tiny_cached(tmp_path: Path) -> Iterator[tuple[Path, Path, Path, dict[str, tuple[object, ...]]]]:
+    with ram_dir("mlenv-damage-") as ram:
+        yield _tiny_cached(write_tar(tmp_path / "env.tar.gz", tiny_env(extra_files=300)), ram / "c")
+
+
+def _tiny_cached(tarball: Path, cache: Path) -> tuple[Path, Path, Path, dict[str, tuple[object, ...]]]:
     proc = run_entrypoint(["unpack"], entry_env(MLSERVER_ENV_TARBALL=tarball, MLSERVER_ENV_CACHE_DIR=cache))
     assert proc.returncode == 0, proc.stderr
     prefix = Path(proc.stdout.splitlines()[-1])

@@ -12,7 +12,7 @@ import os
 import stat
 import subprocess
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from archives import (
     fix_checksum,
     gz_bomb,
     pax_header,
+    ram_dir,
     raw_header,
     real_tar_head,
     snapshot,
@@ -40,6 +41,7 @@ from hypothesis import strategies as st
 from support import entry_env, error_line, run_entrypoint
 
 FORMATS = ["tar", "tar.gz", "tar.bz2", "tar.xz", "tar.zst"]
+FORMATS_AND_ZIP = [*FORMATS, "zip"]
 # Names the cache may gain from a refused start: lock files, in-use marks, remembered keys.
 METADATA_SUFFIXES = (".lock", ".use")
 
@@ -54,8 +56,12 @@ class Site:
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Site:
-    root = tmp_path_factory.mktemp("hostile")
+def site() -> Iterator[Site]:
+    with ram_dir("mlenv-hostile-") as root:
+        yield _site(root)
+
+
+def _site(root: Path) -> Site:
     canary = root / "canary"
     canary.mkdir()
     (canary / "victim").write_text("must stay as it is\n")
@@ -187,12 +193,13 @@ def test_hostile_member_is_refused(site: Site, build: Callable[[Site], list[M]],
     refuse(site, tarball, "hostile.tar.gz", *expected)
 
 
-@pytest.mark.parametrize("fmt", [*FORMATS, "zip"])
+@pytest.mark.parametrize("fmt", FORMATS_AND_ZIP)
 def test_escapes_are_refused_in_every_format(site: Site, fmt: str) -> None:
-    for member, expected in [
+    escapes = [
         (M("../../canary/fmt", data=b"x"), "'..'"),
-        (M("lib/out", "symlink", target="../../../canary"), "outside the environment"),
-    ]:
+        (M("lib/out", "symlink", target="../../../canary"), "outside"),
+    ]
+    for member, expected in escapes[FORMATS_AND_ZIP.index(fmt) % 2 :][:1]:  # one of the two, alternating
         path = site.root / f"hostile.{fmt}"
         members = [*tiny_env(), member]
         write_zip(path, members) if fmt == "zip" else write_tar(path, members, fmt)
@@ -323,7 +330,7 @@ def test_truncated_and_corrupt_streams(site: Site, fmt: str) -> None:
     # A plain tar ends in zero padding that is no loss to cut; compressed streams end in a trailer.
     end = len(tar_bytes(members, end=False)) if fmt == "tar" else len(data)
     path = site.root / f"damaged.{fmt}"
-    for cut in (end // 3, end * 2 // 3, end - 700):
+    for cut in (end // 2, end - 700):
         path.write_bytes(data[:cut])
         refuse(site, path, f"damaged.{fmt}")
     if fmt in ("tar.gz", "tar.bz2", "tar.xz"):  # plain tar and zstd frames carry no checksum of the data
@@ -497,7 +504,7 @@ def test_unmutated_real_head_is_accepted(site: Site, real_head: tuple[bytes, lis
     assert list(site.cache.glob("*.ready"))
 
 
-@settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=15, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_header_mutants(site: Site, real_head: tuple[bytes, list[int]], data: st.DataObject) -> None:
     mutant = data.draw(mutants(*real_head))
@@ -505,7 +512,7 @@ def test_header_mutants(site: Site, real_head: tuple[bytes, list[int]], data: st
 
 
 @pytest.mark.slow
-@settings(max_examples=250, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_header_mutants_many(site: Site, real_head: tuple[bytes, list[int]], data: st.DataObject) -> None:
     mutant = data.draw(mutants(*real_head))
