@@ -170,11 +170,16 @@ def _ticking(members: Iterator[Member], progress: log.Progress) -> Iterator[Memb
 
 
 def _abandon(entry: Entry) -> None:
-    """Nothing half-made stays behind: remove the partial entry (the next start would anyway)."""
+    """Nothing half-made stays behind: remove the partial entry (the next start would anyway).
+
+    A second SIGTERM or Ctrl-C must not stop the removal half-way: they are ignored meanwhile."""
+    previous: dict[int, object] = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         cache.discard(entry)
     except OSError as exc:
         log.info(f"could not remove partial entry {entry.prefix} ({exc.strerror}); the next start will")
+    finally:
+        _restore_signals(previous)
 
 
 def _raise_interrupted(signum: int, frame: FrameType | None) -> None:

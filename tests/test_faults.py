@@ -328,6 +328,26 @@ def test_signal_during_unpack_cleans_up(ref: Reference, sig: signal.Signals, pha
     assert digest_tree(ref.prefix) == ref.tree
 
 
+def test_repeated_signals_do_not_stop_the_cleanup_half_way(ref: Reference) -> None:
+    """A double Ctrl-C, or a runtime repeating SIGTERM: the partial entry is still removed."""
+    shutil.rmtree(ref.cache, ignore_errors=True)
+    start = Start(ref.env())
+    while not (ref.prefix / "lib" / "python3.8").exists():  # well into the extraction
+        assert start.proc.poll() is None, start.stderr
+        time.sleep(0.005)
+    time.sleep(0.3)
+    start.proc.send_signal(signal.SIGINT)
+    for _ in range(300):  # more while the partial entry is being removed
+        if start.proc.poll() is not None or not ref.prefix.exists():
+            break
+        start.proc.send_signal(signal.SIGINT)
+        time.sleep(0.002)
+    done = start.finish(timeout=60)
+    assert done.returncode != 0 and "error: stopped by SIGINT" in done.stderr, done.stderr
+    assert not ref.prefix.exists(), "partial entry left behind"
+    no_partial_state(ref.cache)
+
+
 # --- A full disk -----------------------------------------------------------------------------------------
 
 
