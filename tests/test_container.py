@@ -299,8 +299,8 @@ def test_no_tarball_serves_with_the_images_own_mlserver(
     assert [infer(url, "digits-image", p) for p in pixels] == predicted
     logs = podman.logs(ctr)
     assert "no environment tarball configured" in logs and "/opt/mlserver/bin/mlserver start" in logs
-    stop_took, _ = podman.stop(ctr)
-    assert stop_took < STOP_LIMIT
+    stop_took, stop = podman.stop(ctr)
+    assert stop_took < STOP_LIMIT and "resorting to SIGKILL" not in stop.stderr, stop.stderr + podman.logs(ctr)[-3000:]
     report(
         f"image's own MLServer (scikit-learn {expected['sklearn']}): ready in {took:.1f} s, "
         f"stopped in {stop_took:.1f} s"
