@@ -44,35 +44,30 @@ def listing(tarball: Path) -> tuple[int, int, str]:
 
 
 def test_inspect_agrees_with_the_archive_and_the_environment(seed: Example, tmp_path: Path) -> None:
+    # The environment, unpacked by a real start, says what it is.
     cache_dir = tmp_path / "c"
-    code, report, _ = inspect_json(seed.tarball, cache_dir)
-    assert code == 0 and report["will_work"] is True and report["problems"] == []
-    assert not cache_dir.exists()  # it only read the archive
+    env = entry_env(MLSERVER_ENV_TARBALL=seed.tarball, MLSERVER_ENV_CACHE_DIR=cache_dir)
+    unpacked = run_entrypoint(["unpack"], env)
+    assert unpacked.returncode == 0, unpacked.stderr
+    prefix = Path(unpacked.stdout.splitlines()[-1])
+    python, mlserver, sklearn, machine = env_python(prefix, ENV_FACTS)  # type: ignore[misc]
 
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in cache_dir.iterdir())
+    code, report, _ = inspect_json(seed.tarball, cache_dir)
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in cache_dir.iterdir()) == before  # it only read
+    assert code == 0 and report["will_work"] is True and report["problems"] == []
+    assert report["python"] == python and report["platform"] == f"{machine} 64-bit Linux"
+    assert report["packages"] == {"mlserver": mlserver, "mlserver-sklearn": mlserver, "scikit-learn": sklearn}
+    assert report["interpreter"] == f"bin/python{python.rsplit('.', 1)[0]}"
+    assert report["cache_prefix"] == str(prefix) and report["cached"] is True  # the entry the start made
+
+    # The standard library's reading of the archive agrees on counts, sizes and the packed prefix.
     files, size, script = listing(seed.tarball)
     assert (report["files"], report["unpacked_bytes"]) == (files, size)
     assert report["packed_bytes"] == seed.tarball.stat().st_size
     placeholder = re.search(r"^\('[^']+', '([^']+)', 'text'\),$", script, re.M)
     assert placeholder is not None and report["packed_prefix"] == placeholder.group(1)
     assert report["packed_prefix_length"] == len(placeholder.group(1))
-
-    # The environment, unpacked by a real start, says the same about itself.
-    unpacked = run_entrypoint(
-        ["unpack"], entry_env(MLSERVER_ENV_TARBALL=seed.tarball, MLSERVER_ENV_CACHE_DIR=cache_dir)
-    )
-    assert unpacked.returncode == 0, unpacked.stderr
-    prefix = Path(unpacked.stdout.splitlines()[-1])
-    python, mlserver, sklearn, machine = env_python(prefix, ENV_FACTS)  # type: ignore[misc]
-    assert report["python"] == python and report["platform"] == f"{machine} 64-bit Linux"
-    assert report["packages"] == {"mlserver": mlserver, "mlserver-sklearn": mlserver, "scikit-learn": sklearn}
-    assert report["interpreter"] == f"bin/python{python.rsplit('.', 1)[0]}"
-
-    # Same entry as the start computed, now reported as unpacked; text output says the same.
-    proc = run_entrypoint(["inspect", str(seed.tarball)], entry_env(MLSERVER_ENV_CACHE_DIR=cache_dir))
-    assert proc.returncode == 0, proc.stderr
-    assert f"cache entry:   {prefix} (" in proc.stdout and "already unpacked" in proc.stdout
-    assert f"mlserver {mlserver}, mlserver-sklearn {mlserver}, scikit-learn {sklearn}" in proc.stdout
-    assert "this image:    will work" in proc.stdout
 
 
 def test_inspect_without_argument_reads_the_configured_tarball(small_tarball: Path, tmp_path: Path) -> None:
@@ -81,7 +76,8 @@ def test_inspect_without_argument_reads_the_configured_tarball(small_tarball: Pa
     assert proc.returncode == 4  # what a start serving it would exit with: no mlserver
     assert f"archive:       {small_tarball} (tar.gz" in proc.stdout
     assert "no mlserver" in error_line(proc) and "mlserver-sklearn" in error_line(proc)
-    assert "problem: no mlserver" in proc.stdout
+    assert "problem: no mlserver" in proc.stdout and "this image:    will NOT work" in proc.stdout
+    assert re.search(r"^python:        3\.8\.\d+$", proc.stdout, re.M) and "packages:      none found" in proc.stdout
 
 
 def _patched(small_tarball: Path, out: Path, machine: int | None = None, binary_record: bool = False) -> Path:
