@@ -32,12 +32,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         code = _dispatch(args)
     except EntrypointError as exc:
+        _ignore_stop_signals()
         log.info(f"error: {exc}")
         code = exc.exit_code
     except KeyboardInterrupt:
+        _ignore_stop_signals()
         log.info("error: interrupted; nothing was cached")
         code = 130
     sys.exit(code)
+
+
+def _ignore_stop_signals() -> None:
+    """The cleanup is done: a burst of Ctrl-C now must not add a traceback after the one error line."""
+    import signal
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
 
 
 def _dispatch(args: list[str]) -> int:
