@@ -52,9 +52,7 @@ def options(environ: Mapping[str, str]) -> tuple[InitMode, float]:
     value = environ.get(f"{ENV_PREFIX}INIT", DEFAULT_INIT)
     mode = next((m for m in INIT_MODES if m == value), None)
     if mode is None:
-        raise ConfigError(
-            f"{ENV_PREFIX}INIT: Input should be 'auto', 'always' or 'never'; fix the value or unset it"
-        )
+        raise ConfigError(f"{ENV_PREFIX}INIT: Input should be 'auto', 'always' or 'never'; fix the value or unset it")
     raw = environ.get(f"{ENV_PREFIX}STOP_GRACE", "").strip()
     try:
         grace = float(raw) if raw else DEFAULT_STOP_GRACE

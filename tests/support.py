@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import requests
@@ -58,7 +58,8 @@ def serving(env: Mapping[str, str], args: list[str] | None = None, timeout: floa
         "MLSERVER_GRPC_PORT": str(free_port()),
         "MLSERVER_METRICS_PORT": str(free_port()),
     }
-    log = open(Path(env.get("TEST_LOG", os.devnull)), "a") if "TEST_LOG" in env else subprocess.DEVNULL
+    # The log file stays open for the server's whole life, closed in the finally below.
+    log = open(env["TEST_LOG"], "a") if "TEST_LOG" in env else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen([*ENTRYPOINT, *(args or [])], env=env, stdout=log, stderr=log, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -85,14 +86,10 @@ def stop(proc: subprocess.Popen[bytes], grace: float = 15) -> None:
     """SIGTERM the server's process group; SIGKILL what is left after `grace` seconds."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
-        try:
+        with suppress(subprocess.TimeoutExpired):
             proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
+    with suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     proc.wait()
 
 
@@ -107,6 +104,9 @@ def env_python(prefix: Path, code: str, *args: str) -> object:
     """Run `code` with an unpacked environment's own interpreter; it prints JSON, we return it."""
     out = subprocess.run(
         [str(prefix / "bin" / "python"), "-c", code, *args],
-        capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PATH": "/usr/bin:/bin"},
     )
     return json.loads(out.stdout)

@@ -26,8 +26,9 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_unpack_prints_prefix_then_serves_from_cache(seed: Example, cache_dir: Path, tmp_path: Path) -> None:
-    env = entry_env(MLSERVER_ENV_TARBALL=seed.tarball, MLSERVER_ENV_CACHE_DIR=cache_dir,
-                    MLSERVER_MODELS_DIR=seed.models_dir)
+    env = entry_env(
+        MLSERVER_ENV_TARBALL=seed.tarball, MLSERVER_ENV_CACHE_DIR=cache_dir, MLSERVER_MODELS_DIR=seed.models_dir
+    )
     unpacked = run_entrypoint(["unpack"], env)
     assert unpacked.returncode == 0, unpacked.stderr
     prefix = Path(unpacked.stdout.splitlines()[-1])
@@ -50,11 +51,17 @@ def test_unpack_prints_prefix_then_serves_from_cache(seed: Example, cache_dir: P
 
 
 def test_commands_run_inside_the_environment(seed: Example, cache_dir: Path) -> None:
-    env = entry_env(MLSERVER_ENV_TARBALL=seed.tarball, MLSERVER_ENV_CACHE_DIR=cache_dir,
-                    PYTHONPATH="/nonexistent-leak", PYTHONHOME=sys.base_prefix)
-    code = ("import json, os, sys, sklearn, mlserver; print(json.dumps([sys.version_info[:2], sklearn.__version__, "
-            "mlserver.__version__, sys.prefix, os.environ.get('CONDA_PREFIX'), os.environ.get('PYTHONNOUSERSITE'), "
-            "'PYTHONPATH' in os.environ or 'PYTHONHOME' in os.environ]))")
+    env = entry_env(
+        MLSERVER_ENV_TARBALL=seed.tarball,
+        MLSERVER_ENV_CACHE_DIR=cache_dir,
+        PYTHONPATH="/nonexistent-leak",
+        PYTHONHOME=sys.base_prefix,
+    )
+    code = (
+        "import json, os, sys, sklearn, mlserver; print(json.dumps([sys.version_info[:2], sklearn.__version__, "
+        "mlserver.__version__, sys.prefix, os.environ.get('CONDA_PREFIX'), os.environ.get('PYTHONNOUSERSITE'), "
+        "'PYTHONPATH' in os.environ or 'PYTHONHOME' in os.environ]))"
+    )
     proc = run_entrypoint(["python", "-c", code], env)
     assert proc.returncode == 0, proc.stderr
     version, sklearn, mlserver, sys_prefix, conda_prefix, nousersite, leaked = json.loads(proc.stdout)
@@ -99,8 +106,9 @@ def test_environment_tar_gz_in_models_dir_is_found(seed: Example, cache_dir: Pat
 
 
 def test_env_without_mlserver_is_refused_for_mlserver(small_tarball: Path, tmp_path: Path) -> None:
-    env = entry_env(MLSERVER_ENV_TARBALL=small_tarball, MLSERVER_ENV_CACHE_DIR=tmp_path / "c",
-                    MLSERVER_MODELS_DIR=tmp_path)
+    env = entry_env(
+        MLSERVER_ENV_TARBALL=small_tarball, MLSERVER_ENV_CACHE_DIR=tmp_path / "c", MLSERVER_MODELS_DIR=tmp_path
+    )
     proc = run_entrypoint([], env)
     assert proc.returncode != 0
     line = error_line(proc)
