@@ -2,9 +2,10 @@
 
 Every method runs on the same tarballs, round by round (the order rotates each round), because
 this machine is noisy and has two speed regimes (a `tar -xf` that takes 1.5 s after boot can take
-12 s an hour later). So results are medians over the rounds, and every ratio is the median of
-per-round ratios between two methods measured in the same round; the file-creation limit of the
-same rounds is printed beside each result.
+12 s an hour later). The file-creation limit is measured right before and after every method, and
+each result is divided by the mean of those two ("the limit beside it", printed next to it);
+results are medians over the rounds, and a ratio between two methods is the median over rounds
+of their ratios to the limit beside each.
 
     python benchmarks/unpack.py           # seed + ~2 GB/100k-file synthetic env + tar.zst/zip rows
     python benchmarks/unpack.py --quick   # seed + tar.zst/zip rows only, 3 rounds
@@ -25,18 +26,21 @@ Methods (each a separate process, timed wall-clock from spawn to exit):
 
 `sync` runs (untimed) before every method, so none pays for another's dirty pages. Reads come
 from the page cache for all methods alike unless --cold-cache (drops it before each method; root).
-Peak RSS: the entrypoint process itself (getrusage at exit) and its process tree (wait4).
+Peak RSS: the entrypoint process itself (VmHWM at exit), and each method's process tree (GNU time's
+%M, which includes conda-unpack run by the entrypoint).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -45,6 +49,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -58,13 +63,20 @@ TARGET_WARM_MS = 50.0
 TARGET_RSS_MIB = 64.0
 LINEAR_SLACK = 1.3  # ours cold may grow at most this much faster than the file-creation limit
 
-# Runs the entrypoint exactly as `python -m entrypoint` does, and reports its own peak RSS at exit.
+# Runs the entrypoint exactly as `python -m entrypoint` does, and reports its own peak RSS at exit
+# (VmHWM: getrusage's ru_maxrss would include the RSS of whatever forked it).
 OURS = """\
-import atexit, resource, runpy, sys
-atexit.register(lambda: print(f"bench: peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss} KiB",
-                              file=sys.stderr, flush=True))
+import atexit, runpy, sys
+def _peak():
+    with open("/proc/self/status") as f:
+        kib = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
+    print(f"bench: peak RSS {kib} KiB", file=sys.stderr, flush=True)
+atexit.register(_peak)
 runpy.run_module("entrypoint", run_name="__main__", alter_sys=True)
 """
+# GNU time reports its child's peak RSS (with the child's own children) without adding ours: a
+# child forked straight from this process would inherit this process's RSS in its ru_maxrss.
+TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
 TARFILE = """\
 import sys, tarfile
 with tarfile.open(sys.argv[1], "r") as tar:
@@ -160,22 +172,29 @@ def run(
     discard_stdout: bool = False,
     check: bool = True,
 ) -> Proc:
-    """Spawn, wait with wait4 (for the tree's peak RSS), return wall time and output."""
+    """Spawn, wait, return wall time, output and the process tree's peak RSS (via GNU time)."""
     argv = [str(c) for c in cmd]
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile() as rss:
+        spawn = [TIME, "-f", "%M", "-o", rss.name, *argv] if TIME else argv
         t0 = time.perf_counter()
         proc = subprocess.Popen(
-            argv, stdout=subprocess.DEVNULL if discard_stdout else out, stderr=err, env=env, cwd=cwd
+            spawn, stdout=subprocess.DEVNULL if discard_stdout else out, stderr=err, env=env, cwd=cwd
         )
-        _, status, usage = os.wait4(proc.pid, 0)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:  # stopped: the child must not write on while the scratch dir goes
+            proc.kill()
+            proc.wait()
+            raise
         seconds = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
+        lines = Path(rss.name).read_text().split() if TIME else []
         result = Proc(
             seconds,
             proc.returncode,
-            usage.ru_maxrss,
+            int(lines[-1]) if lines and lines[-1].isdigit() else usage.ru_maxrss,
             out.read().decode(errors="replace"),
             err.read().decode(errors="replace"),
         )
@@ -666,6 +685,14 @@ def dataset_verdicts(ds: Dataset) -> list[tuple[bool, str]]:
     return out
 
 
+def code_digest() -> str:
+    """A digest of the entrypoint's sources, to tell whether they changed during the run."""
+    h = hashlib.sha256()
+    for path in sorted((REPO / "entrypoint").rglob("*.py")):
+        h.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def machine() -> dict[str, object]:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
@@ -679,6 +706,7 @@ def machine() -> dict[str, object]:
         "entrypoint": git("log", "-1", "--format=%h %s", "--", "entrypoint")
         + (" + uncommitted changes" if dirty else ""),
         "python": platform.python_version(),
+        "code": code_digest(),
     }
 
 
@@ -732,6 +760,7 @@ def report(datasets: list[Dataset], out: Path, info: dict[str, object], command:
     results = verdicts(datasets)
     lines = [
         f"`{command}` — {info['date']}, {info['host']}, load average at the end {info['loadavg']}; "
+        f"sources digest {info['code']}; "
         f"entrypoint at {info['entrypoint']}. Reads from the page cache for every method alike"
         + (" except: --cold-cache dropped it before each method." if info.get("cold_cache") else "."),
         "",
@@ -799,12 +828,16 @@ def can_drop_caches() -> bool:
         return False
 
 
+def _stop(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(f"stopped by signal {signum}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="skip the 2 GB synthetic env; 3 rounds")
     p.add_argument("--rounds", type=int, default=None, help="rounds for the seed (default 5, --quick 3)")
     p.add_argument("--synthetic-rounds", type=int, default=3)
-    p.add_argument("--format-rounds", type=int, default=3)
+    p.add_argument("--format-rounds", type=int, default=2)
     p.add_argument("--warm-runs", type=int, default=5, help="warm starts after each cold one")
     p.add_argument("--tarball", help="benchmark this tarball instead of the seed (no synthetic, no formats)")
     p.add_argument("--no-synthetic", dest="synthetic", action="store_false", default=None)
@@ -826,11 +859,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.cold_cache and not can_drop_caches():
         p.error("--cold-cache: cannot write /proc/sys/vm/drop_caches here (needs root outside a container)")
     command = "python benchmarks/unpack.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    # Stopped by SIGTERM or SIGINT (which background jobs ignore): remove the scratch dir on the way out.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop)
+    start = machine()
     with workdir(a.work_dir, a.keep) as work:
         datasets = make_datasets(a, work)
         runner = Runner(work, a.warm_runs, a.cold_cache)
         run_rounds(runner, datasets)
-        info = {**machine(), "cold_cache": a.cold_cache}
+        info = {**machine(), "cold_cache": a.cold_cache, "at_start": start}
+        if start["code"] != info["code"]:
+            info["entrypoint"] = f"{start['entrypoint']} at the start, {info['entrypoint']} at the end (changed!)"
         results = report(datasets, a.out, info, command.strip())
     print()
     for ok, text in results:
