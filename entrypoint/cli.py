@@ -95,13 +95,19 @@ def unpack() -> int:
 
 
 def _warm(require: tuple[str, ...]) -> Hit | None:
-    """A cache hit found without loading the settings model (see fastpath), logged as `locate`."""
+    """A cache hit found without loading the settings model (see fastpath), logged as `locate`.
+
+    On a miss, a local tarball whose key is not remembered starts being hashed right away."""
     from entrypoint import fastpath
 
     t0 = time.monotonic()
     hit = fastpath.lookup(os.environ, require)
     if hit is not None:
         log.info(f"locate: {(time.monotonic() - t0) * 1000:.0f} ms, cache hit {hit.entry.prefix}")
+    elif (path := fastpath.to_hash(os.environ)) is not None:
+        from entrypoint import source
+
+        source.prehash(path)
     return hit
 
 

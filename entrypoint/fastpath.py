@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from entrypoint import cache, gc
 from entrypoint.activate import find_python
@@ -35,8 +35,7 @@ IRRELEVANT_ON_A_HIT = {
 HEX = frozenset("0123456789abcdef")
 
 
-@dataclass(frozen=True)
-class Hit:
+class Hit(NamedTuple):
     entry: Entry
     python: Path
     models_dir: Path
@@ -47,21 +46,18 @@ def lookup(environ: Mapping[str, str], require: tuple[str, ...]) -> Hit | None:
     names = {k[len(ENV_PREFIX) :] for k in environ if k.startswith(ENV_PREFIX)}
     if names - READ_HERE - IRRELEVANT_ON_A_HIT:
         return None
-    models_dir = Path(environ.get("MLSERVER_MODELS_DIR") or DEFAULT_MODELS_DIR)
-    tarball = environ.get(f"{ENV_PREFIX}TARBALL")
+    models_dir = _models_dir(environ)
+    tarball = local_tarball(environ)
     if tarball is None:
-        tarball = str(models_dir / DEFAULT_TARBALL_NAME)
-    if not tarball.strip() or "://" in tarball:
         return None
     verify = environ.get(f"{ENV_PREFIX}VERIFY", "quick")
     pin = environ.get(f"{ENV_PREFIX}TARBALL_SHA256", "").strip().lower() or None
     if verify not in ("quick", "full") or (pin is not None and (len(pin) != 64 or not HEX.issuperset(pin))):
         return None
-    cache_dir = Path(os.path.abspath(environ.get(f"{ENV_PREFIX}CACHE_DIR") or default_cache_dir()))
-    key = _remembered_key(Path(os.path.abspath(tarball)), cache_dir)
+    key = _remembered_key(tarball, _cache_dir(environ))
     if key is None or (pin is not None and key != pin):
         return None
-    entry = Entry(cache_dir, key)
+    entry = Entry(_cache_dir(environ), key)
     gc.hold(entry)  # before the marker is read: from here no gc removes it until the server exits
     if cache.read_marker(entry) is None or cache.verify(entry, full=verify == "full") is not None:
         return None
@@ -74,16 +70,40 @@ def lookup(environ: Mapping[str, str], require: tuple[str, ...]) -> Hit | None:
     return Hit(entry, python, models_dir)
 
 
+def to_hash(environ: Mapping[str, str]) -> Path | None:
+    """The local tarball a cold start will hash (its key is not remembered), to start on it early."""
+    tarball = local_tarball(environ)
+    if tarball is None or _remembered_key(tarball, _cache_dir(environ)) is not None:
+        return None
+    return tarball
+
+
+def local_tarball(environ: Mapping[str, str]) -> Path | None:
+    """The configured tarball's absolute path, unless there is none or it is a URL."""
+    tarball = environ.get(f"{ENV_PREFIX}TARBALL")
+    if tarball is None:
+        tarball = str(_models_dir(environ) / DEFAULT_TARBALL_NAME)
+    if not tarball.strip() or "://" in tarball:
+        return None
+    return Path(os.path.abspath(tarball))
+
+
+def _models_dir(environ: Mapping[str, str]) -> Path:
+    return Path(environ.get("MLSERVER_MODELS_DIR") or DEFAULT_MODELS_DIR)
+
+
+def _cache_dir(environ: Mapping[str, str]) -> Path:
+    return Path(os.path.abspath(environ.get(f"{ENV_PREFIX}CACHE_DIR") or default_cache_dir()))
+
+
 def _remembered_key(tarball: Path, cache_dir: Path) -> str | None:
     """The SHA-256 remembered for this very file version (see source.content_key), if any."""
-    from entrypoint.source import identity_of, memo_path
-
     try:
         st = os.stat(tarball)
-        saved = json.loads(memo_path(cache_dir, tarball).read_bytes())
+        saved = json.loads(cache.key_memo(cache_dir, tarball).read_bytes())
     except (OSError, ValueError):
         return None
-    if not isinstance(saved, dict) or saved.get("identity") != list(identity_of(st)):
+    if not isinstance(saved, dict) or saved.get("identity") != list(cache.file_identity(st)):
         return None
     key = saved.get("sha256")
     return key if isinstance(key, str) else None

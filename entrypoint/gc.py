@@ -20,9 +20,8 @@ import os
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from entrypoint import cache, log
 from entrypoint.cache import Entry
@@ -111,8 +110,7 @@ def _exclusive(entry: Entry, create: bool) -> Iterator[bool]:
         os.close(fd)
 
 
-@dataclass
-class Item:
+class Item(NamedTuple):  # NamedTuples: gc is imported by the warm path, dataclasses is slow to import
     entry: Entry
     complete: bool
     size: int  # bytes, as recorded at unpack (complete) or counted now (incomplete)
@@ -169,8 +167,7 @@ def _du(path: Path) -> int:
     return total
 
 
-@dataclass
-class Outcome:
+class Outcome(NamedTuple):
     item: Item
     action: str  # "removed", "would remove", "in use", "kept"
     reason: str

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from entrypoint.cache import file_identity, key_memo
 from entrypoint.constants import DEFAULT_TARBALL_NAME
 from entrypoint.errors import ConfigError
 
@@ -65,27 +68,63 @@ def locate(settings: Settings) -> Tarball | RemoteTarball | None:
         os.close(fd)
     if not stat.S_ISREG(st.st_mode):
         raise ConfigError(f"MLSERVER_ENV_TARBALL={path}: not a regular file; point it at the .tar.gz itself")
-    return Tarball(Path(os.path.abspath(path)), st.st_size, identity_of(st))
+    return Tarball(Path(os.path.abspath(path)), st.st_size, file_identity(st))
 
 
 def sha256_file(path: Path) -> str:
     """Stream the whole file through SHA-256 (OpenSSL's, so SHA-NI where the CPU has it)."""
+    with open(path, "rb", buffering=0) as f:
+        return _sha256(f)[0]
+
+
+def _sha256(f: io.RawIOBase) -> tuple[str, tuple[int, ...]]:
+    """The digest of an open file, and its identity before and after (equal: nothing changed)."""
+    before = file_identity(os.fstat(f.fileno()))
     h = hashlib.sha256()
     buf = bytearray(CHUNK)
     view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
+    while n := f.readinto(buf):
+        h.update(view[:n])  # releases the GIL: the settings load meanwhile (see prehash)
+    after = file_identity(os.fstat(f.fileno()))
+    return h.hexdigest(), before if before == after else ()
 
 
-def identity_of(st: os.stat_result) -> tuple[int, ...]:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+class _Prehash(threading.Thread):
+    def __init__(self, path: Path) -> None:
+        super().__init__(name="sha256", daemon=True)
+        self.path = path
+        self.result: tuple[str, tuple[int, ...]] | None = None
+
+    def run(self) -> None:
+        try:
+            with open(self.path, "rb", buffering=0) as f:
+                self.result = _sha256(f)
+        except OSError:
+            pass  # locate() reports what is wrong with the file, with the settings' wording
 
 
-def memo_path(cache_dir: Path, tarball: Path) -> Path:
-    """Where the key of the tarball at this (absolute) path is remembered."""
-    return cache_dir / ".keys" / hashlib.sha256(str(tarball).encode()).hexdigest()[:24]
+_prehash: _Prehash | None = None
+
+
+def prehash(path: Path) -> None:
+    """Start hashing the tarball of a cold start in a thread, before the settings are even loaded.
+
+    The key must be known before anything else (it names the cache entry and its lock), and the
+    settings model's import alone takes ~0.3 s: on two cores both now overlap.
+    """
+    global _prehash
+    _prehash = _Prehash(path)
+    _prehash.start()
+
+
+def _prehashed(tarball: Tarball) -> str | None:
+    """The early hash of exactly this file version, if prehash() computed one."""
+    if _prehash is None or _prehash.path != tarball.path:
+        return None
+    _prehash.join()
+    if _prehash.result is None or _prehash.result[1] != tarball.identity:
+        return None
+    return _prehash.result[0]
 
 
 def content_key(tarball: Tarball | RemoteTarball, cache_dir: Path, pin: str | None) -> tuple[str, bool]:
@@ -100,7 +139,7 @@ def content_key(tarball: Tarball | RemoteTarball, cache_dir: Path, pin: str | No
         from entrypoint import remote
 
         return remote.content_key(tarball, pin)
-    memo = memo_path(cache_dir, tarball.path)
+    memo = key_memo(cache_dir, tarball.path)
     try:
         saved = json.loads(memo.read_text())
         if saved["identity"] == list(tarball.identity):
@@ -109,7 +148,7 @@ def content_key(tarball: Tarball | RemoteTarball, cache_dir: Path, pin: str | No
             return key, True
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    key = sha256_file(tarball.path)
+    key = _prehashed(tarball) or sha256_file(tarball.path)
     _check_pin(tarball, key, pin)
     if _unchanged(tarball):
         _remember(memo, {"path": str(tarball.path), "identity": list(tarball.identity), "sha256": key})
@@ -121,7 +160,7 @@ def _unchanged(tarball: Tarball) -> bool:
         st = os.stat(tarball.path)
     except OSError:
         return False
-    return identity_of(st) == tarball.identity
+    return file_identity(st) == tarball.identity
 
 
 def _check_pin(tarball: Tarball, key: str, pin: str | None) -> None:

@@ -18,8 +18,6 @@ synchronously with sigtimedwait, forward, reap with WNOHANG), in the standard li
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import os
 import signal
 import sys
@@ -94,7 +92,9 @@ def run(argv: Sequence[str], env: Mapping[str, str], grace: float) -> int:
 
 def _become_subreaper() -> None:
     """Orphans of the command are re-parented to us rather than to the real init, so we reap them."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    import ctypes  # not at the top: the warm path imports this module, ctypes costs it ~5 ms
+
+    libc = ctypes.CDLL(None, use_errno=True)  # the process's own symbols, libc's among them
     with contextlib.suppress(AttributeError):
         libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 

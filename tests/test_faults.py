@@ -31,6 +31,8 @@ import pytest
 from archives import M, ram_dir, raw_header, tiny_env, write_tar
 from support import ENTRYPOINT, REPO, entry_env, error_line, run_entrypoint
 
+from entrypoint import cache
+
 PY_CHECK = "import json, os, sqlite3, ssl, sys; print(json.dumps([sys.prefix, os.__file__]))"
 
 
@@ -460,7 +462,8 @@ def manifest_sections(cache: Path, prefix: Path) -> tuple[list[str], list[str]]:
 @pytest.fixture
 def tiny_cached(tmp_path: Path) -> Iterator[tuple[Path, Path, Path, dict[str, tuple[object, ...]]]]:
     with ram_dir("mlenv-damage-") as ram:
-        yield _tiny_cached(write_tar(tmp_path / "env.tar.gz", tiny_env(extra_files=300)), ram / "c")
+        # more files than quick verification's budget, so some are checked only in full mode
+        yield _tiny_cached(write_tar(tmp_path / "env.tar.gz", tiny_env(extra_files=3000)), ram / "c")
 
 
 def _tiny_cached(tarball: Path, cache: Path) -> tuple[Path, Path, Path, dict[str, tuple[object, ...]]]:
@@ -499,6 +502,28 @@ def test_damage_found_by_quick_check_is_unpacked_again(
     (cache / f"{prefix.name}.ready").write_text("{not json")
     proc = restart(tarball, cache)
     assert "mlserver-entrypoint: extract:" in proc.stderr and digest_tree(prefix) == tree
+
+
+def test_quick_check_is_bounded_whatever_the_size(tmp_path: Path) -> None:
+    """A warm start costs the same for 500 files or 100,000: quick mode's share of the manifest
+    stays within its budget, yet keeps bin/, the shared libraries and the shallow directories."""
+    prefix = tmp_path / "c" / "e"
+    for i in range(6000):
+        deep = prefix / "lib" / "python3.8" / "site-packages" / f"pkg{i % 40}" / f"sub{i % 300}" / "a" / "b"
+        deep.mkdir(parents=True, exist_ok=True)
+        (deep / f"m{i}.py").write_text("x")
+    (prefix / "bin").mkdir()
+    (prefix / "bin" / "python").write_text("x")
+    (prefix / "lib" / "libpython3.8.so.1.0").write_text("x")
+    entry = cache.Entry(tmp_path / "c", "e" * 64)
+    prefix.rename(entry.prefix)
+    cache.write_manifest(entry)
+    quick, _, rest = entry.manifest.read_text().partition(cache.QUICK_END)
+    lines = quick.splitlines()
+    assert len(lines) <= cache.QUICK_LINES < len(lines) + len(rest.splitlines())
+    names = {line.split("\t", 2)[2] for line in lines}
+    assert {"", "bin/python", "lib/libpython3.8.so.1.0", "lib/python3.8/site-packages/pkg7"} <= names
+    assert cache.verify(entry, full=False) is None and cache.verify(entry, full=True) is None
 
 
 def test_damaged_manifest_is_unpacked_again(
