@@ -1,8 +1,8 @@
 """Where a tarball is opened: format detection from content, fast decompression, member stream.
 
 Every format conda-pack writes that makes sense here is read as one forward stream of members,
-so memory stays flat whatever the archive's size. Decompression runs in a background thread
-(the codecs release the GIL) so it overlaps with the file writes in the extractor.
+so memory stays flat whatever the archive's size. Decompression runs in a background thread, so
+it overlaps with the extractor's system calls (which release the GIL).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class Kind(enum.Enum):
 
 
 class Readable(Protocol):
-    def read(self, n: int, /) -> bytes: ...
+    def read(self, n: int, /) -> bytes | memoryview: ...  # may return fewer than n bytes; empty at the end
     def __enter__(self) -> Readable: ...
     def __exit__(self, *exc: Any) -> None: ...
 
@@ -99,15 +99,15 @@ def _v7_checksum_ok(block: bytes) -> bool:
 class Prefetcher:
     """Read a decompressing stream in a background thread, a bounded queue of chunks ahead.
 
-    Hand-written (30 lines) because it is what makes decompression overlap file creation; the
-    codecs release the GIL while they work.
+    Hand-written (30 lines) because it is what makes decompression overlap file creation: the
+    extractor's open/write/close release the GIL, and zstandard, bz2 and lzma release it while
+    they work (isal does not, measured: its gzip decoding runs only while the extractor waits on
+    the kernel).
     """
 
     def __init__(self, source: IO[bytes]) -> None:
         self._source = source
         self._queue: queue.Queue[bytes | BaseException] = queue.Queue(PREFETCH_DEPTH)
-        self._buf = b""
-        self._pos = 0
         self._eof = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="decompress", daemon=True)
@@ -123,30 +123,32 @@ class Prefetcher:
         except BaseException as exc:  # handed to the reader, raised there
             self._queue.put(exc)
 
-    def read(self, n: int = -1) -> bytes:
-        out = []
-        while (n < 0 or n > 0) and not self._eof:
-            if self._pos >= len(self._buf):
-                item = self._queue.get()
-                if isinstance(item, BaseException):
-                    self._eof = True
-                    raise item
-                if not item:
-                    self._eof = True
-                    break
-                self._buf, self._pos = item, 0
-            take = len(self._buf) - self._pos if n < 0 else min(n, len(self._buf) - self._pos)
-            out.append(self._buf[self._pos : self._pos + take])
-            self._pos += take
-            if n > 0:
-                n -= take
-        return b"".join(out)
+    def next_chunk(self) -> bytes:
+        """The next decompressed chunk, b"" at the end of the stream."""
+        if self._eof:
+            return b""
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self._eof = True
+            raise item
+        self._eof = not item
+        return item
 
     def close(self) -> None:
         self._stop.set()
         while self._thread.is_alive():  # unblock a producer waiting on a full queue
             with contextlib.suppress(queue.Empty):
                 self._queue.get(timeout=0.05)
+
+
+class _Chunks:
+    """The same interface over an uncompressed tar, read in this thread."""
+
+    def __init__(self, source: IO[bytes]) -> None:
+        self._source = source
+
+    def next_chunk(self) -> bytes:
+        return self._source.read(CHUNK)
 
 
 def _decompressor(fmt: str, raw: BinaryIO) -> IO[bytes]:
@@ -226,13 +228,16 @@ class _Data:
     def __exit__(self, *exc: object) -> None:
         pass
 
-    def read(self, n: int) -> bytes:
+    def read(self, n: int) -> memoryview | bytes:
+        """Up to n bytes, without copying: a view of the decompressed chunk they are in."""
         r = self._reader
         n = min(n, r.remaining)
-        data = r.stream.read(n) if n > 0 else b""
-        if len(data) < n:
+        if n <= 0:
+            return b""
+        data = r.view(n)
+        if not data:
             raise ArchiveError("archive ends inside a member (truncated or corrupt)")
-        r.remaining -= n
+        r.remaining -= len(data)
         return data
 
 
@@ -245,30 +250,61 @@ class TarReader:
     and verifies every header checksum.
     """
 
-    def __init__(self, stream: Prefetcher | BinaryIO) -> None:
-        self.stream = stream
+    def __init__(self, chunks: Prefetcher | _Chunks) -> None:
+        # One decompressed chunk at a time, and a position in it: headers are sliced from it and
+        # file data handed out as views of it, so no byte is copied between codec and write(2).
+        self._next_chunk = chunks.next_chunk
+        self._buf = b""
+        self._pos = 0
         self.remaining = 0  # unread data bytes of the current member
         self.padding = 0
 
+    def view(self, n: int) -> memoryview | bytes:
+        """Up to n (> 0) next bytes, as a view of the current chunk; empty only at the end."""
+        if self._pos >= len(self._buf):
+            self._buf, self._pos = self._next_chunk(), 0
+            if not self._buf:
+                return b""
+        pos = self._pos
+        self._pos = end = min(pos + n, len(self._buf))
+        return memoryview(self._buf)[pos:end]
+
     def _read(self, n: int) -> bytes:
-        data = self.stream.read(n)
-        if len(data) != n:
-            raise ArchiveError("archive ends inside a member header (truncated or corrupt)")
-        return data
+        """Exactly n bytes (headers and metadata), or b"" if the archive ends right here."""
+        pos, end = self._pos, self._pos + n
+        if end <= len(self._buf):  # the usual case: within the current chunk
+            self._pos = end
+            return self._buf[pos:end]
+        parts: list[bytes] = []
+        while n > 0:
+            data = self.view(n)
+            if not data:
+                if parts:
+                    raise ArchiveError("archive ends inside a member header (truncated or corrupt)")
+                return b""
+            parts.append(bytes(data))
+            n -= len(data)
+        return b"".join(parts)
 
     def _skip_rest(self) -> None:
         n, self.remaining, self.padding = self.remaining + self.padding, 0, 0
         while n > 0:
-            got = len(self.stream.read(min(n, CHUNK)))
-            if got == 0:
+            left = len(self._buf) - self._pos
+            if n <= left:
+                self._pos += n
+                return
+            n -= left
+            self._buf, self._pos = self._next_chunk(), 0
+            if not self._buf:
                 raise ArchiveError("archive ends inside a member (truncated or corrupt)")
-            n -= got
 
     def _meta(self, size: int) -> bytes:
         if size > MAX_META:
             raise ArchiveError(f"tar metadata block of {size} bytes (corrupt or hostile archive)")
         data = self._read(size)
-        self._read(-size % BLOCK)
+        self.padding = -size % BLOCK  # skipped before the next header
+        if len(data) != size:
+            raise ArchiveError("archive ends inside a member header (truncated or corrupt)")
         return data
 
     def __iter__(self) -> Iterator[Member]:
@@ -277,11 +313,9 @@ class TarReader:
         long_name = long_link = None
         while True:
             self._skip_rest()
-            header = self.stream.read(BLOCK)
+            header = self._read(BLOCK)
             if not header:
                 raise ArchiveError("archive ends without its end-of-archive marker (truncated)")
-            if len(header) < BLOCK:
-                raise ArchiveError("archive ends inside a member header (truncated or corrupt)")
             if header == ZERO_BLOCK:
                 return
             stored = _number(header[148:156])
@@ -301,7 +335,7 @@ class TarReader:
                 else:
                     long_link = _nts(data)
                 continue
-            fields = {**global_pax, **pax}
+            fields = {**global_pax, **pax} if global_pax else pax
             name = _nts(header[0:100])
             if header[257:265] == b"ustar\x0000" and header[345] != 0:
                 name = _nts(header[345:500]) + "/" + name
@@ -394,6 +428,9 @@ def members(raw: BinaryIO) -> Iterator[Member]:
         with zipfile.ZipFile(raw) as zf:
             for info in zf.infolist():
                 yield _zip_member(zf, info)
+        return
+    if fmt == "tar":  # nothing to decompress: a thread would only add handoffs
+        yield from TarReader(_Chunks(raw))
         return
     stream = Prefetcher(_decompressor(fmt, raw))
     try:
