@@ -233,10 +233,11 @@ def _fsync_dir(path: Path) -> None:
 @functools.cache
 def _libc_syncfs() -> Callable[[int], int] | None:
     import ctypes
-    import ctypes.util
 
     try:
-        fn: Callable[[int], int] = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).syncfs
+        # The process's own symbols (libc's among them), not ctypes.util.find_library, which forks
+        # ldconfig: a fork while a stop signal's handler is armed can lose the signal (relocate.py).
+        fn: Callable[[int], int] = ctypes.CDLL(None, use_errno=True).syncfs
         return fn
     except (OSError, AttributeError):
         return None

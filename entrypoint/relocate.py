@@ -67,10 +67,15 @@ def check_prefix_length(records: list[tuple[str, str, str]], prefix: Path) -> No
         )
 
 
-def _die_with_parent() -> None:
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def _in_child(mask: set[int | signal.Signals]) -> None:
     """In the child, before exec: PR_SET_PDEATHSIG, so a kill -9 of the entrypoint also kills
-    conda-unpack, instead of leaving it rewriting files the next start is already extracting."""
+    conda-unpack, instead of leaving it rewriting files the next start is already extracting;
+    then the signal mask the parent had before it blocked the stop signals for the fork."""
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def run_conda_unpack(prefix: Path, python: Path) -> bool:
@@ -81,11 +86,25 @@ def run_conda_unpack(prefix: Path, python: Path) -> bool:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH", "PYTHONSTARTUP")}
     env["PYTHONNOUSERSITE"] = "1"
     env["PYTHONDONTWRITEBYTECODE"] = "1"
-    proc = subprocess.run(
-        [str(python), str(script)], cwd=prefix, env=env, capture_output=True, text=True, check=False,
-        preexec_fn=_die_with_parent,
-    )  # fmt: skip
+    proc = None
+    try:
+        # SIGTERM/SIGINT wait until the child exists: our handler raises, and an exception raised in
+        # a fork hook (filelock registers some) is printed and dropped, so the stop would be lost.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            proc = subprocess.Popen(
+                [str(python), str(script)], cwd=prefix, env=env, text=True,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=lambda: _in_child(mask),
+            )  # fmt: skip
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a stop that came meanwhile raises here
+        _, stderr = proc.communicate()
+    except BaseException:
+        if proc is not None:  # stopped: conda-unpack must not write on while the entry is removed
+            proc.kill()
+            proc.wait()
+        raise
     if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        last = (stderr.strip().splitlines() or ["no output"])[-1]
         raise EnvError(f"{script} failed (exit {proc.returncode}): {last}")
     return True
