@@ -24,7 +24,10 @@ Methods (each a separate process, timed wall-clock from spawn to exit):
   ours_warm    the same again on that cache (a hit): the whole process, and the entrypoint's own
                work before exec as it logs it (`mlserver-entrypoint -- true`)
 
-`sync` runs (untimed) before every method, so none pays for another's dirty pages. Reads come
+Scratch files go to a freshly made ext4 filesystem (a loop device; needs root, else --fs here):
+users meet fresh volumes, and this VM's own root filesystem slows file creation down ~10x after
+deletions (see FRESH_FS_GIB below). `sync` runs (untimed) before every method, so none pays for
+another's dirty pages. Reads come
 from the page cache for all methods alike unless --cold-cache (drops it before each method; root).
 Peak RSS: the entrypoint process itself (VmHWM at exit), and each method's process tree (GNU time's
 %M, which includes conda-unpack run by the entrypoint).
@@ -181,7 +184,7 @@ def run(
             spawn, stdout=subprocess.DEVNULL if discard_stdout else out, stderr=err, env=env, cwd=cwd
         )
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
+            _, status, _ = os.wait4(proc.pid, 0)
         except BaseException:  # stopped: the child must not write on while the scratch dir goes
             proc.kill()
             proc.wait()
@@ -194,7 +197,9 @@ def run(
         result = Proc(
             seconds,
             proc.returncode,
-            int(lines[-1]) if lines and lines[-1].isdigit() else usage.ru_maxrss,
+            # Without GNU time, 0 ("–"): wait4's ru_maxrss would be this harness's own peak, which a
+            # vfork'ed child inherits across exec.
+            int(lines[-1]) if lines and lines[-1].isdigit() else 0,
             out.read().decode(errors="replace"),
             err.read().decode(errors="replace"),
         )
@@ -221,19 +226,10 @@ def rmtree(path: Path) -> None:
 
 
 def detect_format(path: Path) -> str:
+    from entrypoint.archive import detect_format as from_head
+
     with open(path, "rb") as f:
-        head = f.read(512)
-    if head.startswith(b"\x1f\x8b"):
-        return "tar.gz"
-    if head.startswith(b"\x28\xb5\x2f\xfd"):
-        return "tar.zst"
-    if head.startswith(b"BZh"):
-        return "tar.bz2"
-    if head.startswith(b"\xfd7zXZ\x00"):
-        return "tar.xz"
-    if head.startswith(b"PK"):
-        return "zip"
-    return "tar"
+        return from_head(f.read(512))
 
 
 def decompress_to(tarball: Path, fmt: str, out: Path) -> None:
@@ -372,7 +368,7 @@ class Runner:
         out = run([prefix / "bin" / "python", "-c", "import sys; print(sys.prefix)"], env=clean_env(), check=False)
         ok = out.code == 0 and os.path.realpath(out.stdout.strip()) == os.path.realpath(prefix)
         ds.checks.append(
-            ("ours: the env's interpreter runs from the entry", ok, out.stdout.strip() or out.stderr[-200:])
+            ("ours: the env's interpreter runs from the entry", ok, "" if ok else out.stdout + out.stderr[-200:])
         )
         other = self.keep.pop("mlserver11", None)
         if other is not None:
@@ -409,9 +405,8 @@ class Runner:
         p1 = first.stdout.strip().splitlines()[-1]
         p2 = changed.stdout.strip().splitlines()[-1] if changed.stdout.strip() else "(none)"
         ok = same and changed.code == 0 and "cache hit" not in changed.stderr and p1 != p2
-        ds.checks.append(
-            ("a changed tarball at the same path (same inode, size, mtime) is not a hit", ok, f"{p1} -> {p2}")
-        )
+        detail = f"entry {Path(p1).name} -> {Path(p2).name}"
+        ds.checks.append(("a changed tarball at the same path (same inode, size, mtime) is not a hit", ok, detail))
         rmtree(cache)
 
 
@@ -761,7 +756,8 @@ def report(datasets: list[Dataset], out: Path, info: dict[str, object], command:
     lines = [
         f"`{command}` — {info['date']}, {info['host']}, load average at the end {info['loadavg']}; "
         f"sources digest {info['code']}; "
-        f"entrypoint at {info['entrypoint']}. Reads from the page cache for every method alike"
+        f"entrypoint at {info['entrypoint']}. Scratch files on {info.get('filesystem', '?')}. "
+        "Reads from the page cache for every method alike"
         + (" except: --cold-cache dropped it before each method." if info.get("cold_cache") else "."),
         "",
     ]
@@ -785,6 +781,7 @@ def report(datasets: list[Dataset], out: Path, info: dict[str, object], command:
                 "bytes": ds.bytes,
                 "samples": ds.samples,
                 "ratios_to_create": ds.ratios,
+                "create_beside": ds.limits,
                 "tree_rss_kib": ds.rss,
                 "entrypoint_rss_kib": ds.self_rss,
                 "parts": ds.parts,
@@ -808,15 +805,73 @@ def report(datasets: list[Dataset], out: Path, info: dict[str, object], command:
 
 
 @contextlib.contextmanager
-def workdir(parent: str | None, keep: bool) -> Iterator[Path]:
+def workdir(parent: str | None, keep: bool, fs: str, info: dict[str, object]) -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="mlbench-", dir=parent))  # short: cache entries live below it
+    loop = None
     try:
+        if fs == "fresh" or (fs == "auto" and can_mount()):
+            try:
+                loop = mount_fresh_fs(path)
+            except (subprocess.CalledProcessError, OSError) as exc:
+                if fs == "fresh":
+                    raise BenchError(f"cannot mount a fresh filesystem at {path}: {exc}") from None
+                log(f"cannot mount a fresh filesystem ({exc}); using {path} as it is")
+        if loop is not None:
+            info["filesystem"] = f"a fresh ext4 (journaled, {FRESH_FS_GIB} GiB, loop device with direct I/O)"
+        else:
+            info["filesystem"] = f"{fs_type(path)} at {path.parent} (not fresh: see --fs)"
         yield path
     finally:
         if keep:
             log(f"kept {path}")
-        else:
+        elif loop is None:
             rmtree(path)
+        if loop is not None:
+            subprocess.run(["umount", str(path)], check=False)
+            subprocess.run(["losetup", "-d", loop[0]], check=False)
+            loop[1].unlink()
+            if not keep:
+                path.rmdir()
+
+
+# Why a fresh filesystem by default: on ext4 without a journal (this VM's root filesystem) the inode
+# allocator skips inodes freed in the last minutes, and scans for them on every create; after the
+# previous method's tree is deleted, file creation gets up to 10x slower for every method alike
+# (the "slow regime" of ../shared/README.md §2, seen in perf as recently_deleted()). A user's first
+# start meets a fresh volume, not that; a journaled ext4 never does it.
+FRESH_FS_GIB = 24
+
+
+def can_mount() -> bool:
+    return os.geteuid() == 0 and all(shutil.which(t) for t in ("mkfs.ext4", "losetup", "mount", "umount"))
+
+
+def mount_fresh_fs(path: Path) -> tuple[str, Path]:
+    fd, name = tempfile.mkstemp(prefix="mlbench-", suffix=".img", dir="/var/tmp")
+    os.close(fd)
+    image = Path(name)
+    loop = ""
+    try:
+        os.truncate(image, FRESH_FS_GIB << 30)  # sparse
+        subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
+        argv = ["losetup", "--direct-io=on", "-f", "--show", str(image)]
+        loop = subprocess.run(argv, check=True, capture_output=True, text=True).stdout.strip()
+        subprocess.run(["mount", loop, str(path)], check=True, capture_output=True)
+    except (subprocess.CalledProcessError, OSError):
+        if loop:
+            subprocess.run(["losetup", "-d", loop], check=False)
+        image.unlink()
+        raise
+    return loop, image
+
+
+def fs_type(path: Path) -> str:
+    best, kind = "", "?"
+    for line in Path("/proc/mounts").read_text().splitlines():
+        _, where, fstype, *_ = line.split()
+        if str(path).startswith(where) and len(where) > len(best):
+            best, kind = where, fstype
+    return kind
 
 
 def can_drop_caches() -> bool:
@@ -847,6 +902,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--cold-cache", action="store_true", help="drop the page cache before each method (root)")
     p.add_argument("--out", type=Path, default=HERE / "results", help="where unpack.md/.json/.png go")
     p.add_argument("--work-dir", default=None, help="parent of the scratch dir (default: the system temp dir)")
+    p.add_argument(
+        "--fs",
+        choices=("auto", "fresh", "here"),
+        default="auto",
+        help="fresh: mount a new ext4 on a loop device as the scratch dir (root); here: use the work dir's "
+        "filesystem as it is; auto (default): fresh when possible",
+    )
     p.add_argument("--keep", action="store_true", help="keep the scratch dir")
     p.add_argument("--methods", type=lambda v: v.split(","), default=None, help="a subset, e.g. create,ours_cold")
     p.add_argument("--no-change-check", dest="change_check", action="store_false", help="skip the changed-file check")
@@ -863,11 +925,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _stop)
     start = machine()
-    with workdir(a.work_dir, a.keep) as work:
+    where: dict[str, object] = {}
+    with workdir(a.work_dir, a.keep, a.fs, where) as work:
         datasets = make_datasets(a, work)
         runner = Runner(work, a.warm_runs, a.cold_cache)
         run_rounds(runner, datasets)
-        info = {**machine(), "cold_cache": a.cold_cache, "at_start": start}
+        info = {**machine(), **where, "cold_cache": a.cold_cache, "at_start": start}
         if start["code"] != info["code"]:
             info["entrypoint"] = f"{start['entrypoint']} at the start, {info['entrypoint']} at the end (changed!)"
         results = report(datasets, a.out, info, command.strip())
