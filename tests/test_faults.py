@@ -514,15 +514,16 @@ def test_quick_check_is_bounded_whatever_the_size(tmp_path: Path) -> None:
         (deep / f"m{i}.py").write_text("x")
     (prefix / "bin").mkdir()
     (prefix / "bin" / "python").write_text("x")
+    (prefix / "bin" / "tool--").write_text("x")  # a line ending like the section marker's
     (prefix / "lib" / "libpython3.8.so.1.0").write_text("x")
     entry = cache.Entry(tmp_path / "c", "e" * 64)
     prefix.rename(entry.prefix)
     cache.write_manifest(entry)
-    quick, _, rest = entry.manifest.read_text().partition(cache.QUICK_END)
+    quick, _, rest = entry.manifest.read_text().partition("\n" + cache.QUICK_END)
     lines = quick.splitlines()
     assert len(lines) <= cache.QUICK_LINES < len(lines) + len(rest.splitlines())
     names = {line.split("\t", 2)[2] for line in lines}
-    assert {"", "bin/python", "lib/libpython3.8.so.1.0", "lib/python3.8/site-packages/pkg7"} <= names
+    assert {"", "bin/python", "bin/tool--", "lib/libpython3.8.so.1.0", "lib/python3.8/site-packages/pkg7"} <= names
     assert cache.verify(entry, full=False) is None and cache.verify(entry, full=True) is None
 
 
