@@ -54,10 +54,11 @@ def lookup(environ: Mapping[str, str], require: tuple[str, ...]) -> Hit | None:
     pin = environ.get(f"{ENV_PREFIX}TARBALL_SHA256", "").strip().lower() or None
     if verify not in ("quick", "full") or (pin is not None and (len(pin) != 64 or not HEX.issuperset(pin))):
         return None
-    key = _remembered_key(tarball, _cache_dir(environ))
+    cache_dir = _cache_dir(environ)
+    key = _remembered_key(tarball, cache_dir)
     if key is None or (pin is not None and key != pin):
         return None
-    entry = Entry(_cache_dir(environ), key)
+    entry = Entry(cache_dir, key)
     gc.hold(entry)  # before the marker is read: from here no gc removes it until the server exits
     if cache.read_marker(entry) is None or cache.verify(entry, full=verify == "full") is not None:
         return None

@@ -96,9 +96,11 @@ class _Prehash(threading.Thread):
         self.result: tuple[str, tuple[int, ...]] | None = None
 
     def run(self) -> None:
-        try:
-            with open(self.path, "rb", buffering=0) as f:
-                self.result = _sha256(f)
+        try:  # a FIFO must neither block this thread nor lose its bytes to it: regular files only
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            with open(fd, "rb", buffering=0) as f:
+                if stat.S_ISREG(os.fstat(fd).st_mode):
+                    self.result = _sha256(f)
         except OSError:
             pass  # locate() reports what is wrong with the file, with the settings' wording
 
