@@ -100,8 +100,12 @@ def ensure_writable(root: Path) -> None:
 
 
 def discard(entry: Entry) -> None:
-    """Remove an entry, marker first, so a crash half-way never leaves a marked partial entry."""
-    for path in (entry.marker, entry.manifest):
+    """Remove an entry, marker first, so a crash half-way never leaves a marked partial entry.
+
+    Also the temporaries of its marker and manifest (`_write_atomic`) that a start killed while
+    publishing left behind: only the holder of the entry's unpack lock (or gc's exclusive lock)
+    calls this, so no live process is writing them."""
+    for path in (entry.marker, entry.manifest, *entry.root.glob(f".{entry.name}.*.tmp")):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
     _fsync_dir(entry.root)

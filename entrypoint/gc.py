@@ -180,6 +180,8 @@ def collect(root: Path, max_bytes: int | None, max_age_days: float | None, dry_r
     process holds them. Entries in use are kept and still count towards `max_bytes`.
     """
     items = scan(root)
+    if not dry_run:
+        _sweep_key_temporaries(root)
     total = sum(i.size for i in items)
     now = time.time()
     out = []
@@ -202,6 +204,16 @@ def collect(root: Path, max_bytes: int | None, max_age_days: float | None, dry_r
         total -= item.size
         out.append(Outcome(item, "would remove" if dry_run else "removed", reason))
     return out
+
+
+def _sweep_key_temporaries(root: Path) -> None:
+    """Key memos a start was killed while writing (source._remember): a minute old, nobody's."""
+    now = time.time()
+    with contextlib.suppress(FileNotFoundError):
+        for tmp in (root / ".keys").glob("*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                if now - tmp.stat().st_mtime > 60:
+                    tmp.unlink()
 
 
 def _remove(entry: Entry) -> None:

@@ -139,3 +139,16 @@ def test_bad_arguments_are_refused(tmp_path: Path) -> None:
     for args in (["--max-bytes", "lots"], ["--max-age", "old"], ["--force"]):
         proc = run_entrypoint(["gc", *args], entry_env(MLSERVER_ENV_CACHE_DIR=tmp_path))
         assert proc.returncode == 2 and proc.stderr.startswith("mlserver-entrypoint: error:"), proc.stderr
+
+
+def test_gc_removes_key_memos_a_killed_start_left_half_written(tmp_path: Path) -> None:
+    keys = tmp_path / ".keys"
+    keys.mkdir()
+    stale, fresh = keys / "0a1b2c3d4e5f6a7b.111.tmp", keys / "0a1b2c3d4e5f6a7b.222.tmp"
+    for path in (stale, fresh):
+        path.write_text('{"sha')
+    os.utime(stale, (time.time() - 120, time.time() - 120))
+    gc(tmp_path, "--dry-run")
+    assert stale.exists()  # a dry run changes nothing
+    gc(tmp_path)
+    assert not stale.exists() and fresh.exists()  # a start may be writing the fresh one right now
