@@ -178,6 +178,10 @@ def _nts(field: bytes) -> str:
 
 
 def _number(field: bytes) -> int:
+    try:  # the usual "0000644\0" in one C call; anything else (NULs inside, base-256) below
+        return int(field.rstrip(b"\0 ") or b"0", 8)
+    except ValueError:
+        pass
     if field[:1] == b"\x80":  # GNU base-256, for sizes over 8 GiB
         return int.from_bytes(field[1:], "big")
     if field[:1] == b"\xff":
@@ -259,6 +263,9 @@ class TarReader:
         self.remaining = 0  # unread data bytes of the current member
         self.padding = 0
 
+    def _data(self) -> _Data:
+        return _Data(self)
+
     def view(self, n: int) -> memoryview | bytes:
         """Up to n (> 0) next bytes, as a view of the current chunk; empty only at the end."""
         if self._pos >= len(self._buf):
@@ -324,6 +331,8 @@ class TarReader:
                 raise ArchiveError("bad tar header checksum (corrupt archive)")
             flag = header[156:157]
             size = _number(header[124:136])
+            if size < 0:  # "-5" parses as octal too; it would misalign the next header
+                raise ArchiveError("negative size in a tar header (corrupt archive)")
             if flag in (b"x", b"g", b"L", b"K"):
                 data = self._meta(size)
                 if flag == b"x":
@@ -335,12 +344,16 @@ class TarReader:
                 else:
                     long_link = _nts(data)
                 continue
+            # What a pax header or a GNU long name gives is not parsed again from the ustar fields.
             fields = {**global_pax, **pax} if global_pax else pax
-            name = _nts(header[0:100])
-            if header[257:265] == b"ustar\x0000" and header[345] != 0:
-                name = _nts(header[345:500]) + "/" + name
-            name = fields.get("path", long_name or name)
-            linkname = fields.get("linkpath", long_link or _nts(header[157:257]))
+            if "path" in fields:
+                name = fields["path"]
+            elif long_name:
+                name = long_name
+            else:
+                name = _nts(header[0:100])
+                if header[257:265] == b"ustar\x0000" and header[345] != 0:
+                    name = _nts(header[345:500]) + "/" + name
             if "size" in fields:
                 try:
                     size = int(fields["size"])
@@ -349,15 +362,17 @@ class TarReader:
                 if size < 0:  # would shrink the unpacked-bytes total and misalign the next header
                     raise ArchiveError(f"member {name}: negative pax size (corrupt archive)")
             mtime_ns = _pax_mtime_ns(fields["mtime"]) if "mtime" in fields else _number(header[136:148]) * 10**9
-            pax, long_name, long_link = {}, None, None
-            kind = TYPES.get(flag, Kind.OTHER)
             mode = _number(header[100:108]) & 0o7777
+            kind = TYPES.get(flag, Kind.OTHER)
             self.remaining, self.padding = size, -size % BLOCK
             if kind is Kind.FILE:
-                yield Member(name, kind, mode, size, mtime_ns, open=lambda: _Data(self))
-            else:
-                describe = SPECIAL.get(flag, f"member of unknown type {flag!r}")
-                yield Member(name, kind, mode, 0, mtime_ns, linkname=linkname, describe=describe)
+                pax, long_name, long_link = {}, None, None
+                yield Member(name, kind, mode, size, mtime_ns, open=self._data)
+                continue
+            linkname = fields["linkpath"] if "linkpath" in fields else long_link or _nts(header[157:257])
+            pax, long_name, long_link = {}, None, None
+            describe = SPECIAL.get(flag, f"member of unknown type {flag!r}")
+            yield Member(name, kind, mode, 0, mtime_ns, linkname=linkname, describe=describe)
 
 
 def _zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Member:

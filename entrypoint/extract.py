@@ -54,6 +54,10 @@ def normalize(name: str) -> str:
         raise ArchiveError(f"member {name!r}: NUL byte in name")
     if name.startswith("/"):
         raise ArchiveError(f"member {name}: absolute path")
+    # The usual name ("lib/python3.8/os.py", "lib/" for a directory) is already normal: no empty,
+    # "." or ".." component (each would show as "//" or "/." in "/" + name), few components.
+    if "//" not in name and "/." not in f"/{name}" and name.count("/") < MAX_DEPTH:
+        return name[:-1] if name.endswith("/") else name
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise ArchiveError(f"member {name}: '..' in path")
@@ -82,7 +86,7 @@ class Extractor:
 
     def _parents(self, rel: str, name: str) -> None:
         """Create missing parent directories; refuse to go through anything but our own dirs."""
-        parent = posixpath.dirname(rel)
+        parent = rel.rpartition("/")[0]
         if parent in self.dirs:
             return
         kind = self.others.get(hash(parent))

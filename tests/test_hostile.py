@@ -40,6 +40,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import entry_env, error_line, run_entrypoint
 
+from entrypoint.errors import ArchiveError
+from entrypoint.extract import MAX_DEPTH, normalize
+
 FORMATS = ["tar", "tar.gz", "tar.bz2", "tar.xz", "tar.zst"]
 FORMATS_AND_ZIP = [*FORMATS, "zip"]
 # Names the cache may gain from a refused start: lock files, in-use marks, remembered keys.
@@ -270,6 +273,9 @@ def test_member_sizes_that_lie(site: Site) -> None:
     refuse(site, path, "corrupt")
     # A negative size in base-256.
     write_raw(path, base + raw_header("lib/neg", b"\xff" * 12) + end_of_archive())
+    refuse(site, path, "negative")
+    # A negative size in octal digits (int() reads "-5" in base 8 too).
+    write_raw(path, base + raw_header("lib/neg", b"-0000000005\0") + b"a" * 512 + end_of_archive())
     refuse(site, path, "negative")
 
 
@@ -533,3 +539,34 @@ def test_cache_still_serves_after_every_hostile_archive(site: Site) -> None:
         subprocess.run([Path(proc.stdout.splitlines()[-1]) / "bin" / "python", "-c", "pass"], check=False).returncode
         == 0
     )
+
+
+def _normal_by_components(name: str) -> str | None:
+    """What a member name means, component by component (None: it must be refused)."""
+    if "\0" in name or name.startswith("/"):
+        return None
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    return None if ".." in parts or len(parts) > MAX_DEPTH else "/".join(parts)
+
+
+@given(
+    st.lists(st.sampled_from(["", ".", "..", "a", ".a", "a.", "..a", "a..", "...", "lib", "\0"]), max_size=8),
+    st.sampled_from(["", "./", "/"]),
+    st.sampled_from(["", "/", "//", "/."]),
+)
+def test_member_names_mean_what_their_components_say(parts: list[str], lead: str, trail: str) -> None:
+    """The extractor's fast path for already-normal names agrees with the component-wise rule."""
+    name = lead + "/".join(parts) + trail
+    expected = _normal_by_components(name)
+    if expected is None:
+        with pytest.raises(ArchiveError):
+            normalize(name)
+    else:
+        assert normalize(name) == expected
+
+
+def test_member_names_deeper_than_allowed_are_refused() -> None:
+    assert normalize("/".join(["d"] * MAX_DEPTH)) == "/".join(["d"] * MAX_DEPTH)
+    for name in ("/".join(["d"] * (MAX_DEPTH + 1)), "/".join(["d"] * (MAX_DEPTH + 1)) + "/"):
+        with pytest.raises(ArchiveError, match="levels deep"):
+            normalize(name)
