@@ -270,14 +270,16 @@ def _syncfs(path: Path) -> None:
 
 
 class BackgroundSync:
-    """Write the cache back to disk while an entry is being extracted.
+    """Write the cache back to disk while an entry is being extracted and relocated.
 
     The one durability point before publishing (a syncfs) would otherwise wait for every byte
     the extraction left dirty in the page cache, seconds for a large environment; syncing
-    periodically in a thread (syncfs releases the GIL) overlaps that with the extraction.
+    periodically in a thread (syncfs releases the GIL) overlaps that with the extraction and
+    conda-unpack. Every 0.5 s: with 1 s the final sync of the seed environment still took ~0.8 s
+    one start in two (measured on a fresh ext4).
     """
 
-    def __init__(self, root: Path, interval: float = 1.0) -> None:
+    def __init__(self, root: Path, interval: float = 0.5) -> None:
         self._root = root
         self._interval = interval
         self._stop = threading.Event()

@@ -104,45 +104,47 @@ def _unpack(entry: Entry, tarball: Tarball | RemoteTarball, settings: Settings, 
     cache.discard(entry)
     previous = _trap_signals()
     try:
-        if not isinstance(tarball, Tarball):  # a URL: streamed, retried, SHA-256 checked (entrypoint/remote.py)
-            from entrypoint import remote
+        # Write back in the background while extracting and relocating: the one durability point
+        # before publishing (a syncfs) then only waits for the last second's writes.
+        with cache.BackgroundSync(settings.cache_dir):
+            if not isinstance(tarball, Tarball):  # a URL: streamed, retried, SHA-256 checked (entrypoint/remote.py)
+                from entrypoint import remote
 
-            with log.phase("extract") as details:
-                stats = remote.extract(tarball, entry, settings)
-                details.update(files=stats.files, MB=round(stats.bytes / 1e6))
-        else:
-            with log.phase("extract") as details, open(tarball.path, "rb") as raw:
-                if os.fstat(raw.fileno()).st_ino != tarball.identity[1]:
-                    raise ConfigError(f"{tarball.display} was replaced while starting; start again")
-                os.mkdir(entry.prefix, 0o755)
-                try:
-                    progress = log.Progress("extract", tarball.size, raw.tell)
-                    with cache.BackgroundSync(settings.cache_dir):
+                with log.phase("extract") as details:
+                    stats = remote.extract(tarball, entry, settings)
+                    details.update(files=stats.files, MB=round(stats.bytes / 1e6))
+            else:
+                with log.phase("extract") as details, open(tarball.path, "rb") as raw:
+                    if os.fstat(raw.fileno()).st_ino != tarball.identity[1]:
+                        raise ConfigError(f"{tarball.display} was replaced while starting; start again")
+                    os.mkdir(entry.prefix, 0o755)
+                    try:
+                        progress = log.Progress("extract", tarball.size, raw.tell)
                         stats = extract.extract(
                             _ticking(archive.members(raw), progress),
                             entry.prefix,
                             extract.Limits(settings.max_members, settings.max_unpacked_bytes),
                         )
-                    progress.done()
-                except archive.CORRUPT as exc:
-                    raise ArchiveError(
-                        f"{tarball.display}: corrupt or truncated archive ({exc}); pack it again"
-                    ) from None
-                st = os.fstat(raw.fileno())
-                # ctime too: a rewrite in place that restores size and mtime (rsync --inplace, touch -r)
-                # still changes it, and the key (or the SHA-256 pin) was computed from the old bytes.
-                if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != tuple(tarball.identity[2:5]):
-                    raise ConfigError(f"{tarball.display} changed while it was being read; start again")
-                details.update(files=stats.files, MB=round(stats.bytes / 1e6))
-        with log.phase("relocate") as details:
-            python = find_python(entry.prefix)
-            for program in require:
-                if not os.access(entry.prefix / "bin" / program, os.X_OK):
-                    _missing_program(entry.prefix, program)
-            records = relocate.prefix_records(entry.prefix)
-            relocate.check_prefix_length(records, entry.prefix)
-            ran = relocate.run_conda_unpack(entry.prefix, python)
-            details["conda-unpack"] = f"{len(records)} files" if ran else "absent (not a conda-pack archive)"
+                        progress.done()
+                    except archive.CORRUPT as exc:
+                        raise ArchiveError(
+                            f"{tarball.display}: corrupt or truncated archive ({exc}); pack it again"
+                        ) from None
+                    st = os.fstat(raw.fileno())
+                    # ctime too: a rewrite in place that restores size and mtime (rsync --inplace, touch -r)
+                    # still changes it, and the key (or the SHA-256 pin) was computed from the old bytes.
+                    if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != tuple(tarball.identity[2:5]):
+                        raise ConfigError(f"{tarball.display} changed while it was being read; start again")
+                    details.update(files=stats.files, MB=round(stats.bytes / 1e6))
+            with log.phase("relocate") as details:
+                python = find_python(entry.prefix)
+                for program in require:
+                    if not os.access(entry.prefix / "bin" / program, os.X_OK):
+                        _missing_program(entry.prefix, program)
+                records = relocate.prefix_records(entry.prefix)
+                relocate.check_prefix_length(records, entry.prefix)
+                ran = relocate.run_conda_unpack(entry.prefix, python)
+                details["conda-unpack"] = f"{len(records)} files" if ran else "absent (not a conda-pack archive)"
         with log.phase("publish"):
             try:
                 cache.write_manifest(entry)
