@@ -67,14 +67,19 @@ TARGET_RSS_MIB = 64.0
 LINEAR_SLACK = 1.3  # ours cold may grow at most this much faster than the file-creation limit
 
 # Runs the entrypoint exactly as `python -m entrypoint` does, and reports its own peak RSS at exit
-# (VmHWM: getrusage's ru_maxrss would include the RSS of whatever forked it).
+# (VmHWM: getrusage's ru_maxrss would include the RSS of whatever forked it), also when it ends
+# with os._exit (`unpack` skips the interpreter's teardown), which runs no atexit hook.
 OURS = """\
-import atexit, runpy, sys
+import atexit, os, runpy, sys
 def _peak():
     with open("/proc/self/status") as f:
         kib = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
     print(f"bench: peak RSS {kib} KiB", file=sys.stderr, flush=True)
+def _exit(code, _os_exit=os._exit):
+    _peak()
+    _os_exit(code)
 atexit.register(_peak)
+os._exit = _exit
 runpy.run_module("entrypoint", run_name="__main__", alter_sys=True)
 """
 # GNU time reports its child's peak RSS (with the child's own children) without adding ours: a

@@ -41,3 +41,5 @@ def test_benchmark_runs_and_writes_table_plot_and_data(small_tarball: Path, tmp_
     assert all(len(samples[m]) == 1 for m in METHODS if m != "create"), samples
     assert len(samples["create"]) == len(METHODS), samples  # measured before and after each method
     assert data["datasets"][0]["files"] > 1000  # counted from the extracted tree
+    # the entrypoint's own peak RSS was reported (not only its process tree's, conda-unpack included)
+    assert data["datasets"][0]["entrypoint_rss_kib"], data["datasets"][0]
