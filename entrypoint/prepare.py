@@ -105,7 +105,7 @@ def _unpack(entry: Entry, tarball: Tarball | RemoteTarball, settings: Settings, 
     previous = _trap_signals()
     try:
         # Write back in the background while extracting and relocating: the one durability point
-        # before publishing (a syncfs) then only waits for the last second's writes.
+        # before publishing (a syncfs) then only waits for the last half second's writes.
         with cache.BackgroundSync(settings.cache_dir):
             if not isinstance(tarball, Tarball):  # a URL: streamed, retried, SHA-256 checked (entrypoint/remote.py)
                 from entrypoint import remote

@@ -120,7 +120,7 @@ def extract(tarball: RemoteTarball, entry: Entry, settings: Settings) -> Stats:
 
 
 def _extract_once(tarball: RemoteTarball, info: dict[str, Any], entry: Entry, settings: Settings) -> Stats:
-    from entrypoint import archive, cache
+    from entrypoint import archive
     from entrypoint import extract as extractor
 
     fs, path = _filesystem(tarball)
@@ -133,10 +133,9 @@ def _extract_once(tarball: RemoteTarball, info: dict[str, Any], entry: Entry, se
         progress = log.Progress("extract", size, reader.tell) if size else None
         stats: Stats | None = None
         try:
-            with cache.BackgroundSync(settings.cache_dir):
-                stats = extractor.extract(
-                    _ticking(archive.members(cast(BinaryIO, reader)), progress), entry.prefix, limits
-                )
+            stats = extractor.extract(  # written back meanwhile by prepare's cache.BackgroundSync
+                _ticking(archive.members(cast(BinaryIO, reader)), progress), entry.prefix, limits
+            )
         except archive.NeedsRandomAccess:
             pass  # a zip: this stream is closed first, then the file is read with ranges
         except archive.CORRUPT as exc:
