@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -20,6 +21,7 @@ from entrypoint.source import Tarball, content_key
 
 if TYPE_CHECKING:
     from entrypoint.archive import Member
+    from entrypoint.extract import Stats
     from entrypoint.remote import RemoteTarball
 
 
@@ -99,14 +101,14 @@ def _missing_program(prefix: Path, program: str) -> None:
 
 
 def _unpack(entry: Entry, tarball: Tarball | RemoteTarball, settings: Settings, require: tuple[str, ...]) -> Prepared:
-    from entrypoint import archive, extract, relocate  # the cold path's heavier imports
+    from entrypoint import archive, extract  # the cold path's heavier imports
 
     cache.discard(entry)
     previous = _trap_signals()
     try:
-        # Write back in the background while extracting and relocating: the one durability point
-        # before publishing (a syncfs) then only waits for the last half second's writes.
-        with cache.BackgroundSync(settings.cache_dir):
+        # Write back in the background while extracting, relocating and listing the manifest: the
+        # one durability point before publishing (a syncfs) then only waits for the last writes.
+        with cache.BackgroundSync(settings.cache_dir) as background:
             if not isinstance(tarball, Tarball):  # a URL: streamed, retried, SHA-256 checked (entrypoint/remote.py)
                 from entrypoint import remote
 
@@ -141,18 +143,12 @@ def _unpack(entry: Entry, tarball: Tarball | RemoteTarball, settings: Settings, 
                 for program in require:
                     if not os.access(entry.prefix / "bin" / program, os.X_OK):
                         _missing_program(entry.prefix, program)
-                records = relocate.prefix_records(entry.prefix)
-                relocate.check_prefix_length(records, entry.prefix)
-                ran = relocate.run_conda_unpack(entry.prefix, python)
-                details["conda-unpack"] = f"{len(records)} files" if ran else "absent (not a conda-pack archive)"
-        with log.phase("publish"):
-            try:
-                cache.write_manifest(entry)
+                with _cache_writes(entry, stats):
+                    details["conda-unpack"] = _relocate(entry.prefix, python, settings)
+            with log.phase("publish"), _cache_writes(entry, stats):
+                cache.write_manifest(entry)  # the last writes go back meanwhile
+                background.stop()
                 cache.publish(entry, {"tarball": tarball.display, "files": stats.files, "bytes": stats.bytes})
-            except OSError as exc:  # the disk filled up after the extraction, or the cache turned read-only
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise extract.no_space_error(entry.prefix, stats.disk_bytes) from None
-                raise extract.write_error(exc, entry.prefix) from None
         gc.at_start(settings)  # the cache just grew
         return Prepared(entry.prefix, python, False)
     except ArchiveError as exc:
@@ -163,6 +159,36 @@ def _unpack(entry: Entry, tarball: Tarball | RemoteTarball, settings: Settings, 
         raise
     finally:
         _restore_signals(previous)
+
+
+@contextlib.contextmanager
+def _cache_writes(entry: Entry, stats: Stats) -> Iterator[None]:
+    """After the extraction: the disk filled up (a text file's new prefix is longer, the manifest),
+    or the cache turned read-only; one line naming the setting to change."""
+    from entrypoint import extract
+
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise extract.no_space_error(entry.prefix, stats.disk_bytes) from None
+        raise extract.write_error(exc, entry.prefix) from None
+
+
+def _relocate(prefix: Path, python: Path, settings: Settings) -> str:
+    """Relocate the environment as its conda-unpack would; says how, for the log."""
+    from entrypoint import relocate
+
+    script = relocate.read_unpack_script(prefix)
+    if script is None:
+        return "absent (not a conda-pack archive)"
+    relocate.check_prefix_length(script.records, prefix)
+    if script.known and settings.relocate == "auto":
+        changed = relocate.rewrite_prefixes(prefix, script.records)
+        if changed is not None:
+            return f"{len(script.records)} files, {changed} changed, in-process by {script.known}'s rules"
+    relocate.run_conda_unpack(prefix, python)
+    return f"{len(script.records)} files, by {relocate.UNPACK_SCRIPT}"
 
 
 def _ticking(members: Iterator[Member], progress: log.Progress) -> Iterator[Member]:

@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     lock_timeout: float = Field(default=1800.0, gt=0, description="seconds to wait for another unpack")
     max_members: int = Field(default=2_000_000, gt=0, description="refuse archives with more members")
     max_unpacked_bytes: int = Field(default=64 << 30, gt=0, description="refuse archives unpacking larger")
+    relocate: Literal["auto", "conda-unpack"] = Field(
+        default="auto",
+        description="auto: a conda-unpack of a known conda-pack release is reproduced in-process; "
+        "conda-unpack: always run the packed script",
+    )
     verify: Literal["quick", "full"] = Field(default="quick", description="how a cached entry is checked at start")
     stop_grace: float = Field(
         default=DEFAULT_STOP_GRACE, ge=0, description="seconds between SIGTERM and SIGKILL of mlserver"

@@ -265,34 +265,50 @@ def real_tar_head(tarball: Path, limit: int = 256 << 10) -> tuple[bytes, list[in
     return data[:at] + end_of_archive(), offsets
 
 
-def conda_pack_tiny(out: Path, placeholder: str) -> Path:
-    """A real conda-pack tarball of a tiny prefix holding one managed file whose package records a
-    binary prefix `placeholder` (conda-pack reads managed files from the package cache, so one is
-    made here too). conda-unpack can only write a prefix no longer than `placeholder` into it."""
+CONDA_PACK = (sys.executable, "-m", "conda_pack.cli")  # the release the tests install
+
+
+def conda_pack_tiny(
+    out: Path,
+    placeholder: str,
+    managed: dict[str, tuple[bytes, str]] | None = None,
+    unmanaged: dict[str, bytes] | None = None,
+    cli: Iterable[str] = CONDA_PACK,
+    env: dict[str, str] | None = None,
+) -> Path:
+    """A real conda-pack tarball (written by `cli`) of a tiny prefix whose package "tiny" has the
+    `managed` files (path: (data, file mode)), recorded with the prefix `placeholder`, plus the
+    `unmanaged` files. By default one binary lib/libtiny.so: conda-unpack can only write a prefix
+    no longer than `placeholder` into it. conda-pack reads managed files from the package cache,
+    so one is made here too."""
     prefix, pkg = out / "prefix", out / "pkgs" / "tiny-1.0-0"
-    for d in (prefix / "bin", prefix / "lib", prefix / "conda-meta", pkg / "info", pkg / "lib"):
+    if managed is None:
+        managed = {"lib/libtiny.so": (b"\x7fELF\0\0" + placeholder.encode() + b"/lib/libz.so\0\0\0trailer", "binary")}
+    for d in (prefix / "bin", prefix / "conda-meta", pkg / "info"):
         d.mkdir(parents=True, exist_ok=True)
     shutil.copy(HOST_PYTHON, prefix / "bin" / HOST_PYTHON.name)
     (prefix / "bin" / "python").symlink_to(HOST_PYTHON.name)
     (prefix / "conda-meta" / "history").write_text("# tiny\n")
-    lib = b"\x7fELF\0\0" + placeholder.encode() + b"/lib/libz.so\0\0\0trailer"
-    (pkg / "lib" / "libtiny.so").write_bytes(lib)
-    (prefix / "lib" / "libtiny.so").write_bytes(lib)
+    for rel, (data, _) in managed.items():
+        for root in (pkg, prefix):
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(data)
+    for rel, data in (unmanaged or {}).items():
+        (prefix / rel).parent.mkdir(parents=True, exist_ok=True)
+        (prefix / rel).write_bytes(data)
     (pkg / "info" / "index.json").write_text(json.dumps({"name": "tiny", "version": "1.0", "build": "0"}))
-    path = {
-        "_path": "lib/libtiny.so",
-        "path_type": "hardlink",
-        "prefix_placeholder": placeholder,
-        "file_mode": "binary",
-    }
-    (pkg / "info" / "paths.json").write_text(json.dumps({"paths_version": 1, "paths": [path]}))
-    meta = {"name": "tiny", "version": "1.0", "build": "0", "build_number": 0, "files": ["lib/libtiny.so"],
+    paths = [
+        {"_path": rel, "path_type": "hardlink", "prefix_placeholder": placeholder, "file_mode": mode}
+        for rel, (_, mode) in managed.items()
+    ]
+    (pkg / "info" / "paths.json").write_text(json.dumps({"paths_version": 1, "paths": paths}))
+    meta = {"name": "tiny", "version": "1.0", "build": "0", "build_number": 0, "files": list(managed),
             "link": {"source": str(pkg), "type": 1}}  # fmt: skip
     (prefix / "conda-meta" / "tiny-1.0-0.json").write_text(json.dumps(meta))
     tarball = out / "tiny.tar.gz"
     subprocess.run(
-        [sys.executable, "-m", "conda_pack.cli", "-q", "-p", str(prefix), "-o", str(tarball)],
-        check=True, capture_output=True,
+        [*cli, "-q", "-p", str(prefix), "-o", str(tarball)],
+        check=True, capture_output=True, env=env,
     )  # fmt: skip
     return tarball
 

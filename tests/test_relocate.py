@@ -1,0 +1,238 @@
+"""Relocation in-process gives the very tree the packed conda-unpack gives (issue 5).
+
+Each conda-pack release whose script `relocate.KNOWN_SCRIPTS` lists packs the same prefix here
+(text and binary records, several placeholders in one string, one with no NUL after it, files
+the placeholder is absent from); the archive is then relocated once by its own conda-unpack and
+once by `relocate.rewrite_prefixes`, at the same path, and the two trees must be identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import pytest
+from archives import CONDA_PACK, M, conda_pack_tiny, tiny_env, write_tar
+from support import ENTRYPOINT, entry_env, error_line, run_entrypoint
+
+from entrypoint import archive, extract, relocate
+
+RELEASES = ["0.7.0", "0.7.1", "0.8.0", "0.8.1", "0.9.1", "0.9.2"]
+INSTALLED = "0.9.2"  # pyproject.toml's pin; the others are fetched from PyPI once per machine
+PLACEHOLDER = "/opt/tiny_placeholder_" + "x" * 80  # long: binary files take any shorter prefix
+LIMITS = extract.Limits(max_members=10_000, max_unpacked_bytes=1 << 30)
+FIXTURES = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mlserver-env-fixtures"
+
+
+def release_cli(release: str) -> tuple[list[str], dict[str, str] | None]:
+    """How to run conda-pack `release`: the installed one, or its wheel unpacked into the fixture cache."""
+    if release == INSTALLED:
+        return list(CONDA_PACK), None
+    where = FIXTURES / f"conda-pack-{release}"
+    if not where.is_dir():
+        with tempfile.TemporaryDirectory(dir=FIXTURES.parent if FIXTURES.exists() else None) as tmp:
+            subprocess.run(
+                [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                 f"conda-pack=={release}", "-d", tmp],
+                check=True, capture_output=True,
+            )  # fmt: skip
+            (wheel,) = Path(tmp).glob("*.whl")
+            unpacked = Path(tmp) / "unpacked"
+            with zipfile.ZipFile(wheel) as zf:
+                zf.extractall(unpacked)
+            FIXTURES.mkdir(parents=True, exist_ok=True)
+            os.rename(unpacked, where)  # whole or not at all: a parallel run may have won, which is fine
+    return list(CONDA_PACK), {**os.environ, "PYTHONPATH": str(where)}
+
+
+def pack(out: Path, release: str) -> Path:
+    prefix = out / "prefix"
+    ph = PLACEHOLDER.encode()
+    managed = {
+        # several placeholders in one NUL-terminated string, and one with no NUL after it
+        "lib/libtiny.so": (
+            b"\x7fELF\0\0" + ph + b"/lib/libz.so\0\0\0rpath=" + ph + b"/lib:" + ph + b"/lib64\0tail " + ph,
+            "binary",
+        ),
+        "lib/libnone.so": (b"\x7fELF\0\0no placeholder here\0", "binary"),
+        "etc/tiny.conf": (b"prefix=" + ph + b"\nlibs=" + ph + b"/lib:" + ph + b"/lib64\n", "text"),
+        "share/tiny/plain.txt": (b"nothing to rewrite\n", "text"),
+    }
+    unmanaged = {  # conda-pack records unmanaged text files with the prefix's own path as placeholder
+        "lib/pkgconfig/tiny.pc": f"prefix={prefix}\nlibdir=${{prefix}}/lib\n".encode(),
+        "bin/tiny-tool": f"#!{prefix}/bin/python\nprint('{prefix}')\n".encode(),
+    }
+    cli, env = release_cli(release)
+    return conda_pack_tiny(out, PLACEHOLDER, managed, unmanaged, cli, env)
+
+
+def tree(root: Path) -> dict[str, tuple[str, int, str]]:
+    """Kind, permission bits and content (SHA-256, or link target) of everything under root."""
+    out: dict[str, tuple[str, int, str]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath, name)
+            st = path.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                out[str(path.relative_to(root))] = ("link", 0, os.readlink(path))
+            elif stat.S_ISDIR(st.st_mode):
+                out[str(path.relative_to(root))] = ("dir", stat.S_IMODE(st.st_mode), "")
+            else:
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                out[str(path.relative_to(root))] = ("file", stat.S_IMODE(st.st_mode), digest)
+    return out
+
+
+def unpacked(tarball: Path, dest: Path) -> relocate.UnpackScript:
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir()
+    with open(tarball, "rb") as raw:
+        extract.extract(archive.members(raw), dest, LIMITS)
+    script = relocate.read_unpack_script(dest)
+    assert script is not None
+    return script
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_in_process_relocation_gives_conda_unpacks_tree(release: str, tmp_path: Path) -> None:
+    tarball = pack(tmp_path / "pack", release)
+    dest = tmp_path / "env"  # the same path both times: the prefix is part of the rewritten bytes
+
+    script = unpacked(tarball, dest)
+    code = relocate.script_digest((dest / relocate.UNPACK_SCRIPT).read_text())
+    assert script.known == f"conda-pack {release}", f"conda-pack {release} wrote a script of digest {code}"
+    packed = tree(dest)
+    subprocess.run([sys.executable, str(dest / relocate.UNPACK_SCRIPT)], cwd=dest, check=True, capture_output=True)
+    theirs = tree(dest)
+
+    script = unpacked(tarball, dest)
+    inode = os.stat(dest / "lib/libtiny.so").st_ino
+    changed = relocate.rewrite_prefixes(dest, script.records)
+    ours = tree(dest)
+
+    assert ours == theirs
+    changed_files = {"lib/libtiny.so", "etc/tiny.conf", "lib/pkgconfig/tiny.pc", "bin/tiny-tool"}
+    assert {rel for rel in theirs if theirs[rel] != packed[rel]} == changed_files
+    assert changed == len(changed_files)
+    assert os.stat(dest / "lib/libtiny.so").st_ino == inode  # written in place: hard links stay linked
+    data = (dest / "lib/libtiny.so").read_bytes()
+    assert data.endswith(b"tail " + PLACEHOLDER.encode())  # no NUL after it: left alone, as conda-unpack does
+    assert f"rpath={dest}/lib:{dest}/lib64\0".encode() in data
+
+
+def test_unpack_relocates_in_process_unless_told_or_unknown(tmp_path: Path) -> None:
+    """The command line's choice: in-process for a known script, the packed script when
+    MLSERVER_ENV_RELOCATE=conda-unpack or when the script is not one we know (here: edited)."""
+    tarball = pack(tmp_path / "pack", INSTALLED)
+    env = entry_env(MLSERVER_ENV_TARBALL=tarball, MLSERVER_ENV_CACHE_DIR=tmp_path / "c1")
+    proc = run_entrypoint(["unpack"], env)
+    assert proc.returncode == 0, proc.stderr
+    assert f"4 changed, in-process by conda-pack {INSTALLED}'s rules" in proc.stderr
+    ours = tree(Path(proc.stdout.strip()))
+
+    env.update(MLSERVER_ENV_RELOCATE="conda-unpack", MLSERVER_ENV_CACHE_DIR=str(tmp_path / "c2"))
+    proc = run_entrypoint(["unpack"], env)
+    assert proc.returncode == 0, proc.stderr
+    assert f"by {relocate.UNPACK_SCRIPT}" in proc.stderr
+    theirs = tree(Path(proc.stdout.strip()))
+    # The same tree but for the prefix written into the files (c1 against c2, same length).
+    assert ours.keys() == theirs.keys()
+
+    edited = "#!/usr/bin/env python\nopen('edited', 'w').close()\n_prefix_records = [\n]\n"
+    tarball = write_tar(
+        tmp_path / "edited.tar.gz", [*tiny_env(), M("bin/conda-unpack", data=edited.encode(), mode=0o755)]
+    )
+    env.update(MLSERVER_ENV_TARBALL=str(tarball), MLSERVER_ENV_RELOCATE="auto")
+    proc = run_entrypoint(["unpack"], env)
+    assert proc.returncode == 0, proc.stderr
+    assert (Path(proc.stdout.strip()) / "edited").exists()  # the script itself ran
+
+
+def known_script(records: list[str]) -> bytes:
+    """A bin/conda-unpack conda-pack 0.9.2 could have written, with these record lines."""
+    template = _installed_script()
+    start = template.index(relocate.RECORDS_START) + len(relocate.RECORDS_START)
+    end = template.index("\n]\n", start)
+    return (template[:start] + "\n" + ",\n".join(records) + template[end:]).encode()
+
+
+_SCRIPT: list[str] = []
+
+
+def _installed_script() -> str:
+    if not _SCRIPT:
+        with tempfile.TemporaryDirectory() as tmp:
+            tarball = pack(Path(tmp), INSTALLED)
+            dest = Path(tmp) / "env"
+            unpacked(tarball, dest)
+            _SCRIPT.append((dest / relocate.UNPACK_SCRIPT).read_text())
+    return _SCRIPT[0]
+
+
+@pytest.mark.parametrize(
+    ("record", "complaint"),
+    [
+        ("('../../../outside.txt', '/opt/x', 'text')", "lists ../../../outside.txt, outside the environment"),
+        ("('/etc/hostname', '/opt/x', 'text')", "lists /etc/hostname, outside the environment"),
+        ("('share/doc/README', '/opt/x', 'octal')", "gives share/doc/README the unknown mode 'octal'"),
+        ("('share/doc/missing', '/opt/x', 'text')", "share/doc/missing, which cannot be rewritten (No such file"),
+        ("('share/doc', '/opt/x', 'text')", "share/doc, which cannot be rewritten (Is a directory)"),
+    ],
+)
+def test_bad_records_are_refused_before_anything_is_published(record: str, complaint: str, tmp_path: Path) -> None:
+    (tmp_path / "outside.txt").write_text("/opt/x\n")
+    script = known_script(["('share/doc/README', '/opt/x', 'text')", record])
+    tarball = write_tar(tmp_path / "env.tar.gz", [*tiny_env(), M("bin/conda-unpack", data=script, mode=0o755)])
+    cache = tmp_path / "cache" / "sub"  # outside.txt is ../../../outside.txt from the entry
+    env = entry_env(MLSERVER_ENV_TARBALL=tarball, MLSERVER_ENV_CACHE_DIR=cache)
+    proc = run_entrypoint(["unpack"], env)
+    assert proc.returncode != 0
+    assert complaint in error_line(proc)
+    assert (tmp_path / "outside.txt").read_text() == "/opt/x\n"
+    assert not list(cache.glob("*.ready"))
+    assert not [p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")]
+
+
+def test_a_big_recorded_file_leaves_the_job_to_the_script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files are read whole, as conda-unpack does; over MAX_REWRITE_BYTES we run the script instead,
+    which keeps the entrypoint's own memory flat."""
+    tarball = pack(tmp_path / "pack", INSTALLED)
+    dest = tmp_path / "env"
+    script = unpacked(tarball, dest)
+    before = tree(dest)
+    monkeypatch.setattr(relocate, "MAX_REWRITE_BYTES", 40)  # etc/tiny.conf is bigger
+    assert relocate.rewrite_prefixes(dest, script.records) is None
+    assert tree(dest) == before  # nothing rewritten: the script gets the whole job
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_during_in_process_relocation_leaves_nothing(sig: signal.Signals, tmp_path: Path) -> None:
+    """60,000 records (one file, listed again and again) keep the relocation busy for about a second."""
+    script = known_script(["('share/doc/README', '/opt/x', 'text')"] * 60_000)
+    tarball = write_tar(tmp_path / "env.tar.gz", [*tiny_env(), M("bin/conda-unpack", data=script, mode=0o755)])
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen(
+        [*ENTRYPOINT, "unpack"], env=entry_env(MLSERVER_ENV_TARBALL=tarball, MLSERVER_ENV_CACHE_DIR=cache),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if line.startswith("mlserver-entrypoint: extract:"):
+            break
+    proc.send_signal(sig)
+    _, rest = proc.communicate(timeout=60)
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, "", "".join(lines) + rest)
+    assert done.returncode != 0, done.stderr
+    assert f"stopped by {sig.name}" in error_line(done)
+    assert "relocate:" not in done.stderr  # it landed in the relocation
+    assert not list(cache.glob("*.ready")) and not [p for p in cache.iterdir() if p.is_dir() and p.name[0] != "."]
