@@ -143,8 +143,7 @@ def _unpack(entry: Entry, tarball: Tarball | RemoteTarball, settings: Settings, 
                 for program in require:
                     if not os.access(entry.prefix / "bin" / program, os.X_OK):
                         _missing_program(entry.prefix, program)
-                with _cache_writes(entry, stats):
-                    details["conda-unpack"] = _relocate(entry.prefix, python, settings)
+                details["conda-unpack"] = _relocate(entry, stats, python, settings)
             with log.phase("publish"), _cache_writes(entry, stats):
                 cache.write_manifest(entry)  # the last writes go back meanwhile
                 background.stop()
@@ -175,16 +174,18 @@ def _cache_writes(entry: Entry, stats: Stats) -> Iterator[None]:
         raise extract.write_error(exc, entry.prefix) from None
 
 
-def _relocate(prefix: Path, python: Path, settings: Settings) -> str:
+def _relocate(entry: Entry, stats: Stats, python: Path, settings: Settings) -> str:
     """Relocate the environment as its conda-unpack would; says how, for the log."""
     from entrypoint import relocate
 
+    prefix = entry.prefix
     script = relocate.read_unpack_script(prefix)
     if script is None:
         return "absent (not a conda-pack archive)"
     relocate.check_prefix_length(script.records, prefix)
     if script.known and settings.relocate == "auto":
-        changed = relocate.rewrite_prefixes(prefix, script.records)
+        with _cache_writes(entry, stats):
+            changed = relocate.rewrite_prefixes(prefix, script.records)
         if changed is not None:
             return f"{len(script.records)} files, {changed} changed, in-process by {script.known}'s rules"
     relocate.run_conda_unpack(prefix, python)

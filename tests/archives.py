@@ -313,6 +313,18 @@ def conda_pack_tiny(
     return tarball
 
 
+def unpack_script_with(tarball: Path, records: Iterable[str]) -> bytes:
+    """The bin/conda-unpack of a real conda-pack `tarball` with its records replaced by `records`
+    (lines such as "('lib/x.txt', '/opt/old', 'text')"): a script the entrypoint recognises."""
+    with tarfile.open(tarball) as tf:
+        member = tf.extractfile("bin/conda-unpack")
+        assert member is not None
+        source = member.read().decode()
+    start = source.index("_prefix_records = [") + len("_prefix_records = [")
+    end = source.index("\n]\n", start)
+    return (source[:start] + "\n" + ",\n".join(records) + source[end:]).encode()
+
+
 @contextmanager
 def ram_dir(prefix: str, need: int = 3 << 30) -> Iterator[Path]:
     """A scratch directory in /dev/shm when it has room, else in the system temp dir. What is under

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from archives import M, ram_dir, raw_header, tiny_env, write_tar
+from archives import M, ram_dir, raw_header, tiny_env, unpack_script_with, write_tar
 from support import ENTRYPOINT, REPO, entry_env, error_line, run_entrypoint
 
 from entrypoint import cache
@@ -479,6 +479,32 @@ def test_disk_full_while_publishing(small_tarball: Path, tmpfs: Path) -> None:
     assert proc.returncode == 2 and "no space left" in line and re.search(r"needs \d+ MB", line), proc.stderr
     assert "mlserver-entrypoint: relocate:" in proc.stderr  # it got that far
     no_partial_state(cache)
+    assert not prefix.exists()
+
+
+def test_disk_full_while_relocating(small_tarball: Path, tmpfs: Path, tmp_path: Path) -> None:
+    """Room for the files, not for what relocation adds (a text file's longer new prefix): one
+    line, exit 2, nothing left half-made. Here conda-unpack's rewriting runs in-process."""
+    text = b"/p\n" * 100_000  # 300 KB that become ~5 MB with the entry's path in place of /p
+    script = unpack_script_with(small_tarball, ["('share/grow.txt', '/p', 'text')"])
+    members = [*tiny_env(), M("share/grow.txt", data=text), M("bin/conda-unpack", data=script, mode=0o755)]
+    env = entry_env(
+        MLSERVER_ENV_TARBALL=write_tar(tmp_path / "grow.tar.gz", members), MLSERVER_ENV_CACHE_DIR=tmpfs / "c"
+    )
+    mount_tmpfs(tmpfs, 1 << 30)
+    proc = run_entrypoint(["unpack"], env)
+    assert proc.returncode == 0 and "1 changed, in-process" in proc.stderr, proc.stderr
+    prefix = Path(proc.stdout.splitlines()[-1])
+    growth = (prefix / "share/grow.txt").stat().st_size - len(text)
+    full_use = used_bytes(tmpfs)
+
+    # The same start again (same paths, so the same bytes) on a volume half the growth short.
+    mount_tmpfs(tmpfs, -(-(full_use - growth // 2) // 4096) * 4096)
+    proc = run_entrypoint(["unpack"], env)
+    line = error_line(proc)
+    assert proc.returncode == 2 and "no space left" in line and "MLSERVER_ENV_CACHE_DIR" in line, proc.stderr
+    assert "mlserver-entrypoint: extract:" in proc.stderr and "relocate:" not in proc.stderr  # it failed there
+    no_partial_state(tmpfs / "c")
     assert not prefix.exists()
 
 

@@ -20,7 +20,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from archives import CONDA_PACK, M, conda_pack_tiny, tiny_env, write_tar
+from archives import CONDA_PACK, M, conda_pack_tiny, tiny_env, unpack_script_with, write_tar
 from support import ENTRYPOINT, entry_env, error_line, run_entrypoint
 
 from entrypoint import archive, extract, relocate
@@ -156,25 +156,14 @@ def test_unpack_relocates_in_process_unless_told_or_unknown(tmp_path: Path) -> N
     assert (Path(proc.stdout.strip()) / "edited").exists()  # the script itself ran
 
 
+_PACKED: list[Path] = []
+
+
 def known_script(records: list[str]) -> bytes:
     """A bin/conda-unpack conda-pack 0.9.2 could have written, with these record lines."""
-    template = _installed_script()
-    start = template.index(relocate.RECORDS_START) + len(relocate.RECORDS_START)
-    end = template.index("\n]\n", start)
-    return (template[:start] + "\n" + ",\n".join(records) + template[end:]).encode()
-
-
-_SCRIPT: list[str] = []
-
-
-def _installed_script() -> str:
-    if not _SCRIPT:
-        with tempfile.TemporaryDirectory() as tmp:
-            tarball = pack(Path(tmp), INSTALLED)
-            dest = Path(tmp) / "env"
-            unpacked(tarball, dest)
-            _SCRIPT.append((dest / relocate.UNPACK_SCRIPT).read_text())
-    return _SCRIPT[0]
+    if not _PACKED:
+        _PACKED.append(pack(Path(tempfile.mkdtemp(prefix="known-script-")), INSTALLED))
+    return unpack_script_with(_PACKED[0], records)
 
 
 @pytest.mark.parametrize(
