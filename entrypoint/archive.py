@@ -12,6 +12,7 @@ import contextlib
 import enum
 import lzma
 import queue
+import re
 import stat
 import threading
 import zipfile
@@ -194,8 +195,25 @@ def _number(field: bytes) -> int:
         raise ArchiveError(f"bad number {digits[:20]!r} in a tar header (corrupt archive)") from None
 
 
+def _byte_sum(block: bytes) -> int:
+    """sum(block) for a 512-byte header in two C calls, not 512 Python additions (~4 µs, twice a
+    member). Hand-written trick: Adler-32's low half is 1 + the sum of the bytes modulo 65521,
+    and 256 bytes sum to at most 65,280, so for each half of the block it is exactly 1 + the sum."""
+    return (zlib.adler32(block[:256]) & 0xFFFF) + (zlib.adler32(block[256:]) & 0xFFFF) - 2
+
+
+# The pax header conda-pack (Python's tarfile) writes before nearly every member: the mtime alone.
+_PAX_MTIME_ONLY = re.compile(rb"(\d{2}) mtime=(\d{1,20}(?:\.\d{1,20})?)\n")
+
+
 def _pax_records(data: bytes) -> dict[str, str]:
     """Parse "<length> <key>=<value>\\n" records (POSIX.1-2001 extended headers)."""
+    if (m := _PAX_MTIME_ONLY.fullmatch(data)) and int(m[1]) == len(data):  # the usual one, in one C call
+        return {"mtime": m[2].decode()}
+    return _pax_records_general(data)
+
+
+def _pax_records_general(data: bytes) -> dict[str, str]:
     out: dict[str, str] = {}
     pos = 0
     while pos < len(data) and data[pos] != 0:
@@ -327,7 +345,7 @@ class TarReader:
             if header == ZERO_BLOCK:
                 return
             stored = _number(header[148:156])
-            unsigned = sum(header) - sum(header[148:156]) + 8 * 32
+            unsigned = _byte_sum(header) - sum(header[148:156]) + 8 * 32
             if stored != unsigned:
                 raise ArchiveError("bad tar header checksum (corrupt archive)")
             flag = header[156:157]

@@ -40,6 +40,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import entry_env, error_line, run_entrypoint
 
+from entrypoint.archive import _byte_sum, _pax_records, _pax_records_general
 from entrypoint.errors import ArchiveError
 from entrypoint.extract import MAX_DEPTH, normalize
 
@@ -570,3 +571,30 @@ def test_member_names_deeper_than_allowed_are_refused() -> None:
     for name in ("/".join(["d"] * (MAX_DEPTH + 1)), "/".join(["d"] * (MAX_DEPTH + 1)) + "/"):
         with pytest.raises(ArchiveError, match="levels deep"):
             normalize(name)
+
+
+@given(st.binary(min_size=512, max_size=512))
+def test_header_byte_sum_is_the_plain_sum(block: bytes) -> None:
+    """The checksum's Adler-32 shortcut is exact for every 512-byte block (all 0xff included)."""
+    assert _byte_sum(block) == sum(block)
+    assert _byte_sum(b"\xff" * 512) == 255 * 512
+
+
+@given(st.from_regex(r"\A[0-9]{1,12}(\.[0-9]{1,9})?\Z"), st.integers(-3, 3), st.sampled_from(["", "\0", "\n"]))
+def test_pax_mtime_shortcut_agrees_with_the_general_parser(mtime: str, skew: int, tail: str) -> None:
+    """The one-call path for conda-pack's usual pax header gives what the record rules give, also
+    when its length field lies or something follows it."""
+    body = f" mtime={mtime}\n"
+    length = len(body) + 2 if len(body) + 2 < 100 else len(body) + 3
+    data = f"{length + skew}{body}{tail}".encode()
+    try:
+        expected: dict[str, str] | None = _pax_records_general(data)
+    except ArchiveError:
+        expected = None
+    if expected is None:
+        with pytest.raises(ArchiveError):
+            _pax_records(data)
+    else:
+        assert _pax_records(data) == expected
+    if skew == 0 and not tail:
+        assert expected == {"mtime": mtime}
