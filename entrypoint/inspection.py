@@ -65,6 +65,7 @@ class Report:
     packages: dict[str, str] = field(default_factory=dict)  # mlserver, mlserver-*, scikit-learn
     packed_prefix: str | None = None
     packed_prefix_length: int | None = None
+    relocation: str = "none"  # how a start relocates it: in-process by a known release's rules, or the script
     cache_prefix: str = ""  # where a start with this image's settings would unpack it
     cached: bool = False
     will_work: bool = True
@@ -213,6 +214,12 @@ def _judge(report: Report, scan: _Scan, settings: Settings) -> None:
         notes.append(f"no {relocate.UNPACK_SCRIPT}: not a conda-pack archive, paths inside are not relocated")
     else:
         records = relocate.parse_prefix_records(scan.unpack_script, f"{report.tarball}:{relocate.UNPACK_SCRIPT}")
+        known = relocate.KNOWN_SCRIPTS.get(relocate.script_digest(scan.unpack_script))
+        report.relocation = (
+            f"in-process, by {known}'s rules ({len(records)} files listed)"
+            if known and settings.relocate == "auto"
+            else f"by running its {relocate.UNPACK_SCRIPT} ({len(records)} files listed)"
+        )
         placeholders = sorted({ph for _, ph, _ in records}, key=len)
         if placeholders:
             report.packed_prefix = placeholders[0]
@@ -279,6 +286,7 @@ def render(report: Report) -> str:
         ("interpreter", f"{report.interpreter or 'none'} ({report.platform or 'unknown platform'})"),
         ("packages", packages),
         ("packed prefix", prefix),
+        ("relocation", report.relocation),
         (
             "members",
             f"{report.files} files, {report.directories} directories, {report.symlinks} symlinks, "

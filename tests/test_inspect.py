@@ -78,6 +78,11 @@ def test_inspect_without_argument_reads_the_configured_tarball(small_tarball: Pa
     assert "no mlserver" in error_line(proc) and "mlserver-sklearn" in error_line(proc)
     assert "problem: no mlserver" in proc.stdout and "this image:    will NOT work" in proc.stdout
     assert re.search(r"^python:        3\.8\.\d+$", proc.stdout, re.M) and "packages:      none found" in proc.stdout
+    assert re.search(
+        r"^relocation:    in-process, by conda-pack 0\.9\.2's rules \(\d+ files listed\)$", proc.stdout, re.M
+    )
+    env["MLSERVER_ENV_RELOCATE"] = "conda-unpack"  # as a start would: the packed script, when told so
+    assert "relocation:    by running its bin/conda-unpack" in run_entrypoint(["inspect"], env).stdout
 
 
 def _patched(small_tarball: Path, out: Path, machine: int | None = None, binary_record: bool = False) -> Path:
