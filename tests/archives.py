@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import hashlib
 import io
 import json
 import lzma
@@ -241,6 +242,25 @@ def snapshot(root: Path, skip: Path | None = None) -> dict[str, tuple[str, int, 
             st = p.lstat()
             kind = "l" if stat.S_ISLNK(st.st_mode) else "d" if stat.S_ISDIR(st.st_mode) else "f"
             out[str(p.relative_to(root))] = (kind, st.st_size if kind == "f" else 0, st.st_mtime_ns)
+    return out
+
+
+def content_tree(root: Path, mtimes: bool = False) -> dict[str, tuple[str, int, object]]:
+    """Kind, permission bits and content (SHA-256, with the mtime in seconds if `mtimes`, or the link
+    target) of everything under root: to compare two trees."""
+    out: dict[str, tuple[str, int, object]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath, name)
+            st = path.lstat()
+            rel = str(path.relative_to(root))
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("link", 0, os.readlink(path))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir", stat.S_IMODE(st.st_mode), None)
+            else:
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                out[rel] = ("file", stat.S_IMODE(st.st_mode), (digest, st.st_mtime_ns // 10**9) if mtimes else digest)
     return out
 
 

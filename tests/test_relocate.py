@@ -8,11 +8,9 @@ once by `relocate.rewrite_prefixes`, at the same path, and the two trees must be
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -20,7 +18,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from archives import CONDA_PACK, M, conda_pack_tiny, tiny_env, unpack_script_with, write_tar
+from archives import CONDA_PACK, M, conda_pack_tiny, content_tree, tiny_env, unpack_script_with, write_tar
 from support import ENTRYPOINT, entry_env, error_line, run_entrypoint
 
 from entrypoint import archive, extract, relocate
@@ -74,23 +72,6 @@ def pack(out: Path, release: str) -> Path:
     return conda_pack_tiny(out, PLACEHOLDER, managed, unmanaged, cli, env)
 
 
-def tree(root: Path) -> dict[str, tuple[str, int, str]]:
-    """Kind, permission bits and content (SHA-256, or link target) of everything under root."""
-    out: dict[str, tuple[str, int, str]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = Path(dirpath, name)
-            st = path.lstat()
-            if stat.S_ISLNK(st.st_mode):
-                out[str(path.relative_to(root))] = ("link", 0, os.readlink(path))
-            elif stat.S_ISDIR(st.st_mode):
-                out[str(path.relative_to(root))] = ("dir", stat.S_IMODE(st.st_mode), "")
-            else:
-                digest = hashlib.sha256(path.read_bytes()).hexdigest()
-                out[str(path.relative_to(root))] = ("file", stat.S_IMODE(st.st_mode), digest)
-    return out
-
-
 def unpacked(tarball: Path, dest: Path) -> relocate.UnpackScript:
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir()
@@ -109,14 +90,14 @@ def test_in_process_relocation_gives_conda_unpacks_tree(release: str, tmp_path: 
     script = unpacked(tarball, dest)
     code = relocate.script_digest((dest / relocate.UNPACK_SCRIPT).read_text())
     assert script.known == f"conda-pack {release}", f"conda-pack {release} wrote a script of digest {code}"
-    packed = tree(dest)
+    packed = content_tree(dest)
     subprocess.run([sys.executable, str(dest / relocate.UNPACK_SCRIPT)], cwd=dest, check=True, capture_output=True)
-    theirs = tree(dest)
+    theirs = content_tree(dest)
 
     script = unpacked(tarball, dest)
     inode = os.stat(dest / "lib/libtiny.so").st_ino
     changed = relocate.rewrite_prefixes(dest, script.records)
-    ours = tree(dest)
+    ours = content_tree(dest)
 
     assert ours == theirs
     changed_files = {"lib/libtiny.so", "etc/tiny.conf", "lib/pkgconfig/tiny.pc", "bin/tiny-tool"}
@@ -136,13 +117,13 @@ def test_unpack_relocates_in_process_unless_told_or_unknown(tmp_path: Path) -> N
     proc = run_entrypoint(["unpack"], env)
     assert proc.returncode == 0, proc.stderr
     assert f"4 changed, in-process by conda-pack {INSTALLED}'s rules" in proc.stderr
-    ours = tree(Path(proc.stdout.strip()))
+    ours = content_tree(Path(proc.stdout.strip()))
 
     env.update(MLSERVER_ENV_RELOCATE="conda-unpack", MLSERVER_ENV_CACHE_DIR=str(tmp_path / "c2"))
     proc = run_entrypoint(["unpack"], env)
     assert proc.returncode == 0, proc.stderr
     assert f"by {relocate.UNPACK_SCRIPT}" in proc.stderr
-    theirs = tree(Path(proc.stdout.strip()))
+    theirs = content_tree(Path(proc.stdout.strip()))
     # The same tree but for the prefix written into the files (c1 against c2, same length).
     assert ours.keys() == theirs.keys()
 
@@ -196,10 +177,10 @@ def test_a_big_recorded_file_leaves_the_job_to_the_script(tmp_path: Path, monkey
     tarball = pack(tmp_path / "pack", INSTALLED)
     dest = tmp_path / "env"
     script = unpacked(tarball, dest)
-    before = tree(dest)
+    before = content_tree(dest)
     monkeypatch.setattr(relocate, "MAX_REWRITE_BYTES", 40)  # etc/tiny.conf is bigger
     assert relocate.rewrite_prefixes(dest, script.records) is None
-    assert tree(dest) == before  # nothing rewritten: the script gets the whole job
+    assert content_tree(dest) == before  # nothing rewritten: the script gets the whole job
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
