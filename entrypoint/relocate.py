@@ -118,11 +118,9 @@ def _in_child(mask: set[int | signal.Signals]) -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
-def run_conda_unpack(prefix: Path, python: Path) -> bool:
-    """Run the packed conda-unpack with the environment's own interpreter; False if there is none."""
+def run_conda_unpack(prefix: Path, python: Path) -> None:
+    """Run the packed conda-unpack with the environment's own interpreter."""
     script = prefix / UNPACK_SCRIPT
-    if not script.exists():
-        return False
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH", "PYTHONSTARTUP")}
     env["PYTHONNOUSERSITE"] = "1"
     env["PYTHONDONTWRITEBYTECODE"] = "1"
@@ -147,7 +145,6 @@ def run_conda_unpack(prefix: Path, python: Path) -> bool:
     if proc.returncode != 0:
         last = (stderr.strip().splitlines() or ["no output"])[-1]
         raise EnvError(f"{script} failed (exit {proc.returncode}): {last}")
-    return True
 
 
 def rewrite_prefixes(prefix: Path, records: list[tuple[str, str, str]]) -> int | None:
@@ -172,7 +169,8 @@ def rewrite_prefixes(prefix: Path, records: list[tuple[str, str, str]]) -> int |
     try:
         if any(os.stat(p).st_size > MAX_REWRITE_BYTES for p in paths):
             return None
-        return sum(_rewrite(p, ph, mode, new) for p, (_, ph, mode) in zip(paths, records, strict=True))
+        new_bytes = new.encode()
+        return sum(_rewrite(p, ph.encode(), mode, new_bytes) for p, (_, ph, mode) in zip(paths, records, strict=True))
     except OSError as exc:
         if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ELOOP):
             raise  # the cache's trouble (full, read-only): the caller names the setting
@@ -181,7 +179,7 @@ def rewrite_prefixes(prefix: Path, records: list[tuple[str, str, str]]) -> int |
         ) from None
 
 
-def _rewrite(path: str, placeholder: str, mode: str, new_prefix: str) -> bool:
+def _rewrite(path: str, old: bytes, mode: str, new: bytes) -> bool:
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)  # follows symlinks, as conda-unpack's open(path, "rb+")
     try:
         data = os.read(fd, 1 << 16)
@@ -190,7 +188,6 @@ def _rewrite(path: str, placeholder: str, mode: str, new_prefix: str) -> bool:
             while chunk := os.read(fd, 1 << 20):
                 chunks.append(chunk)
             data = b"".join(chunks)
-        old, new = placeholder.encode(), new_prefix.encode()
         if old not in data:
             return False
         out = data.replace(old, new) if mode == "text" else _binary_replace(data, old, new, path)
