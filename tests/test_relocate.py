@@ -36,7 +36,8 @@ def release_cli(release: str) -> tuple[list[str], dict[str, str] | None]:
         return list(CONDA_PACK), None
     where = FIXTURES / f"conda-pack-{release}"
     if not where.is_dir():
-        with tempfile.TemporaryDirectory(dir=FIXTURES.parent if FIXTURES.exists() else None) as tmp:
+        FIXTURES.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=FIXTURES) as tmp:  # beside it: the rename stays on one filesystem
             subprocess.run(
                 [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
                  f"conda-pack=={release}", "-d", tmp],
@@ -46,8 +47,11 @@ def release_cli(release: str) -> tuple[list[str], dict[str, str] | None]:
             unpacked = Path(tmp) / "unpacked"
             with zipfile.ZipFile(wheel) as zf:
                 zf.extractall(unpacked)
-            FIXTURES.mkdir(parents=True, exist_ok=True)
-            os.rename(unpacked, where)  # whole or not at all: a parallel run may have won, which is fine
+            try:
+                os.rename(unpacked, where)  # whole or not at all
+            except OSError:
+                if not where.is_dir():  # else a parallel run won, which is as good
+                    raise
     return list(CONDA_PACK), {**os.environ, "PYTHONPATH": str(where)}
 
 
