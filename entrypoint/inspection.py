@@ -213,11 +213,11 @@ def _judge(report: Report, scan: _Scan, settings: Settings) -> None:
     elif scan.unpack_script is None:
         notes.append(f"no {relocate.UNPACK_SCRIPT}: not a conda-pack archive, paths inside are not relocated")
     else:
-        records = relocate.parse_prefix_records(scan.unpack_script, f"{report.tarball}:{relocate.UNPACK_SCRIPT}")
-        known = relocate.KNOWN_SCRIPTS.get(relocate.script_digest(scan.unpack_script))
+        script = relocate.UnpackScript.parse(scan.unpack_script, f"{report.tarball}:{relocate.UNPACK_SCRIPT}")
+        records = script.records
         report.relocation = (
-            f"in-process, by {known}'s rules ({len(records)} files listed)"
-            if known and settings.relocate == "auto"
+            f"in-process, by {script.known}'s rules ({len(records)} files listed)"
+            if script.in_process(settings.relocate)
             else f"by running its {relocate.UNPACK_SCRIPT} ({len(records)} files listed)"
         )
         placeholders = sorted({ph for _, ph, _ in records}, key=len)

@@ -183,7 +183,7 @@ def _relocate(entry: Entry, stats: Stats, python: Path, settings: Settings) -> s
     if script is None:
         return "absent (not a conda-pack archive)"
     relocate.check_prefix_length(script.records, prefix)
-    if script.known and settings.relocate == "auto":
+    if script.in_process(settings.relocate):
         with _cache_writes(entry, stats):
             changed = relocate.rewrite_prefixes(prefix, script.records)
         if changed is not None:

@@ -46,6 +46,16 @@ class UnpackScript:
     records: list[tuple[str, str, str]]  # (path, placeholder, "text" | "binary"), in the script's order
     known: str | None  # the conda-pack release that wrote it, when `rewrite_prefixes` reproduces it
 
+    @classmethod
+    def parse(cls, source: str, where: str) -> UnpackScript:
+        """A conda-unpack script's text (`where` names it in errors): from the environment or, for
+        `inspect`, from the archive."""
+        return cls(parse_prefix_records(source, where), KNOWN_SCRIPTS.get(script_digest(source)))
+
+    def in_process(self, setting: str) -> bool:
+        """Whether its rules are applied here (MLSERVER_ENV_RELOCATE `setting`) rather than it run."""
+        return self.known is not None and setting == "auto"
+
 
 def read_unpack_script(prefix: Path) -> UnpackScript | None:
     """The environment's bin/conda-unpack, parsed; None if there is none (not a conda-pack archive)."""
@@ -53,8 +63,7 @@ def read_unpack_script(prefix: Path) -> UnpackScript | None:
         source = (prefix / UNPACK_SCRIPT).read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
-    records = parse_prefix_records(source, str(prefix / UNPACK_SCRIPT))
-    return UnpackScript(records, KNOWN_SCRIPTS.get(script_digest(source)))
+    return UnpackScript.parse(source, str(prefix / UNPACK_SCRIPT))
 
 
 def script_digest(source: str) -> str:
