@@ -8,10 +8,13 @@ environment without mlserver is in test_serve.py.)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,15 +55,35 @@ def shared_tmp() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def reachable_by_others(*paths: Path) -> Iterator[None]:
+    """Search permission for others on the directories above `paths` while the block runs: a
+    checkout cloned under `mktemp -d` (mode 0700) would hide the entrypoint and its venv from
+    uid 65534. The modes are restored afterwards."""
+    changed: dict[Path, int] = {}
+    for path in paths:
+        for d in Path(os.path.abspath(path)).parents:
+            mode = d.stat().st_mode
+            if d not in changed and not mode & stat.S_IXOTH:
+                changed[d] = stat.S_IMODE(mode)
+                d.chmod(changed[d] | stat.S_IXOTH)
+    try:
+        yield
+    finally:
+        for d, mode in changed.items():
+            d.chmod(mode)
+
+
 def as_nobody(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     """The entrypoint as uid/gid 65534 with no capabilities (we run as root: os.access says yes)."""
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         pytest.skip("needs root and setpriv to run the entrypoint as an unprivileged user")
     drop = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--inh-caps=-all"]
-    return subprocess.run(
-        [*drop, *ENTRYPOINT, *(list(args) or ["unpack"])],
-        env=entry_env(HOME="/nonexistent", **env), capture_output=True, text=True, timeout=300, cwd=REPO,
-    )  # fmt: skip
+    with reachable_by_others(REPO / "entrypoint", Path(sys.executable)):
+        return subprocess.run(
+            [*drop, *ENTRYPOINT, *(list(args) or ["unpack"])],
+            env=entry_env(HOME="/nonexistent", **env), capture_output=True, text=True, timeout=300, cwd=REPO,
+        )  # fmt: skip
 
 
 # --- The tarball ---------------------------------------------------------------------------------
