@@ -21,9 +21,9 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import IO, NamedTuple
 
 from entrypoint.errors import ConfigError
 
@@ -136,36 +136,95 @@ def write_manifest(entry: Entry) -> None:
     Quick verification reads only the lines before QUICK_END, at most about QUICK_LINES of them
     so a warm start costs the same for 500 files or 100,000: the shallow directories (a package
     added or removed changes site-packages' mtime), bin/ and the shared libraries always, then as
-    many deeper directories as fit, then an even sample of the other files. Lines are kept as
-    strings only (no tuples), ~100 bytes a member, so 100,000 members stay around 10 MB.
+    many deeper directories as fit, then an even sample of the other files.
+
+    Memory does not grow with the number of files or directories (bin/ and the shared libraries
+    aside): every line that cannot make the quick section goes to an anonymous temporary file as
+    the tree is walked (300,000 files held as lines cost ~30 MB, half the memory budget), copied
+    after the quick section.
     """
+    import tempfile  # the cold path only
+
     must: list[str] = []
     deep_dirs: list[str] = []
-    files: list[str] = []
+    sample = _Sample(QUICK_LINES)
     base = len(str(entry.prefix)) + 1
     stack = [(str(entry.prefix), 0)]
-    while stack:
-        d, depth = stack.pop()
-        (must if depth <= QUICK_DEPTH else deep_dirs).append(f"-1\t{os.stat(d).st_mtime_ns}\t{d[base:]}\n")
-        with os.scandir(d) as it:
-            for e in it:
-                if e.is_dir(follow_symlinks=False):
-                    stack.append((e.path, depth + 1))
-                elif e.is_file(follow_symlinks=False):
-                    st = e.stat(follow_symlinks=False)
-                    rel = e.path[base:]
-                    line = f"{st.st_size}\t{st.st_mtime_ns}\t{rel}\n"
-                    (must if rel.startswith("bin/") or ".so" in rel else files).append(line)
-    deep_dirs.sort(key=lambda line: line.count("/"))  # shallowest first: they cover the most files
-    room = max(0, QUICK_LINES - len(must))
-    quick = [*must, *deep_dirs[:room]]
-    rest = deep_dirs[room:]
-    room = max(0, QUICK_LINES - len(quick))
-    step = -(-len(files) // room) if room else len(files) + 1  # ceil: at most `room` sampled
-    for i, line in enumerate(files):
-        (quick if i % step == step - 1 else rest).append(line)
-    quick.append(QUICK_END)
-    _write_atomic(entry.manifest, (line.encode("utf-8", "surrogateescape") for line in (*quick, *rest)))
+    with tempfile.TemporaryFile(dir=entry.root, prefix=f".{entry.name}.manifest.", suffix=".tmp") as spill:
+        while stack:
+            d, depth = stack.pop()
+            (must if depth <= QUICK_DEPTH else deep_dirs).append(f"-1\t{os.stat(d).st_mtime_ns}\t{d[base:]}\n")
+            if len(deep_dirs) >= 2 * QUICK_LINES:  # only the shallowest can make the quick section
+                deep_dirs.sort(key=_depth)
+                for line in deep_dirs[QUICK_LINES:]:
+                    spill.write(line.encode("utf-8", "surrogateescape"))
+                del deep_dirs[QUICK_LINES:]
+            with os.scandir(d) as it:
+                for e in it:
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append((e.path, depth + 1))
+                    elif e.is_file(follow_symlinks=False):
+                        st = e.stat(follow_symlinks=False)
+                        rel = e.path[base:]
+                        line = f"{st.st_size}\t{st.st_mtime_ns}\t{rel}\n"
+                        if rel.startswith("bin/") or ".so" in rel:
+                            must.append(line)
+                        else:
+                            for other in sample.add(line):
+                                spill.write(other.encode("utf-8", "surrogateescape"))
+        deep_dirs.sort(key=_depth)  # shallowest first: they cover the most files
+        room = max(0, QUICK_LINES - len(must))
+        quick = [*must, *deep_dirs[:room]]
+        chosen, left = sample.spread(max(0, QUICK_LINES - len(quick)))
+        head = "".join([*quick, *chosen, QUICK_END, *deep_dirs[room:], *left])
+        spill.seek(0)
+        _write_atomic(entry.manifest, _chain(head.encode("utf-8", "surrogateescape"), spill))
+
+
+def _depth(line: str) -> int:
+    return line.count("/")
+
+
+class _Sample:
+    """An even sample of at most `size` lines from a stream of unknown length, in O(size) memory.
+
+    Hand-written (a dozen lines): every `step`-th line is kept; when the sample is full, the step
+    doubles and every other kept line is let go. What is not (or no longer) kept is returned by
+    `add`, for the caller to write elsewhere."""
+
+    def __init__(self, size: int) -> None:
+        self.size = max(1, size)
+        self.kept: list[str] = []
+        self.step = 1
+        self.seen = 0
+
+    def add(self, line: str) -> list[str]:
+        self.seen += 1
+        if self.seen % self.step:
+            return [line]
+        self.kept.append(line)
+        if len(self.kept) <= self.size:
+            return []
+        self.step *= 2
+        dropped, self.kept = self.kept[::2], self.kept[1::2]
+        return dropped
+
+    def spread(self, room: int) -> tuple[list[str], list[str]]:
+        """At most `room` of the kept lines, evenly spread, and the others."""
+        if len(self.kept) <= room:
+            return self.kept, []
+        picked = {i * len(self.kept) // room for i in range(room)}
+        chosen: list[str] = []
+        left: list[str] = []
+        for i, line in enumerate(self.kept):
+            (chosen if i in picked else left).append(line)
+        return chosen, left
+
+
+def _chain(head: bytes, rest: IO[bytes]) -> Iterator[bytes]:
+    yield head
+    while block := rest.read(1 << 16):
+        yield block
 
 
 def verify(entry: Entry, full: bool) -> str | None:

@@ -14,6 +14,7 @@ import errno
 import os
 import posixpath
 import shutil
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,10 +73,11 @@ class Extractor:
     def __init__(self, dest: Path, limits: Limits) -> None:
         self.dest = str(dest)
         self.limits = limits
-        # What we created, by relative path: directories by name, everything else by the name's
-        # hash, which halves the memory per member (~70 bytes: 100,000 members cost ~7 MB).
+        # Every directory this run created, by relative path: parents are only ever these, so no
+        # write goes through a symlink or a file. Nothing is kept per file (the filesystem already
+        # knows them: O_EXCL and EEXIST find duplicates), so memory grows with the directories
+        # only, not with the files (300,000 files would otherwise cost ~20 MB).
         self.dirs: set[str] = {""}
-        self.others: dict[int, Kind] = {}
         self.symlinks: list[str] = []
         self.stats = Stats()
         self._declared = 0  # bytes of file members seen, written or not
@@ -89,11 +91,11 @@ class Extractor:
         parent = rel.rpartition("/")[0]
         if parent in self.dirs:
             return
-        kind = self.others.get(hash(parent))
-        if kind is not None:
-            raise ArchiveError(f"member {name}: would be written through the {kind.value} {parent}")
         self._parents(parent, name)
-        os.mkdir(self._path(parent), 0o755)
+        try:
+            os.mkdir(self._path(parent), 0o755)
+        except FileExistsError:  # not one of our directories: a file or symlink of this archive
+            raise ArchiveError(f"member {name}: would be written through the {self._kind(parent)} {parent}") from None
         self.dirs.add(parent)
         self.stats.dirs += 1
         self.stats.disk_bytes += DISK_BLOCK + MANIFEST_LINE
@@ -113,33 +115,45 @@ class Extractor:
             if m.kind is Kind.DIR:
                 return
             raise ArchiveError(f"member {m.name}: a {m.kind.value} in place of the environment's root")
-        previous = Kind.DIR if rel in self.dirs else self.others.get(hash(rel))
-        if previous is not None:
-            if previous is Kind.DIR and m.kind is Kind.DIR:
+        if rel in self.dirs:
+            if m.kind is Kind.DIR:
                 return
-            raise ArchiveError(f"member {m.name}: duplicate name (already a {previous.value})")
+            raise ArchiveError(f"member {m.name}: duplicate name (already a directory)")
         self._parents(rel, m.name)
         path = self._path(rel)
-        if m.kind is Kind.DIR:
-            os.mkdir(path, 0o755)
-            self.stats.dirs += 1
-        elif m.kind is Kind.FILE:
-            self._write_file(m, path)
-        elif m.kind is Kind.SYMLINK:
-            self._check_link_target(m, rel)
-            os.symlink(m.linkname, path)
-            self.symlinks.append(rel)
-            self.stats.symlinks += 1
-        else:  # HARDLINK: only to a regular file this archive already wrote
-            target = normalize(m.linkname)
-            if target in self.dirs or self.others.get(hash(target)) is not Kind.FILE:
-                raise ArchiveError(f"member {m.name}: hardlink to {m.linkname}, which is not a file of this archive")
-            os.link(self._path(target), path, follow_symlinks=False)
-            self.stats.hardlinks += 1
-        if m.kind is Kind.DIR:
-            self.dirs.add(rel)
-        else:
-            self.others[hash(rel)] = m.kind
+        try:
+            if m.kind is Kind.DIR:
+                os.mkdir(path, 0o755)
+                self.dirs.add(rel)
+                self.stats.dirs += 1
+            elif m.kind is Kind.FILE:
+                self._write_file(m, path)
+            elif m.kind is Kind.SYMLINK:
+                self._check_link_target(m, rel)
+                os.symlink(m.linkname, path)
+                self.symlinks.append(rel)
+                self.stats.symlinks += 1
+            else:
+                self._check_hardlink_target(m)
+                os.link(self._path(normalize(m.linkname)), path, follow_symlinks=False)
+                self.stats.hardlinks += 1
+        except FileExistsError:  # everything in dest was written by this run: a member of the same name
+            raise ArchiveError(f"member {m.name}: duplicate name (already a {self._kind(rel)})") from None
+
+    def _kind(self, rel: str) -> str:
+        """What this run wrote at `rel`, for an error message (hardlinks show as files)."""
+        mode = os.lstat(self._path(rel)).st_mode
+        return "symlink" if stat.S_ISLNK(mode) else "directory" if stat.S_ISDIR(mode) else "file"
+
+    def _check_hardlink_target(self, m: Member) -> None:
+        """Only to a regular file this archive already wrote, named without going through a symlink."""
+        target = normalize(m.linkname)
+        try:  # a parent we created is a real directory: the lstat cannot go through a symlink
+            is_file = target.rpartition("/")[0] in self.dirs and stat.S_ISREG(os.lstat(self._path(target)).st_mode)
+        except FileNotFoundError:
+            is_file = False
+        if not is_file:
+            raise ArchiveError(f"member {m.name}: hardlink to {m.linkname}, which is not a file of this archive")
 
     def _write_file(self, m: Member, path: str) -> None:
         self._declared += m.size

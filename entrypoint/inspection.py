@@ -82,6 +82,8 @@ class _Scan:
     """What one pass over the members collects; the verdict is made from it afterwards."""
 
     def __init__(self) -> None:
+        # bin/ only: the interpreter and mlserver live there (a conda env's bin/python links to
+        # bin/python3.X); a kind per member would cost ~30 MB on a 300,000-file environment.
         self.kinds: dict[str, Kind] = {}
         self.links: dict[str, str] = {}  # symlink or hardlink member -> its target (relative path)
         self.headers: dict[str, bytes] = {}  # interpreter candidates -> first 64 bytes
@@ -105,7 +107,8 @@ class _Scan:
         if m.kind is Kind.OTHER:
             self.unsafe.append(f"member {m.name}: is a {m.describe}")
             return
-        self.kinds[rel] = m.kind
+        if rel.startswith("bin/"):
+            self.kinds[rel] = m.kind
         if m.kind is Kind.DIR:
             report.directories += 1
         elif m.kind is Kind.SYMLINK:
@@ -141,13 +144,10 @@ class _Scan:
                 self.unpack_script = _head(m, m.size).decode("utf-8", "replace")
 
     def resolve(self, rel: str) -> str | None:
-        """Follow in-archive links from `rel` to a regular file member, as the unpacked tree would."""
+        """Follow in-archive links from `rel` to a regular file member in bin/, as the unpacked tree would."""
         for _ in range(40):
-            kind = self.kinds.get(rel)
-            if kind is Kind.FILE:
-                return rel
-            if kind not in (Kind.SYMLINK, Kind.HARDLINK):
-                return None
+            if rel not in self.links:
+                return rel if self.kinds.get(rel) is Kind.FILE else None
             rel = self.links[rel]
         return None
 

@@ -1,0 +1,113 @@
+"""Peak memory does not grow with the number of files: the promise is 64 MiB whatever the
+environment's size, and a 300,000-file environment once took 69 MiB before its manifest was even
+listed (a dict entry per member in the extractor, a string per file in the manifest).
+
+Measured with tracemalloc, which counts every Python allocation exactly, so the comparison of a
+small and a large tree is deterministic; the benchmark (`make bench`) reports the process's RSS.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tracemalloc
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from archives import M, tiny_env, write_tar
+
+from entrypoint import archive, cache, inspection
+from entrypoint.archive import Kind, Member
+from entrypoint.extract import Limits, extract
+
+DIRS = 40
+PER_FILE_BYTES = 10  # allowed growth per extra file; a dict entry or a manifest line is 70-120
+
+
+def peak(fn: Callable[[], object]) -> int:
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def members(files: int) -> Iterator[Member]:
+    for d in range(DIRS):
+        yield Member(f"lib/pkg{d}/", Kind.DIR, 0o755, 0, 0)
+    for i in range(files):
+        data = b"x = 1\n"
+        yield Member(f"lib/pkg{i % DIRS}/m{i}.py", Kind.FILE, 0o644, len(data), 0, open=lambda d=data: io.BytesIO(d))
+
+
+def extract_peak(root: Path, files: int) -> int:
+    dest = root / f"x{files}"
+    dest.mkdir()
+    return peak(lambda: extract(members(files), dest, Limits(10**7, 10**12)))
+
+
+def test_extraction_keeps_nothing_per_file(tmp_path: Path) -> None:
+    small, large = extract_peak(tmp_path, 500), extract_peak(tmp_path, 4500)
+    assert large - small < 4000 * PER_FILE_BYTES, (small, large)
+
+
+def manifest_peak(root: Path, files: int) -> tuple[int, cache.Entry]:
+    entry = cache.Entry(root / f"c{files}", f"{files:x}".rjust(64, "e"))
+    for i in range(files):
+        d = entry.prefix / "lib" / "python3.8" / "site-packages" / f"pkg{i % DIRS}" / f"sub{i // 2}"  # deep ones too
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"m{i}.py").write_bytes(b"x")
+    return peak(lambda: cache.write_manifest(entry)), entry
+
+
+def test_manifest_listing_keeps_nothing_per_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cache, "QUICK_LINES", 64)  # the sample it holds is full in both trees
+    (small, _), (large, entry) = manifest_peak(tmp_path, 500), manifest_peak(tmp_path, 4500)
+    assert large - small < 4000 * PER_FILE_BYTES, (small, large)
+    # Nothing lost or doubled by spilling lines to a temporary file: every file and directory
+    # once, the quick section first, and the temporary file gone.
+    quick, _, rest = entry.manifest.read_text().partition("\n" + cache.QUICK_END)
+    listed = [line.split("\t", 2)[2] for line in (quick + "\n" + rest).splitlines()]
+    on_disk = [""] + [str(p.relative_to(entry.prefix)) for p in entry.prefix.rglob("*")]
+    assert sorted(listed) == sorted(on_disk)
+    assert len(quick.splitlines()) <= cache.QUICK_LINES
+    assert sorted(os.listdir(entry.root)) == sorted([entry.name, f"{entry.name}.manifest"])
+    assert cache.verify(entry, full=True) is None
+
+
+def inspect_peak(root: Path, files: int) -> tuple[int, inspection._Scan]:
+    many = [M(f"lib/pkg{i % DIRS}/m{i}.py", data=b"x = 1\n") for i in range(files)]
+    # Plain tar: read in this thread, so no decompressed chunks queue up ahead (up to 4 MiB, by timing).
+    tarball = write_tar(root / f"many{files}.tar", [*tiny_env(), *many], fmt="tar")
+    report = inspection.Report(str(tarball), "tar", "0" * 64, tarball.stat().st_size)
+    scan = inspection._Scan()
+
+    def scan_all() -> None:  # the pass that sees every member; hashing the tarball is flat anyway
+        with open(tarball, "rb") as raw:
+            for m in archive.members(raw):
+                scan.add(m, report)
+
+    return peak(scan_all), scan
+
+
+def test_inspect_keeps_nothing_per_file(tmp_path: Path) -> None:
+    (small, _), (large, scan) = inspect_peak(tmp_path, 500), inspect_peak(tmp_path, 4500)
+    assert large - small < 4000 * PER_FILE_BYTES, (small, large)
+    assert scan.resolve("bin/python") is not None  # links are still followed to the interpreter
+
+
+def test_sample_is_even_bounded_and_loses_nothing() -> None:
+    for total in (0, 1, 7, 8, 9, 100, 1000, 12345):
+        sample = cache._Sample(8)
+        out = [line for i in range(total) for line in sample.add(f"{i}\n")]
+        assert len(sample.kept) <= 8
+        assert sorted(out + sample.kept, key=int) == [f"{i}\n" for i in range(total)]
+        kept = [int(line) for line in sample.kept]
+        # Every step-th line: evenly spread over the whole stream, not its start.
+        assert kept == list(range(sample.step - 1, total, sample.step))
+        assert total < 16 or kept[-1] >= total - 2 * sample.step
+        for room in (0, 3, 8, 20):
+            chosen, left = sample.spread(room)
+            assert len(chosen) == min(room, len(kept)) and sorted(chosen + left, key=int) == sample.kept
