@@ -60,7 +60,7 @@ class Readable(Protocol):
     def __exit__(self, *exc: Any) -> None: ...
 
 
-@dataclass
+@dataclass(slots=True)
 class Member:
     name: str
     kind: Kind
@@ -172,6 +172,7 @@ TYPES = {
     b"0": Kind.FILE, b"\0": Kind.FILE, b"7": Kind.FILE,
     b"1": Kind.HARDLINK, b"2": Kind.SYMLINK, b"5": Kind.DIR,
 }  # fmt: skip
+_NO_RECORDS: dict[str, str] = {}  # shared, never written to
 SPECIAL = {b"3": "character device", b"4": "block device", b"6": "FIFO", b"S": "GNU sparse file"}
 
 
@@ -195,25 +196,30 @@ def _number(field: bytes) -> int:
         raise ArchiveError(f"bad number {digits[:20]!r} in a tar header (corrupt archive)") from None
 
 
-def _byte_sum(block: bytes) -> int:
-    """sum(block) for a 512-byte header in two C calls, not 512 Python additions (~4 µs, twice a
+def _header_sum(block: bytes) -> int:
+    """What a 512-byte header's checksum field must hold: the sum of its bytes with the field
+    itself counted as eight spaces, in three C calls, not 512 Python additions (~4 µs, twice a
     member). Hand-written trick: Adler-32's low half is 1 + the sum of the bytes modulo 65521,
-    and 256 bytes sum to at most 65,280, so for each half of the block it is exactly 1 + the sum."""
-    return (zlib.adler32(block[:256]) & 0xFFFF) + (zlib.adler32(block[256:]) & 0xFFFF) - 2
+    and at most 256 bytes sum to at most 65,280, so for each piece (148, 256 and 100 bytes) it
+    is exactly 1 + their sum."""
+    adler32 = zlib.adler32
+    return (adler32(block[:148]) & 0xFFFF) + (adler32(block[156:412]) & 0xFFFF) + (adler32(block[412:]) & 0xFFFF) + 253
 
 
 # The pax header conda-pack (Python's tarfile) writes before nearly every member: the mtime alone.
-_PAX_MTIME_ONLY = re.compile(rb"(\d{2}) mtime=(\d{1,20}(?:\.\d{1,20})?)\n")
+_PAX_MTIME_ONLY = re.compile(rb"(\d{2}) mtime=(\d{1,20})(?:\.(\d{1,20}))?\n")
+
+
+def _pax_mtime_only(data: bytes) -> int | None:
+    """The mtime in nanoseconds if `data` is that usual header, in a few C calls; else None (the
+    general parser then reads it, and refuses it if malformed)."""
+    if (m := _PAX_MTIME_ONLY.fullmatch(data)) is None or int(m[1]) != len(data):
+        return None
+    return int(m[2]) * 1_000_000_000 + (int(m[3][:9].ljust(9, b"0")) if m[3] else 0)
 
 
 def _pax_records(data: bytes) -> dict[str, str]:
     """Parse "<length> <key>=<value>\\n" records (POSIX.1-2001 extended headers)."""
-    if (m := _PAX_MTIME_ONLY.fullmatch(data)) and int(m[1]) == len(data):  # the usual one, in one C call
-        return {"mtime": m[2].decode()}
-    return _pax_records_general(data)
-
-
-def _pax_records_general(data: bytes) -> dict[str, str]:
     out: dict[str, str] = {}
     pos = 0
     while pos < len(data) and data[pos] != 0:
@@ -239,31 +245,6 @@ def _pax_mtime_ns(value: str) -> int:
         return 0
 
 
-class _Data:
-    """The current member's bytes; what the extractor does not read is skipped by the reader."""
-
-    def __init__(self, reader: TarReader) -> None:
-        self._reader = reader
-
-    def __enter__(self) -> _Data:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-    def read(self, n: int) -> memoryview | bytes:
-        """Up to n bytes, without copying: a view of the decompressed chunk they are in."""
-        r = self._reader
-        n = min(n, r.remaining)
-        if n <= 0:
-            return b""
-        data = r.view(n)
-        if not data:
-            raise ArchiveError("archive ends inside a member (truncated or corrupt)")
-        r.remaining -= len(data)
-        return data
-
-
 class TarReader:
     """A forward-only tar reader (ustar, GNU long names, pax) over a decompressed stream.
 
@@ -281,9 +262,26 @@ class TarReader:
         self._pos = 0
         self.remaining = 0  # unread data bytes of the current member
         self.padding = 0
+        self._open = lambda: self  # a member's `open`: the reader itself reads its data (no object a member)
 
-    def _data(self) -> _Data:
-        return _Data(self)
+    # The current member's data, as Member.open() gives it; what is not read is skipped.
+    def __enter__(self) -> TarReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def read(self, n: int) -> memoryview | bytes:
+        """Up to n bytes of the current member's data, without copying: a view of the
+        decompressed chunk they are in."""
+        n = min(n, self.remaining)
+        if n <= 0:
+            return b""
+        data = self.view(n)
+        if not data:
+            raise ArchiveError("archive ends inside a member (truncated or corrupt)")
+        self.remaining -= len(data)
+        return data
 
     def view(self, n: int) -> memoryview | bytes:
         """Up to n (> 0) next bytes, as a view of the current chunk; empty only at the end."""
@@ -335,8 +333,10 @@ class TarReader:
 
     def __iter__(self) -> Iterator[Member]:
         global_pax: dict[str, str] = {}
-        pax: dict[str, str] = {}
+        pax: dict[str, str] = _NO_RECORDS
+        pax_mtime_ns: int | None = None  # the usual mtime-only pax header, parsed at once
         long_name = long_link = None
+        file, other = Kind.FILE, Kind.OTHER  # locals: an Enum attribute costs ~0.2 µs on 3.11
         while True:
             self._skip_rest()
             header = self._read(BLOCK)
@@ -344,9 +344,7 @@ class TarReader:
                 raise ArchiveError("archive ends without its end-of-archive marker (truncated)")
             if header == ZERO_BLOCK:
                 return
-            stored = _number(header[148:156])
-            unsigned = _byte_sum(header) - sum(header[148:156]) + 8 * 32
-            if stored != unsigned:
+            if _number(header[148:156]) != _header_sum(header):
                 raise ArchiveError("bad tar header checksum (corrupt archive)")
             flag = header[156:157]
             size = _number(header[124:136])
@@ -355,7 +353,8 @@ class TarReader:
             if flag in (b"x", b"g", b"L", b"K"):
                 data = self._meta(size)
                 if flag == b"x":
-                    pax = _pax_records(data)
+                    pax_mtime_ns = _pax_mtime_only(data)
+                    pax = _NO_RECORDS if pax_mtime_ns is not None else _pax_records(data)
                 elif flag == b"g":
                     global_pax.update(_pax_records(data))
                 elif flag == b"L":
@@ -380,16 +379,21 @@ class TarReader:
                     raise ArchiveError(f"member {name}: bad pax size (corrupt archive)") from None
                 if size < 0:  # would shrink the unpacked-bytes total and misalign the next header
                     raise ArchiveError(f"member {name}: negative pax size (corrupt archive)")
-            mtime_ns = _pax_mtime_ns(fields["mtime"]) if "mtime" in fields else _number(header[136:148]) * 10**9
+            if pax_mtime_ns is not None:
+                mtime_ns = pax_mtime_ns
+            elif "mtime" in fields:
+                mtime_ns = _pax_mtime_ns(fields["mtime"])
+            else:
+                mtime_ns = _number(header[136:148]) * 1_000_000_000
             mode = _number(header[100:108]) & 0o7777
-            kind = TYPES.get(flag, Kind.OTHER)
+            kind = TYPES.get(flag, other)
             self.remaining, self.padding = size, -size % BLOCK
-            if kind is Kind.FILE:
-                pax, long_name, long_link = {}, None, None
-                yield Member(name, kind, mode, size, mtime_ns, open=self._data)
+            if kind is file:
+                pax, pax_mtime_ns, long_name, long_link = _NO_RECORDS, None, None, None
+                yield Member(name, kind, mode, size, mtime_ns, open=self._open)
                 continue
             linkname = fields["linkpath"] if "linkpath" in fields else long_link or _nts(header[157:257])
-            pax, long_name, long_link = {}, None, None
+            pax, pax_mtime_ns, long_name, long_link = _NO_RECORDS, None, None, None
             describe = SPECIAL.get(flag, f"member of unknown type {flag!r}")
             yield Member(name, kind, mode, 0, mtime_ns, linkname=linkname, describe=describe)
 

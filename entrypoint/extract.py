@@ -26,6 +26,8 @@ O_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 MAX_DEPTH = 128  # path components of a member; real environments stay under 20
 DISK_BLOCK = 4096  # what a file or directory occupies is rounded up to this (ext4, xfs, tmpfs)
 MANIFEST_LINE = 128  # bytes the cache's manifest spends per member, generously
+# Module names for the kinds: an Enum attribute costs ~0.2 µs on Python 3.11, several times a member.
+_FILE, _DIR, _SYMLINK, _OTHER = Kind.FILE, Kind.DIR, Kind.SYMLINK, Kind.OTHER
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ class Stats:
 
 
 def disk_bytes(m: Member) -> int:
-    blocks = -(-m.size // DISK_BLOCK) if m.kind is Kind.FILE else 1 if m.kind is Kind.DIR else 0
+    blocks = -(-m.size // DISK_BLOCK) if m.kind is _FILE else 1 if m.kind is _DIR else 0
     return blocks * DISK_BLOCK + MANIFEST_LINE
 
 
@@ -109,26 +111,27 @@ class Extractor:
                 "environment is really that large"
             )
         rel = normalize(m.name)
-        if m.kind is Kind.OTHER:
+        kind = m.kind
+        if kind is _OTHER:
             raise ArchiveError(f"member {m.name}: is a {m.describe}; environments never contain one")
         if rel == "":
-            if m.kind is Kind.DIR:
+            if kind is _DIR:
                 return
-            raise ArchiveError(f"member {m.name}: a {m.kind.value} in place of the environment's root")
+            raise ArchiveError(f"member {m.name}: a {kind.value} in place of the environment's root")
         if rel in self.dirs:
-            if m.kind is Kind.DIR:
+            if kind is _DIR:
                 return
             raise ArchiveError(f"member {m.name}: duplicate name (already a directory)")
         self._parents(rel, m.name)
-        path = self._path(rel)
+        path = f"{self.dest}/{rel}"
         try:
-            if m.kind is Kind.DIR:
+            if kind is _FILE:
+                self._write_file(m, path)
+            elif kind is _DIR:
                 os.mkdir(path, 0o755)
                 self.dirs.add(rel)
                 self.stats.dirs += 1
-            elif m.kind is Kind.FILE:
-                self._write_file(m, path)
-            elif m.kind is Kind.SYMLINK:
+            elif kind is _SYMLINK:
                 self._check_link_target(m, rel)
                 os.symlink(m.linkname, path)
                 self.symlinks.append(rel)
@@ -170,13 +173,14 @@ class Extractor:
         try:
             remaining = m.size
             while remaining > 0:
-                data = src.read(min(CHUNK, remaining))
+                data = src.read(CHUNK if remaining > CHUNK else remaining)
                 if not data:
                     raise ArchiveError(f"member {m.name}: archive ends inside it (truncated or corrupt)")
                 remaining -= len(data)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
+                written = os.write(fd, data)
+                while written < len(data):  # a short write (rare): write the rest
+                    data = memoryview(data)[written:]
+                    written = os.write(fd, data)
             if m.mtime_ns:  # keeps .pyc files valid: they record their source's mtime
                 try:
                     os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
