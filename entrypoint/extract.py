@@ -123,7 +123,7 @@ class Extractor:
                 return
             raise ArchiveError(f"member {m.name}: duplicate name (already a directory)")
         self._parents(rel, m.name)
-        path = f"{self.dest}/{rel}"
+        path = self._path(rel)
         try:
             if kind is _FILE:
                 self._write_file(m, path)
