@@ -18,7 +18,6 @@ import random
 import re
 import shutil
 import signal
-import stat
 import subprocess
 import tempfile
 import threading
@@ -28,30 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from archives import M, ram_dir, raw_header, tiny_env, unpack_script_with, write_tar
+from archives import M, content_tree, ram_dir, raw_header, tiny_env, unpack_script_with, write_tar
 from support import ENTRYPOINT, REPO, entry_env, error_line, run_entrypoint
 
 from entrypoint import cache
 
 PY_CHECK = "import json, os, sqlite3, ssl, sys; print(json.dumps([sys.prefix, os.__file__]))"
-
-
-def digest_tree(prefix: Path) -> dict[str, tuple[object, ...]]:
-    """Every path under `prefix`: kind, permission bits, and the content (file hash, link target)."""
-    out: dict[str, tuple[object, ...]] = {}
-    for dirpath, dirnames, filenames in os.walk(prefix):
-        for name in dirnames + filenames:
-            path = os.path.join(dirpath, name)
-            st = os.lstat(path)
-            rel = os.path.relpath(path, prefix)
-            if stat.S_ISLNK(st.st_mode):
-                out[rel] = ("l", os.readlink(path))
-            elif stat.S_ISDIR(st.st_mode):
-                out[rel] = ("d", stat.S_IMODE(st.st_mode))
-            else:
-                with open(path, "rb") as f:
-                    out[rel] = ("f", stat.S_IMODE(st.st_mode), st.st_size, hashlib.sha256(f.read()).hexdigest())
-    return out
 
 
 def assert_works(prefix: Path) -> None:
@@ -157,7 +138,7 @@ def make_reference(tarball: Path, cache: Path) -> Reference:
     assert_works(prefix)
     at = {m.group(1): t for t, line in start.lines if (m := re.match(r"mlserver-entrypoint: (\w+):", line))}
     assert {"extract", "relocate", "publish"} <= set(at), done.stderr
-    return Reference(tarball, cache, prefix, digest_tree(prefix), time.monotonic() - start.t0, at)
+    return Reference(tarball, cache, prefix, content_tree(prefix), time.monotonic() - start.t0, at)
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +177,7 @@ def kill_trial(ref: Reference, rng: random.Random) -> str | None:
 
     # Right after the kill, anything published is complete and exact.
     for marker in ref.cache.glob("*.ready"):
-        assert digest_tree(ref.cache / marker.stem) == ref.tree, f"published but incomplete after kill in {phases}"
+        assert content_tree(ref.cache / marker.stem) == ref.tree, f"published but incomplete after kill in {phases}"
 
     # The next start ends with the complete, working environment, orphans of the killed one or not.
     nxt = run_entrypoint(["unpack"], ref.env())
@@ -204,7 +185,7 @@ def kill_trial(ref: Reference, rng: random.Random) -> str | None:
     assert nxt.returncode == 0, nxt.stderr
     prefix = Path(nxt.stdout.splitlines()[-1])
     assert prefix == ref.prefix
-    assert digest_tree(prefix) == ref.tree, f"environment differs after a kill following {phases}"
+    assert content_tree(prefix) == ref.tree, f"environment differs after a kill following {phases}"
     assert_works(prefix)
     no_partial_state(ref.cache)
     return (phases[-1] if phases else "start") if landed else None
@@ -286,7 +267,7 @@ def test_temporaries_of_a_start_killed_while_publishing_are_removed(ref: Referen
     assert nxt.returncode == 0, nxt.stderr
     assert "extract:" in nxt.stderr  # unpacked again, not taken as a hit
     no_partial_state(ref.cache)
-    assert digest_tree(ref.prefix) == ref.tree
+    assert content_tree(ref.prefix) == ref.tree
 
     (ref.cache / f"{name}.ready").unlink()  # the same, and the tarball is never used again: gc
     for orphan in orphans:
@@ -307,7 +288,7 @@ def test_eight_starters_at_once_one_extraction(ref: Reference) -> None:
     assert {d.stdout.splitlines()[-1] for d in done} == {str(ref.prefix)}
     assert sum("mlserver-entrypoint: extract:" in d.stderr for d in done) == 1
     assert sum("cache hit" in d.stderr for d in done) == 7
-    assert digest_tree(ref.prefix) == ref.tree
+    assert content_tree(ref.prefix) == ref.tree
     assert_works(ref.prefix)
 
 
@@ -340,7 +321,7 @@ def test_killing_the_unpacker_hands_over_to_a_waiting_starter(ref: Reference) ->
     rest = [s.finish() for s in waiting]
     assert [d.returncode for d in rest] == [0, 0, 0], [d.stderr for d in rest]
     assert sum("mlserver-entrypoint: extract:" in d.stderr for d in rest) == 1, [d.stderr for d in rest]
-    assert digest_tree(ref.prefix) == ref.tree
+    assert content_tree(ref.prefix) == ref.tree
     no_partial_state(ref.cache)
 
 
@@ -370,7 +351,7 @@ def test_signal_during_unpack_cleans_up(ref: Reference, sig: signal.Signals, pha
         os.killpg(start.proc.pid, 0)
     nxt = run_entrypoint(["unpack"], ref.env())
     assert nxt.returncode == 0, nxt.stderr
-    assert digest_tree(ref.prefix) == ref.tree
+    assert content_tree(ref.prefix) == ref.tree
 
 
 def test_repeated_signals_do_not_stop_the_cleanup_half_way(ref: Reference) -> None:
@@ -540,7 +521,7 @@ def _tiny_cached(tarball: Path, cache: Path) -> tuple[Path, Path, Path, dict[str
     proc = run_entrypoint(["unpack"], entry_env(MLSERVER_ENV_TARBALL=tarball, MLSERVER_ENV_CACHE_DIR=cache))
     assert proc.returncode == 0, proc.stderr
     prefix = Path(proc.stdout.splitlines()[-1])
-    return tarball, cache, prefix, digest_tree(prefix)
+    return tarball, cache, prefix, content_tree(prefix)
 
 
 def unpacked_again(proc: subprocess.CompletedProcess[str], why: str) -> bool:
@@ -566,12 +547,12 @@ def test_damage_found_by_quick_check_is_unpacked_again(
         damage()
         proc = restart(tarball, cache)
         assert unpacked_again(proc, why), f"{what}: {proc.stderr}"
-        assert digest_tree(prefix) == tree, what
+        assert content_tree(prefix) == tree, what
 
     # A marker that is not the entry's own (damaged, or another tarball's) is not trusted either.
     (cache / f"{prefix.name}.ready").write_text("{not json")
     proc = restart(tarball, cache)
-    assert "mlserver-entrypoint: extract:" in proc.stderr and digest_tree(prefix) == tree
+    assert "mlserver-entrypoint: extract:" in proc.stderr and content_tree(prefix) == tree
 
 
 def test_quick_check_is_bounded_whatever_the_size(tmp_path: Path) -> None:
@@ -609,7 +590,7 @@ def test_damaged_manifest_is_unpacked_again(
         for verify in ("quick", "full"):
             proc = restart(tarball, cache, verify)
             assert unpacked_again(proc, "manifest is damaged"), proc.stderr
-            assert digest_tree(prefix) == tree
+            assert content_tree(prefix) == tree
             if verify == "quick":
                 manifest.write_text(garbage + manifest.read_text())
 
@@ -629,7 +610,7 @@ def test_quick_check_samples_full_check_sees_every_file(
 
     proc = restart(tarball, cache, "full")
     assert unpacked_again(proc, rest[len(rest) // 2]), proc.stderr
-    assert digest_tree(prefix) == tree
+    assert content_tree(prefix) == tree
 
     # Truncated with its mtime put back: the size still gives it away to the full check.
     st = victim.stat()
@@ -647,7 +628,7 @@ def test_damaged_real_environment_is_unpacked_again(ref: Reference) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "unusable" in proc.stderr and "mlserver-entrypoint: extract:" in proc.stderr
     assert proc.stdout.strip() == str(ref.prefix / "lib" / "python3.8" / "os.py")
-    assert digest_tree(ref.prefix) == ref.tree
+    assert content_tree(ref.prefix) == ref.tree
 
 
 # --- The tarball changing under the start ---------------------------------------------------------------
