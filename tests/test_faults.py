@@ -74,14 +74,22 @@ class Start:
             self.lines.append((time.monotonic() - self.t0, line.rstrip("\n")))
 
     def wait_for(self, phase: str, timeout: float = 300) -> bool:
-        """Until a `mlserver-entrypoint: <phase>` line appears (True) or the process ends (False)."""
+        """Until a `mlserver-entrypoint: <phase>` line appears (True) or the process ends (False).
+
+        Progress lines ("extract: 80% (…)") do not count: the phase is still running then."""
+        prefix = f"mlserver-entrypoint: {phase}"
+        progress = re.compile(re.escape(prefix) + r" ?\d+% ")
+
+        def seen() -> bool:
+            return any(line.startswith(prefix) and not progress.match(line) for _, line in self.lines)
+
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if any(line.startswith(f"mlserver-entrypoint: {phase}") for _, line in self.lines):
+            if seen():
                 return True
             if self.proc.poll() is not None:
                 self._reader.join(5)
-                return any(line.startswith(f"mlserver-entrypoint: {phase}") for _, line in self.lines)
+                return seen()
             time.sleep(0.005)
         raise AssertionError(f"no {phase!r} line in {timeout} s")
 
