@@ -168,12 +168,22 @@ def _decompressor(fmt: str, raw: BinaryIO) -> IO[bytes]:
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
 MAX_META = 1 << 20  # longest pax header or GNU long name we accept
+# Bounds that keep metadata-only archives from costing minutes or gigabytes: real archives have
+# at most a pax header, a long name and a long link name before a member, and a few dozen bytes
+# of pax records per member (conda-pack: the mtime).
+MAX_META_HEADERS = 8  # in a row, before one member
+MAX_META_TOTAL = 256 << 20  # pax and long-name bytes in the whole archive
+PAX_KEYS = frozenset({"path", "linkpath", "size", "mtime"})  # the pax records we read (and SPARSE ones)
+MAX_TRAILER = 64 << 20  # zero padding after the end-of-archive marker (tar -b 2048 writes 1 MiB records)
 TYPES = {
     b"0": Kind.FILE, b"\0": Kind.FILE, b"7": Kind.FILE,
     b"1": Kind.HARDLINK, b"2": Kind.SYMLINK, b"5": Kind.DIR,
 }  # fmt: skip
 _NO_RECORDS: dict[str, str] = {}  # shared, never written to
 SPECIAL = {b"3": "character device", b"4": "block device", b"6": "FIFO", b"S": "GNU sparse file"}
+SPARSE = "GNU.sparse."  # pax records of a sparse file (GNU formats 0.x and 1.0): its data is a map, not the file
+_PAX_KEYS_BYTES = frozenset(k.encode() for k in PAX_KEYS)
+_SPARSE_BYTES = SPARSE.encode()
 
 
 def _nts(field: bytes) -> str:
@@ -219,7 +229,9 @@ def _pax_mtime_only(data: bytes) -> int | None:
 
 
 def _pax_records(data: bytes) -> dict[str, str]:
-    """Parse "<length> <key>=<value>\\n" records (POSIX.1-2001 extended headers)."""
+    """Parse "<length> <key>=<value>\\n" records (POSIX.1-2001 extended headers); keep those we read
+    (PAX_KEYS, SPARSE): a megabyte of distinct keys would otherwise cost tens of MB, and global
+    ones would be copied into every member."""
     out: dict[str, str] = {}
     pos = 0
     while pos < len(data) and data[pos] != 0:
@@ -232,7 +244,8 @@ def _pax_records(data: bytes) -> dict[str, str]:
         if length <= 0 or space < 0 or not record.endswith(b"\n") or b"=" not in record:
             raise ArchiveError("malformed pax header (corrupt archive)")
         key, value = record[:-1].split(b"=", 1)
-        out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        if key in _PAX_KEYS_BYTES or key.startswith(_SPARSE_BYTES):
+            out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
         pos += length
     return out
 
@@ -263,6 +276,24 @@ class TarReader:
         self.remaining = 0  # unread data bytes of the current member
         self.padding = 0
         self._open = lambda: self  # a member's `open`: the reader itself reads its data (no object a member)
+        self._meta_total = 0
+
+    def _end(self) -> None:
+        """After the first zero block: read the stream to its end, so the codec checks its CRC and
+        length (gzip, xz and zstd check them only there), and refuse anything but zero padding:
+        members after a lone zero block or a second archive would otherwise be dropped silently."""
+        self._skip_rest()
+        left = MAX_TRAILER
+        while data := self.view(CHUNK):
+            if bytes(data).count(0) != len(data):
+                raise ArchiveError(
+                    "data after the end-of-archive marker (a lone zero block, or archives concatenated); pack it again"
+                )
+            left -= len(data)
+            if left < 0:
+                raise ArchiveError(
+                    f"more than {MAX_TRAILER >> 20} MiB after the end-of-archive marker (corrupt or hostile archive)"
+                )
 
     # The current member's data, as Member.open() gives it; what is not read is skipped.
     def __enter__(self) -> TarReader:
@@ -325,6 +356,9 @@ class TarReader:
     def _meta(self, size: int) -> bytes:
         if size > MAX_META:
             raise ArchiveError(f"tar metadata block of {size} bytes (corrupt or hostile archive)")
+        self._meta_total += size
+        if self._meta_total > MAX_META_TOTAL:
+            raise ArchiveError(f"more than {MAX_META_TOTAL >> 20} MiB of tar metadata (corrupt or hostile archive)")
         data = self._read(size)
         self.padding = -size % BLOCK  # skipped before the next header
         if len(data) != size:
@@ -336,6 +370,7 @@ class TarReader:
         pax: dict[str, str] = _NO_RECORDS
         pax_mtime_ns: int | None = None  # the usual mtime-only pax header, parsed at once
         long_name = long_link = None
+        metas = 0  # metadata headers since the last member
         file, other = Kind.FILE, Kind.OTHER  # locals: an Enum attribute costs ~0.2 µs on 3.11
         while True:
             self._skip_rest()
@@ -343,6 +378,7 @@ class TarReader:
             if not header:
                 raise ArchiveError("archive ends without its end-of-archive marker (truncated)")
             if header == ZERO_BLOCK:
+                self._end()
                 return
             if _number(header[148:156]) != _header_sum(header):
                 raise ArchiveError("bad tar header checksum (corrupt archive)")
@@ -351,6 +387,11 @@ class TarReader:
             if size < 0:  # "-5" parses as octal too; it would misalign the next header
                 raise ArchiveError("negative size in a tar header (corrupt archive)")
             if flag in (b"x", b"g", b"L", b"K"):
+                metas += 1
+                if metas > MAX_META_HEADERS:
+                    raise ArchiveError(
+                        f"more than {MAX_META_HEADERS} tar metadata headers in a row (corrupt or hostile archive)"
+                    )
                 data = self._meta(size)
                 if flag == b"x":
                     pax_mtime_ns = _pax_mtime_only(data)
@@ -362,6 +403,7 @@ class TarReader:
                 else:
                     long_link = _nts(data)
                 continue
+            metas = 0
             # What a pax header or a GNU long name gives is not parsed again from the ustar fields.
             fields = {**global_pax, **pax} if global_pax else pax
             if "path" in fields:
@@ -387,6 +429,8 @@ class TarReader:
                 mtime_ns = _number(header[136:148]) * 1_000_000_000
             mode = _number(header[100:108]) & 0o7777
             kind = TYPES.get(flag, other)
+            if fields and any(k.startswith(SPARSE) for k in fields):  # a pax (GNU 1.0) sparse file
+                kind, flag, name = other, b"S", fields.get(f"{SPARSE}name", name)
             self.remaining, self.padding = size, -size % BLOCK
             if kind is file:
                 pax, pax_mtime_ns, long_name, long_link = _NO_RECORDS, None, None, None
@@ -398,11 +442,15 @@ class TarReader:
             yield Member(name, kind, mode, 0, mtime_ns, linkname=linkname, describe=describe)
 
 
+# General-purpose flag bits zipfile cannot read (it would raise RuntimeError/NotImplementedError).
+ZIP_UNREADABLE = {0x1: "encrypted", 0x20: "compressed patched data", 0x40: "strongly encrypted"}
+
+
 def _zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Member:
-    if (
-        info.flag_bits & 0x1 or info.compress_type not in ZIP_METHODS
-    ):  # zipfile would raise RuntimeError/NotImplementedError
-        how = "encrypted" if info.flag_bits & 0x1 else f"compressed with method {info.compress_type}"
+    how = next((what for bit, what in ZIP_UNREADABLE.items() if info.flag_bits & bit), None)
+    if how is None and info.compress_type not in ZIP_METHODS:
+        how = f"compressed with method {info.compress_type}"
+    if how is not None:
         raise ArchiveError(f"member {info.filename}: {how}, which conda-pack never writes; pack it again")
     mode = (info.external_attr >> 16) & 0xFFFF
     mtime_ns = 0
@@ -411,16 +459,34 @@ def _zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Member:
     if stat.S_ISLNK(mode):
         if info.file_size > 4096:
             raise ArchiveError(f"member {info.filename}: symlink target of {info.file_size} bytes")
-        target = zf.read(info).decode("utf-8", "surrogateescape")
+        with _zip_reading():
+            target = zf.read(info).decode("utf-8", "surrogateescape")
         return Member(info.filename, Kind.SYMLINK, 0o777, 0, mtime_ns, linkname=target)
-    if mode and not stat.S_ISREG(mode):
+    if stat.S_IFMT(mode) and not stat.S_ISREG(mode):  # permission bits alone (ZipFile.writestr): a file, as unzip does
         return Member(info.filename, Kind.OTHER, mode, 0, mtime_ns, describe=f"file of mode {oct(mode)}")
     import time
 
     mtime_ns = int(time.mktime((*info.date_time, 0, 0, -1))) * 1_000_000_000
     return Member(
-        info.filename, Kind.FILE, mode & 0o7777 or 0o644, info.file_size, mtime_ns, open=lambda: zf.open(info)
+        info.filename, Kind.FILE, mode & 0o7777 or 0o644, info.file_size, mtime_ns, open=lambda: _zip_open(zf, info)
     )
+
+
+@contextlib.contextmanager
+def _zip_reading() -> Iterator[None]:
+    """zipfile follows the offsets an archive gives: a damaged one makes it seek before the start
+    (OSError EINVAL), which must not read as a failure to write the cache."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno is None:
+            raise  # a codec's complaint: already corrupt-archive material (CORRUPT)
+        raise ArchiveError(f"corrupt zip archive ({exc.strerror}); pack it again") from None
+
+
+def _zip_open(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Readable:
+    with _zip_reading():
+        return cast(Readable, zf.open(info))
 
 
 class NeedsRandomAccess(ArchiveError):
@@ -463,7 +529,9 @@ def members(raw: BinaryIO) -> Iterator[Member]:
     if fmt == "zip":
         if not raw.seekable():
             raise NeedsRandomAccess("a zip archive needs random access (its index is at its end), not a stream")
-        with zipfile.ZipFile(raw) as zf:
+        with _zip_reading():
+            zf = zipfile.ZipFile(raw)
+        with zf:
             for info in zf.infolist():
                 yield _zip_member(zf, info)
         return

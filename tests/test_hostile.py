@@ -8,6 +8,8 @@ the entrypoint runs as a subprocess, exactly as a container starts it.
 
 from __future__ import annotations
 
+import gzip
+import io
 import os
 import stat
 import subprocess
@@ -40,6 +42,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import entry_env, error_line, run_entrypoint
 
+from entrypoint import archive
 from entrypoint.archive import _header_sum, _pax_mtime_ns, _pax_mtime_only, _pax_records
 from entrypoint.errors import ArchiveError
 from entrypoint.extract import MAX_DEPTH, normalize
@@ -596,3 +599,119 @@ def test_pax_mtime_shortcut_agrees_with_the_general_parser(mtime: str, skew: int
         assert expected == {"mtime": mtime} and fast == _pax_mtime_ns(mtime)
     if skew == 0 and not tail:
         assert expected == {"mtime": mtime} and fast is not None
+
+
+# --- The end of the stream, metadata floods, sparse files, zip oddities (found by a review) -------
+
+
+def accept(site: Site, tarball: Path) -> Path:
+    """A start with an unusual but sound archive: unpacked, its prefix returned."""
+    proc = run_entrypoint(["unpack"], entry_env(MLSERVER_ENV_TARBALL=tarball, MLSERVER_ENV_CACHE_DIR=site.cache))
+    assert proc.returncode == 0, proc.stderr
+    return Path(proc.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("fmt", ["tar.gz", "tar.xz"])
+def test_a_damaged_stream_is_found_past_a_padded_end(site: Site, fmt: str) -> None:
+    """`tar -b 2048` pads to 1 MiB records: the reader still reads to the stream's end, where gzip
+    and xz check their CRC, instead of stopping at the end-of-archive marker."""
+    tar = tar_bytes([*tiny_env(), M("lib/b.txt", data=b"hello")]) + bytes(1 << 20)
+    data = bytearray(gzip.compress(tar, compresslevel=0, mtime=0) if fmt == "tar.gz" else compress(tar, fmt))
+    padded = site.root / f"padded.{fmt}"
+    padded.write_bytes(bytes(data))
+    assert (accept(site, padded) / "lib/b.txt").read_bytes() == b"hello"
+    if fmt == "tar.gz":  # stored deflate blocks: the text is there to change
+        at = data.index(b"hello")
+        data[at : at + 5] = b"HELLO"
+    else:
+        data[-10] ^= 0xFF  # xz's index and footer: checked only at the stream's end
+    damaged = site.root / f"damaged-end.{fmt}"
+    damaged.write_bytes(bytes(data))
+    refuse(site, damaged, "damaged-end", "corrupt")
+
+
+def test_members_after_the_end_marker_are_refused_not_dropped(site: Site) -> None:
+    """A lone zero block, or two archives concatenated: what follows would be silently lost."""
+    head = tar_bytes(tiny_env(), end=False)
+    lone = write_raw(site.root / "lone.tar.gz", head + bytes(512) + tar_bytes([M("lib/lost", data=b"x")]))
+    refuse(site, lone, "after the end-of-archive marker")
+    two = site.root / "two.tar.gz"
+    two.write_bytes(compress(tar_bytes(tiny_env()), "tar.gz") + compress(tar_bytes([M("lib/lost")]), "tar.gz"))
+    refuse(site, two, "after the end-of-archive marker")
+
+
+def test_pax_sparse_file_is_refused(site: Site) -> None:
+    """GNU tar's pax sparse format (1.0): the member's data is a map then the data, under a made-up
+    name; extracted as is, it would be a wrong file where the real one is missing."""
+    base = tar_bytes(tiny_env(), end=False)
+    pax = pax_header({"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": "lib/sparse",
+                      "GNU.sparse.realsize": "10485760"})  # fmt: skip
+    body = b"1\n5242880\n4\n".ljust(512, b"\0") + b"data".ljust(512, b"\0")
+    path = write_raw(
+        site.root / "sparse.tar.gz",
+        base + pax + raw_header("lib/GNUSparseFile.1/sparse", b"%011o\0" % 1024) + body + end_of_archive(),
+    )
+    refuse(site, path, "lib/sparse", "sparse")
+
+
+def test_metadata_headers_cannot_flood_the_reader(site: Site) -> None:
+    """Pax headers cost no member and no unpacked byte: a few-kB tar.zst of them would otherwise
+    keep a start busy for minutes."""
+    base = tar_bytes(tiny_env(), end=False)
+    flood = b"".join(pax_header({"comment": "x"}) for _ in range(100_000))
+    path = write_raw(
+        site.root / "flood.tar.zst", base + flood + raw_header("lib/f", b"%011o\0" % 0) + end_of_archive(), "tar.zst"
+    )
+    assert path.stat().st_size < 100_000
+    refuse(site, path, "metadata headers in a row")
+
+
+def test_pax_records_keep_only_what_is_read() -> None:
+    """Records the reader never uses are not kept: a megabyte of distinct keys in a global header
+    would otherwise be held, and copied into every member's fields."""
+    pax = pax_header({"path": "lib/a", "uname": "me", "SCHILY.xattr.user.x": "y", "GNU.sparse.major": "1"})
+    assert _pax_records(pax[512:].rstrip(b"\0")) == {"path": "lib/a", "GNU.sparse.major": "1"}
+
+
+def test_metadata_total_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Metadata that comes one header per member stays under the in-a-row bound; the archive's
+    total is bounded too (lowered here: the real bound is 256 MiB)."""
+    monkeypatch.setattr(archive, "MAX_META_TOTAL", 10_000)
+    tar = tar_bytes([M(f"lib/{'x' * 200}{i}", data=b"") for i in range(100)])  # a pax path record each
+    with pytest.raises(ArchiveError, match="MiB of tar metadata"):
+        list(archive.members(io.BytesIO(tar)))
+
+
+def test_zip_flags_zipfile_cannot_read_are_refused(site: Site) -> None:
+    zpath = site.root / "flags.zip"
+    for bit, words in ((0x20, "compressed patched data"), (0x40, "strongly encrypted")):
+
+        def flag(offset: int, bit: int = bit) -> Callable[[bytearray, int], None]:
+            return lambda d, at: d.__setitem__(at + offset, d[at + offset] | bit)
+
+        write_zip(zpath, tiny_env())
+        _patch_zip_entry(zpath, "conda-meta/history", flag(6), flag(8))
+        refuse(site, zpath, "flags.zip", words)
+
+
+def test_zip_with_bytes_cut_out_is_the_archive_s_fault(site: Site) -> None:
+    """The central directory survives, the local headers it points at are gone: zipfile seeks
+    before the file's start (EINVAL), which is the archive's fault, not the cache's."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("bin/python", HOST_PYTHON.read_bytes()[:3000])
+        zf.writestr("lib/e", bytes(range(256)) * 100)
+    whole = buf.getvalue()
+    cut = site.root / "cut.zip"
+    cut.write_bytes(whole[:200] + whole[-200:])
+    line = refuse(site, cut, "cut.zip", "corrupt zip")
+    assert "MLSERVER_ENV_CACHE_DIR" not in line
+
+
+def test_zip_entries_with_permission_bits_only_are_files(site: Site) -> None:
+    """ZipFile.writestr records 0o600 without a file type: a file, as unzip reads it."""
+    zpath = write_zip(site.root / "plain.zip", tiny_env())
+    with zipfile.ZipFile(zpath, "a") as zf:
+        zf.writestr("lib/plain.txt", b"plain")
+        assert zf.getinfo("lib/plain.txt").external_attr >> 16 == 0o600
+    assert (accept(site, zpath) / "lib/plain.txt").read_bytes() == b"plain"
