@@ -53,8 +53,13 @@ def find_python(prefix: Path) -> Path:
         if (prefix / "python.exe").exists():
             raise EnvError(f"environment in {prefix} was built for Windows; pack it on Linux ({sys_target()})")
         raise EnvError(f"environment in {prefix} has no bin/python; add python to the environment before `conda pack`")
-    with open(candidate, "rb") as f:
-        header = f.read(64)
+    try:
+        with open(candidate, "rb") as f:
+            header = f.read(64)
+    except OSError as exc:  # a directory, a symlink to one, a loop
+        raise EnvError(
+            f"{candidate} cannot be read ({exc.strerror}); pack the environment again with its interpreter"
+        ) from None
     if header.startswith(MACHO):
         raise EnvError(f"{candidate} is a macOS binary; pack the environment on Linux ({sys_target()})")
     target = _elf_target(header)
@@ -103,7 +108,9 @@ def _run_activate_scripts(scripts: Sequence[Path], env: dict[str, str]) -> dict[
     if proc.returncode != 0:
         last = (proc.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
         raise EnvError(f"activation script failed in {scripts[0].parent}: {last}")
-    out = dict(item.split("=", 1) for item in proc.stdout.decode().split("\0") if "=" in item)
+    # As os.environ decodes the environment: bytes that are not UTF-8 survive, and exec restores them.
+    text = proc.stdout.decode("utf-8", "surrogateescape")
+    out = dict(item.split("=", 1) for item in text.split("\0") if "=" in item)
     for name in LEAKY:
         out.pop(name, None)
     return out

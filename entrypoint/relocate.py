@@ -59,11 +59,15 @@ class UnpackScript:
 
 def read_unpack_script(prefix: Path) -> UnpackScript | None:
     """The environment's bin/conda-unpack, parsed; None if there is none (not a conda-pack archive)."""
+    script = prefix / UNPACK_SCRIPT
     try:
-        source = (prefix / UNPACK_SCRIPT).read_text(encoding="utf-8")
+        source = script.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
-    return UnpackScript.parse(source, str(prefix / UNPACK_SCRIPT))
+    except (OSError, UnicodeDecodeError) as exc:  # a directory, a symlink loop, not text
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise EnvError(f"{script} cannot be read ({why}); pack the environment again with conda-pack") from None
+    return UnpackScript.parse(source, str(script))
 
 
 def script_digest(source: str) -> str:
@@ -93,9 +97,13 @@ def parse_prefix_records(source: str, where: str) -> list[tuple[str, str, str]]:
             continue
         try:
             path, placeholder, mode = ast.literal_eval(line)
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            path, placeholder, mode = str(path), str(placeholder), str(mode)
+            if "\0" in path + placeholder:  # a path no system call takes, a placeholder no file holds
+                raise ValueError
+            path.encode(), placeholder.encode()  # lone surrogates ("\udc80") have no bytes to match
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):  # UnicodeEncodeError is a ValueError
             raise EnvError(f"{where}: cannot read its prefix records; re-pack with conda-pack") from None
-        records.append((str(path), str(placeholder), str(mode)))
+        records.append((path, placeholder, mode))
     if end < 0:
         raise EnvError(f"{where}: its prefix records do not end; re-pack with conda-pack")
     return records

@@ -76,6 +76,14 @@ class Settings(BaseSettings):
     @field_validator("cache_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
+        # The entry's path becomes the environment's prefix: a ":" would split PATH where its bin/
+        # is added (conda refuses one in a prefix too), and conda-unpack writes the prefix as UTF-8.
+        if ":" in str(value):
+            raise ValueError("must not contain ':' (it would split PATH)")
+        try:
+            str(value).encode()
+        except UnicodeEncodeError:
+            raise ValueError("must be valid UTF-8 (conda-unpack writes it into files)") from None
         return Path(os.path.abspath(value))
 
 

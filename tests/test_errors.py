@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from archives import HOST_PYTHON, M, conda_pack_tiny, tiny_env, write_tar
+from archives import HOST_PYTHON, M, conda_pack_tiny, tiny_env, unpack_script_with, write_tar
 from support import ENTRYPOINT, REPO, entry_env, error_line, run_entrypoint
 
 NOBODY = 65534
@@ -304,3 +304,64 @@ def test_sha256_pin_mismatch_is_refused_before_anything_is_extracted(tmp_path: P
     assert "ran" not in proc.stdout
 
     refused(start(tarball, cache, MLSERVER_ENV_TARBALL_SHA256="abc123"), 2, "MLSERVER_ENV_TARBALL_SHA256", "64 hex")
+
+
+# --- Odd environments and settings (found by a review): one line, never a traceback ---------------
+
+
+@pytest.mark.parametrize(
+    "members,words",
+    [
+        ([*without_python(), M("bin/python", "dir")], ("bin/python cannot be read", "Is a directory")),
+        ([*without_python(), M("lib/x", "dir"), M("bin/python", "symlink", target="../lib/x")], ("bin/python",)),
+        ([*tiny_env(), M("bin/conda-unpack", data=b"\xff\xfe#!")], ("conda-unpack cannot be read", "not UTF-8")),
+        ([*tiny_env(), M("bin/conda-unpack", "dir")], ("conda-unpack cannot be read", "Is a directory")),
+        (
+            [*tiny_env(), M("bin/conda-unpack", "symlink", target="x"), M("bin/x", "symlink", target="conda-unpack")],
+            ("conda-unpack cannot be read", "symbolic links"),
+        ),
+    ],
+    ids=[
+        "python-is-a-directory",
+        "python-links-to-a-directory",
+        "unpack-script-not-text",
+        "unpack-script-is-a-directory",
+        "unpack-script-loops",
+    ],
+)
+def test_unreadable_interpreter_or_unpack_script(members: list[M], words: tuple[str, ...], tmp_path: Path) -> None:
+    tarball = write_tar(tmp_path / "odd.tar.gz", members)
+    refused(start(tarball, tmp_path / "c"), 4, *words)
+    assert no_entries(tmp_path / "c")
+
+
+@pytest.mark.parametrize("record", ["('lib/a\\x00.txt', '/p', 'text')", "('lib/a.txt', '/x\\udc80', 'text')"])
+def test_unpack_script_records_no_file_could_match(record: str, small_tarball: Path, tmp_path: Path) -> None:
+    """A NUL in a path, a lone surrogate in a placeholder: refused as the script's fault, in a
+    script the entrypoint would otherwise apply in-process."""
+    script = unpack_script_with(small_tarball, [record])
+    tarball = write_tar(tmp_path / "odd.tar.gz", [*tiny_env(), M("bin/conda-unpack", data=script, mode=0o755)])
+    refused(start(tarball, tmp_path / "c"), 4, "cannot read its prefix records")
+    assert no_entries(tmp_path / "c")
+
+
+@pytest.mark.parametrize("cache,words", [("c:d", ("must not contain ':'",)), ("c-\udcff", ("valid UTF-8",))])
+def test_cache_dir_that_cannot_be_a_prefix(cache: str, words: tuple[str, ...], tmp_path: Path) -> None:
+    """A ":" would split PATH where the environment's bin/ goes; conda-unpack writes the prefix as UTF-8."""
+    tarball = write_tar(tmp_path / "env.tar.gz", tiny_env())
+    refused(start(tarball, tmp_path / cache), 2, "MLSERVER_ENV_CACHE_DIR", *words)
+    assert not (tmp_path / cache).exists()
+
+
+def test_activation_scripts_run_and_keep_bytes_that_are_not_utf8(tmp_path: Path) -> None:
+    """conda's activate.d scripts are sourced; a variable that is not UTF-8 (in the container's
+    environment or exported by a script) passes through to the command byte for byte."""
+    script = b"export FROM_SCRIPT=1\nexport RAW=$(printf 'caf\\351')\n"
+    members = [*tiny_env(), M("etc/conda/activate.d/x.sh", data=script)]
+    tarball = write_tar(tmp_path / "act.tar.gz", members)
+    env = {**entry_env(MLSERVER_ENV_TARBALL=tarball, MLSERVER_ENV_CACHE_DIR=tmp_path / "c"), "LATIN1": b"caf\xe9"}
+    for _ in range(2):  # cold, then warm: both activate
+        proc = subprocess.run([*ENTRYPOINT, "env"], env=env, capture_output=True, timeout=120, cwd=REPO)  # type: ignore[arg-type]
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.split(b"\n")
+        assert b"FROM_SCRIPT=1" in lines and b"RAW=caf\xe9" in lines and b"LATIN1=caf\xe9" in lines
