@@ -123,7 +123,10 @@ def scan(root: Path) -> list[Item]:
         names = os.listdir(root)
     except FileNotFoundError:
         return []
-    keys = sorted({m.group(1) for n in names if (m := NAME.fullmatch(n))})
+    # An entry is ours only with one of its own files beside it (a start takes `.use` and `.lock`
+    # before it creates the directory): a bare 8-hex-digit name in a cache directory pointed at a
+    # shared place (/tmp, the models folder) belongs to someone else and is never removed.
+    keys = sorted({m.group(1) for n in names if (m := NAME.fullmatch(n)) and m.group(2)})
     items = []
     for key8 in keys:
         entry = Entry(root, key8)

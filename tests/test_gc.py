@@ -152,3 +152,19 @@ def test_gc_removes_key_memos_a_killed_start_left_half_written(tmp_path: Path) -
     assert stale.exists()  # a dry run changes nothing
     gc(tmp_path)
     assert not stale.exists() and fresh.exists()  # a start may be writing the fresh one right now
+
+
+def test_names_like_entries_that_are_not_ours_are_never_touched(tarballs: list[Path], tmp_path: Path) -> None:
+    """A cache directory pointed at a shared place (/tmp, the models folder) may hold someone
+    else's 8-hex-digit names: without an entry's own files beside them, they are not ours."""
+    cache = tmp_path / "shared"
+    (cache / "cafebabe").mkdir(parents=True)
+    (cache / "cafebabe" / "important.txt").write_text("precious")
+    (cache / "deadbeef").write_text("x")
+    ours = prefix_of(unpack(tarballs[0], cache))
+    age(ours, 30)
+    unpack(tarballs[1], cache, MLSERVER_ENV_CACHE_MAX_AGE="1")  # removes the old entry only
+    assert gone(ours)
+    assert (cache / "cafebabe" / "important.txt").read_text() == "precious" and (cache / "deadbeef").read_text() == "x"
+    assert str(cache / "cafebabe") not in gc(cache, "--max-bytes", "1")
+    assert (cache / "cafebabe" / "important.txt").exists() and (cache / "deadbeef").exists()
