@@ -223,21 +223,34 @@ def extract(members: Iterable[Member], dest: Path, limits: Limits) -> Stats:
         if exc.errno is None:  # not a failed system call: a codec's complaint (gzip.BadGzipFile, bz2)
             raise ArchiveError(f"corrupt or truncated archive ({exc}); pack it again") from None
         if exc.errno == errno.ENAMETOOLONG:
-            raise ArchiveError(f"a member's name is too long for this filesystem ({exc.filename})") from None
+            raise ArchiveError(
+                f"a member's name is too long for this filesystem ({exc.filename}); point MLSERVER_ENV_CACHE_DIR "
+                "at a filesystem that allows it (ext4, xfs), or pack the environment with shorter paths"
+            ) from None
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             # Read on without writing, so the error can say how much space the environment needs.
-            needed = ex.stats.disk_bytes + sum(disk_bytes(m) for m in stream)
-            raise no_space_error(dest, needed) from None
+            needed, count = ex.stats.disk_bytes, ex._count
+            for m in stream:
+                needed += disk_bytes(m)
+                count += 1
+            raise no_space_error(dest, needed, count) from None
         raise write_error(exc, dest) from None
     finally:
         os.umask(old_umask)
     return ex.stats
 
 
-def no_space_error(dest: Path, needed: int) -> ConfigError:
+def no_space_error(dest: Path, needed: int, members: int) -> ConfigError:
+    out_of_inodes = os.statvfs(dest.parent).f_favail == 0  # before the removal frees them again
     shutil.rmtree(dest, ignore_errors=True)  # so the free space reported is what a retry gets
     st = os.statvfs(dest.parent)
     free = st.f_bavail * st.f_frsize
+    if out_of_inodes:
+        return ConfigError(
+            f"no free inodes left in cache directory {dest.parent} (MLSERVER_ENV_CACHE_DIR): the environment "
+            f"needs one per file and directory (it has {members} members), {st.f_favail} are free with it removed; "
+            "free some or point MLSERVER_ENV_CACHE_DIR at a volume with more inodes"
+        )
     return ConfigError(
         f"no space left in cache directory {dest.parent} (MLSERVER_ENV_CACHE_DIR): the environment needs "
         f"{-(-needed // 1_000_000)} MB, {free / 1e6:.0f} MB are free with it removed; free space or point "

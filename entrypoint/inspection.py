@@ -15,6 +15,7 @@ import json
 import os
 import posixpath
 import re
+import stat
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -171,11 +172,16 @@ def _metadata(head: bytes) -> tuple[str | None, str | None]:
 def inspect_tarball(path: Path, settings: Settings) -> Report:
     """Stream `path` once and judge it against this image and these settings."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the open forever
+            raise ConfigError(f"{path}: not a regular file; give the archive itself")
         raw = open(path, "rb")  # noqa: SIM115 - closed below, after the member stream is done
     except OSError as exc:
         raise ConfigError(f"{path}: cannot open: {exc.strerror}") from None
     with raw:
-        fmt = archive.detect_format(raw.read(512))
+        try:
+            fmt = archive.detect_format(raw.read(512))
+        except ArchiveError as exc:
+            raise ArchiveError(f"{path}: {exc}; pack the environment with conda-pack") from None
         raw.seek(0)
         report = Report(str(path), fmt, sha256_file(path), os.fstat(raw.fileno()).st_size)
         scan = _Scan()

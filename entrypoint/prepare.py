@@ -172,7 +172,8 @@ def _cache_writes(entry: Entry, stats: Stats) -> Iterator[None]:
         yield
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise extract.no_space_error(entry.prefix, stats.disk_bytes) from None
+            members = stats.files + stats.dirs + stats.symlinks + stats.hardlinks
+            raise extract.no_space_error(entry.prefix, stats.disk_bytes, members) from None
         raise extract.write_error(exc, entry.prefix) from None
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import io
 import json
+import os
 import re
 import tarfile
 import tempfile
@@ -135,6 +136,17 @@ def test_corrupt_archive_is_one_error_line(small_tarball: Path, tmp_path: Path) 
     proc = run_entrypoint(["inspect", str(cut)], entry_env(MLSERVER_ENV_CACHE_DIR=tmp_path))
     assert proc.returncode == 3 and "corrupt or truncated" in error_line(proc)
     assert proc.stdout == ""
+
+
+def test_what_is_not_an_archive_file_is_one_error_line(tmp_path: Path) -> None:
+    """A FIFO nobody writes to must not hang inspect; an empty file is named, with what to do."""
+    fifo, empty = tmp_path / "fifo.tar.gz", tmp_path / "empty.tar.gz"
+    os.mkfifo(fifo)
+    empty.write_bytes(b"")
+    for path, code, words in ((fifo, 2, "not a regular file"), (empty, 3, "not an archive")):
+        proc = run_entrypoint(["inspect", str(path)], entry_env(MLSERVER_ENV_CACHE_DIR=tmp_path), timeout=60)
+        line = error_line(proc)
+        assert proc.returncode == code and words in line and str(path) in line, proc.stderr
 
 
 @pytest.mark.parametrize("args", [["a", "b"], ["--yaml", "x.tar.gz"]])
