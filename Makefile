@@ -11,11 +11,13 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Build the example environment offline (cached), then serve it through the entrypoint on :8080.
+# MLSERVER_ENV_INIT=always: the entrypoint stays as the tiny init it is in a container, so a Ctrl-C
+# while mlserver 1.1.0 is still loading (where it can hang for good) ends the server in 8 s.
 serve: $(VENV)/.installed
 	scripts/install-system-deps
 	$(PY) examples/build_env.py --out examples/seed
 	MLSERVER_ENV_TARBALL=$(CURDIR)/examples/seed/old-sklearn.tar.gz MLSERVER_MODELS_DIR=$(CURDIR)/examples/seed \
-		$(VENV)/bin/mlserver-entrypoint
+		MLSERVER_ENV_INIT=always $(VENV)/bin/mlserver-entrypoint
 
 # The default suite (well under 15 minutes).
 test: $(VENV)/.installed
@@ -27,7 +29,7 @@ test-marked: $(VENV)/.installed
 	scripts/install-system-deps container
 	$(PY) -m pytest -m "slow or container" $(PYTEST_ARGS)
 
-# The unpack benchmark (README "Performance"): about an hour on 2 cores; BENCH_ARGS=--quick skips the
+# The unpack benchmark (README "Performance"): about 20 minutes on 2 cores; BENCH_ARGS=--quick skips the
 # 2 GB synthetic environment. Writes benchmarks/results/unpack.{md,png,json}.
 BENCH_ARGS ?=
 bench: $(VENV)/.installed

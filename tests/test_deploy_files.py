@@ -121,3 +121,10 @@ def test_image_pins_cover_everything_it_installs() -> None:
     assert not missing, f"add to docker/requirements.in and run scripts/lock-image: {sorted(missing)}"
     assert pins["mlserver"] == "1.7.1" and pins["mlserver-sklearn"] == "1.7.1"
     assert tuple(int(x) for x in pins["uvloop"].split(".")[:2]) < (0, 22)  # 0.22+ kills mlserver's workers
+
+
+def test_make_serve_runs_the_entrypoint_as_an_init() -> None:
+    """mlserver 1.1.0 can hang for good on a Ctrl-C while it loads the model; as an init the
+    entrypoint kills the group after MLSERVER_ENV_STOP_GRACE (tests/test_supervise.py)."""
+    recipe = (REPO / "Makefile").read_text().split("\nserve:", 1)[1].split("\n\n", 1)[0]
+    assert "MLSERVER_ENV_INIT=always" in recipe and "mlserver-entrypoint" in recipe
