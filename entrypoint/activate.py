@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from entrypoint.errors import EnvError
+from entrypoint.errors import CommandNotFound, EnvError
 
 MACHINES = {3: "x86 (32-bit)", 40: "ARM (32-bit)", 62: "x86_64", 183: "aarch64", 21: "ppc64", 22: "s390x"}
 MACHO = (
@@ -125,7 +125,8 @@ def resolve_command(argv: Sequence[str], env: Mapping[str, str], prefix: Path | 
                 f"environment in {prefix} has no mlserver; add `mlserver` and its runtime (e.g. "
                 "`mlserver-sklearn`) to the environment's pip dependencies and pack it again"
             )
-        raise EnvError(f"command not found: {argv[0]}")
+        where = f"in the environment ({prefix}/bin), nor on PATH" if prefix is not None else "on PATH"
+        raise CommandNotFound(f"command not found: {argv[0]} is not {where}; check its spelling")
     return [program, *argv[1:]]
 
 

@@ -25,3 +25,9 @@ class EnvError(EntrypointError):
     """The unpacked environment cannot run here (no interpreter, wrong platform, no mlserver)."""
 
     exit_code = 4
+
+
+class CommandNotFound(EntrypointError):
+    """The command to run is on no PATH: 127, as a shell and `docker run` report it."""
+
+    exit_code = 127

@@ -33,6 +33,9 @@ IRRELEVANT_ON_A_HIT = {
     "REMOTE_TIMEOUT",
 }
 HEX = frozenset("0123456789abcdef")
+WHOLE_NUMBERS = {"MAX_MEMBERS", "MAX_UNPACKED_BYTES", "REMOTE_RETRIES"}
+ZERO_ALLOWED = {"REMOTE_RETRIES"}
+CHECKED_ELSEWHERE = {"INIT", "STOP_GRACE"}  # supervise.options reads them on every path, with its errors
 
 
 class Hit(NamedTuple):
@@ -46,6 +49,8 @@ def lookup(environ: Mapping[str, str], require: tuple[str, ...]) -> Hit | None:
     names = {k[len(ENV_PREFIX) :] for k in environ if k.startswith(ENV_PREFIX)}
     if names - READ_HERE - IRRELEVANT_ON_A_HIT:
         return None
+    if not all(_plain_number(n, environ[ENV_PREFIX + n]) for n in names & IRRELEVANT_ON_A_HIT - CHECKED_ELSEWHERE):
+        return None  # a bad value is refused on a hit too, as on the first start of a fresh node
     models_dir = _models_dir(environ)
     tarball = local_tarball(environ)
     if tarball is None:
@@ -69,6 +74,15 @@ def lookup(environ: Mapping[str, str], require: tuple[str, ...]) -> Hit | None:
     except EntrypointError:
         return None
     return Hit(entry, python, models_dir)
+
+
+def _plain_number(name: str, value: str) -> bool:
+    """Whether the setting is a number plainly in its range; anything unusual ("1e3", " 5", "inf")
+    goes to the settings model, which accepts it or gives the one-line error."""
+    digits = value if name in WHOLE_NUMBERS else value.replace(".", "", 1)
+    if not (digits.isascii() and digits.isdigit()) or value[0] == "." or value[-1] == ".":
+        return False
+    return name in ZERO_ALLOWED or float(value) > 0
 
 
 def to_hash(environ: Mapping[str, str]) -> Path | None:

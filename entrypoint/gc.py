@@ -268,7 +268,9 @@ def main(args: list[str], settings: Settings) -> int:
             try:
                 max_age = float(value)
             except ValueError:
-                raise ConfigError(f"--max-age {value!r}: give a number of days, e.g. 7 or 0.5") from None
+                max_age = -1.0
+            if not 0 <= max_age < float("inf"):  # as MLSERVER_ENV_CACHE_MAX_AGE
+                raise ConfigError(f"--max-age {value!r}: give a number of days, 0 or more, e.g. 7 or 0.5")
         elif arg == "--dry-run":
             dry_run = True
         else:

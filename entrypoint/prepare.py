@@ -49,7 +49,10 @@ def prepare(settings: Settings, tarball: Tarball | RemoteTarball, require: tuple
         gc.at_start(settings)
         problem = _usable(entry, settings, require)
         details["entry"] = str(entry.prefix)
-        details["key"] = "remembered" if remembered else "hashed"
+        if not isinstance(tarball, Tarball):  # a URL: the pin, or the object's ETag/Last-Modified and size
+            details["key"] = "the pin" if settings.tarball_sha256 else "the object's identity"
+        else:
+            details["key"] = "remembered" if remembered else "hashed"
     if problem is None:
         log.info(f"cache hit: {entry.prefix}")
         return Prepared(entry.prefix, find_python(entry.prefix), True)

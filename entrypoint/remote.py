@@ -206,7 +206,8 @@ def _filesystem(tarball: RemoteTarball) -> tuple[Any, str]:
     except ImportError as exc:
         raise ConfigError(
             f"{tarball.display}: reading {tarball.scheme}:// URLs needs the Python package {exc.name or package}; "
-            "install mlserver-env-entrypoint[remote] in this image"
+            "install the entrypoint's `remote` extra where it runs (the image leaves it out: README, Docker), "
+            "or give a local file"
         ) from None
     names = ("http", "https") if package == "aiohttp" else (protocol,)
     user = {k: v for name in names for k, v in fsspec.config.conf.get(name, {}).items()}  # FSSPEC_*: they win

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, ByteSize, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from entrypoint import log
 from entrypoint.constants import (
     DEFAULT_INIT,
     DEFAULT_MODELS_DIR,
@@ -55,7 +57,7 @@ class Settings(BaseSettings):
         default=None, description="at start, remove unused entries, oldest-used first, until the cache fits"
     )
     cache_max_age: float | None = Field(
-        default=None, gt=0, description="at start, remove entries unused this many days"
+        default=None, ge=0, description="at start, remove entries unused this many days (0: all unused ones)"
     )
     models_dir: Path = Field(
         default=Path(DEFAULT_MODELS_DIR),
@@ -89,6 +91,7 @@ class Settings(BaseSettings):
 
 def load_settings() -> Settings:
     """Read the settings; a bad value becomes one line naming the variable."""
+    _warn_unknown(os.environ)
     try:
         return Settings()
     except ValidationError as exc:
@@ -96,3 +99,16 @@ def load_settings() -> Settings:
         field = str(err["loc"][0]) if err["loc"] else "?"
         var = "MLSERVER_MODELS_DIR" if field == "models_dir" else f"MLSERVER_ENV_{field.upper()}"
         raise ConfigError(f"{var}: {err['msg']}; fix the value or unset it") from None
+
+
+def _warn_unknown(environ: Mapping[str, str]) -> None:
+    """A misspelt MLSERVER_ENV_ variable is otherwise silently ignored (MLSERVER_ENV_TARBAL: the
+    command runs without its environment); a warning, not an error, so newer settings can be set
+    before the image that reads them rolls out."""
+    import difflib
+
+    known = [name.upper() for name in Settings.model_fields if name != "models_dir"]
+    for name in sorted(k for k in environ if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX) :] not in known):
+        close = difflib.get_close_matches(name[len(ENV_PREFIX) :], known, n=1, cutoff=0.75)
+        hint = f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else ""
+        log.info(f"warning: {name} is not a setting of this entrypoint and is ignored{hint}; see README.md Settings")

@@ -365,3 +365,34 @@ def test_activation_scripts_run_and_keep_bytes_that_are_not_utf8(tmp_path: Path)
         assert proc.returncode == 0, proc.stderr
         lines = proc.stdout.split(b"\n")
         assert b"FROM_SCRIPT=1" in lines and b"RAW=caf\xe9" in lines and b"LATIN1=caf\xe9" in lines
+
+
+def test_a_bad_setting_is_refused_on_a_cache_hit_too(tmp_path: Path) -> None:
+    """Settings a hit does not need are still checked, so a typo fails on every node alike, not
+    only on the first start of a fresh one; plain good values keep the pydantic-free warm path."""
+    tarball = write_tar(tmp_path / "env.tar.gz", tiny_env())
+    assert start(tarball, tmp_path / "c").returncode == 0
+    for name, value in (
+        ("LOCK_TIMEOUT", "abc"),
+        ("MAX_MEMBERS", "-1"),
+        ("REMOTE_RETRIES", "-3"),
+        ("REMOTE_TIMEOUT", "0"),
+    ):
+        refused(start(tarball, tmp_path / "c", "true", **{f"MLSERVER_ENV_{name}": value}), 2, f"MLSERVER_ENV_{name}")
+    good = {"MLSERVER_ENV_LOCK_TIMEOUT": "30", "MLSERVER_ENV_MAX_MEMBERS": "10", "MLSERVER_ENV_REMOTE_RETRIES": "0"}
+    proc = start(tarball, tmp_path / "c", "true", **good)
+    assert proc.returncode == 0 and "locate:" in proc.stderr and "cache hit" in proc.stderr, proc.stderr
+
+
+def test_a_misspelt_setting_is_named_with_the_likely_one(tmp_path: Path) -> None:
+    tarball = write_tar(tmp_path / "env.tar.gz", tiny_env())
+    proc = run_entrypoint(["true"], entry_env(MLSERVER_ENV_TARBAL=str(tarball), MLSERVER_ENV_CACHE_DIR=tmp_path / "c"))
+    assert proc.returncode == 0, proc.stderr
+    assert "MLSERVER_ENV_TARBAL is not a setting" in proc.stderr and "did you mean MLSERVER_ENV_TARBALL?" in proc.stderr
+
+
+def test_a_command_found_nowhere_exits_127(tmp_path: Path) -> None:
+    tarball = write_tar(tmp_path / "env.tar.gz", tiny_env())
+    line = refused(start(tarball, tmp_path / "c", "no-such-command"), 127, "command not found", "no-such-command")
+    assert str(tmp_path / "c") in line  # where it was looked for
+    refused(start("", tmp_path / "c", "no-such-command"), 127, "not on PATH")

@@ -136,7 +136,7 @@ def test_partial_entry_is_kept_while_unpacking_and_removed_once_its_process_is_k
 
 
 def test_bad_arguments_are_refused(tmp_path: Path) -> None:
-    for args in (["--max-bytes", "lots"], ["--max-age", "old"], ["--force"]):
+    for args in (["--max-bytes", "lots"], ["--max-age", "old"], ["--max-age", "-1"], ["--force"]):
         proc = run_entrypoint(["gc", *args], entry_env(MLSERVER_ENV_CACHE_DIR=tmp_path))
         assert proc.returncode == 2 and proc.stderr.startswith("mlserver-entrypoint: error:"), proc.stderr
 
@@ -168,3 +168,28 @@ def test_names_like_entries_that_are_not_ours_are_never_touched(tarballs: list[P
     assert (cache / "cafebabe" / "important.txt").read_text() == "precious" and (cache / "deadbeef").read_text() == "x"
     assert str(cache / "cafebabe") not in gc(cache, "--max-bytes", "1")
     assert (cache / "cafebabe" / "important.txt").exists() and (cache / "deadbeef").exists()
+
+
+def test_max_age_zero_removes_every_unused_entry(tarballs: list[Path], tmp_path: Path) -> None:
+    """0 days, from the command line or the setting: every entry no running process holds."""
+    cache = tmp_path / "cache"
+    a = prefix_of(unpack(tarballs[0], cache))
+    b = prefix_of(unpack(tarballs[1], cache, MLSERVER_ENV_CACHE_MAX_AGE="0"))
+    assert gone(a) and b.is_dir()  # the start's own entry is held while it starts
+    assert gc(cache, "--max-age", "0") == {str(b): "removed"}
+
+
+def test_output_cut_short_by_its_reader_is_no_traceback(tarballs: list[Path], tmp_path: Path) -> None:
+    """`gc --dry-run | head -1`: the reader closes the pipe; the exit is a quiet SIGPIPE status."""
+    cache = tmp_path / "cache"
+    unpack(tarballs[0], cache)
+    read, write = os.pipe()
+    os.close(read)  # every write now fails with EPIPE
+    try:
+        proc = subprocess.run(
+            [*ENTRYPOINT, "gc", "--dry-run"], env=entry_env(MLSERVER_ENV_CACHE_DIR=cache),
+            stdout=write, stderr=subprocess.PIPE, text=True, timeout=120, cwd=REPO,
+        )  # fmt: skip
+    finally:
+        os.close(write)
+    assert proc.returncode == 141 and "Traceback" not in proc.stderr, proc.stderr
