@@ -126,6 +126,7 @@ def _make_removable(tree: Path) -> None:
 
 
 QUICK_END = "--\n"  # the manifest lists what quick mode checks first, then the rest after this line
+MANIFEST_END = "==\n"  # its last line: a manifest cut short (or emptied) must not pass for a complete one
 QUICK_LINES = 2048  # quick mode's budget: ~15 ms of stats, whatever the environment's size
 QUICK_DEPTH = 4  # directories this shallow are always checked: prefix, lib/, site-packages/<pkg>/
 
@@ -177,6 +178,7 @@ def write_manifest(entry: Entry) -> None:
         quick = [*must, *deep_dirs[:room]]
         chosen, left = sample.spread(max(0, QUICK_LINES - len(quick)))
         head = "".join([*quick, *chosen, QUICK_END, *deep_dirs[room:], *left])
+        spill.write(MANIFEST_END.encode())
         spill.seek(0)
         _write_atomic(entry.manifest, _chain(head.encode("utf-8", "surrogateescape"), spill))
 
@@ -240,9 +242,11 @@ def verify(entry: Entry, full: bool) -> str | None:
     except OSError:
         return "its manifest is missing"
     text = raw.decode("utf-8", "surrogateescape")
+    if not _complete(text, full):
+        return "its manifest is damaged"
     prefix = str(entry.prefix)
     for line in text.splitlines():
-        if line == QUICK_END[:-1]:
+        if line in (QUICK_END[:-1], MANIFEST_END[:-1]):
             continue
         try:
             size_s, mtime_s, rel = line.split("\t", 2)
@@ -261,14 +265,25 @@ def verify(entry: Entry, full: bool) -> str | None:
     return None
 
 
+def _complete(text: str, full: bool) -> bool:
+    """Whether a manifest (its quick section, unless `full`) was written whole: it starts with the
+    prefix's own line and, read whole, ends with MANIFEST_END (quick mode reads no further than its
+    QUICK_END line, which `_quick_section` requires)."""
+    first = text.partition("\n")[0].split("\t")
+    if len(first) != 3 or first[0] != "-1" or first[2] != "":
+        return False
+    return not full or (text.endswith(f"\n{MANIFEST_END}") and f"\n{QUICK_END}" in text)
+
+
 def _quick_section(manifest: Path) -> bytes:
-    """The manifest's lines before the QUICK_END line, read no further: the rest can be 10 MB."""
+    """The manifest's lines before the QUICK_END line, read no further: the rest can be 10 MB.
+    Empty if there is no such line: the manifest was cut short."""
     data = b"\n"
     with open(manifest, "rb") as f:
         while (end := data.find(b"\n" + QUICK_END.encode())) < 0:
             block = f.read(1 << 18)
             if not block:
-                return data[1:]  # no QUICK_END line: every line is checked
+                return b""
             data += block
     return data[1 : end + 1]
 

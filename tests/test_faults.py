@@ -623,6 +623,38 @@ def test_damaged_manifest_is_unpacked_again(
                 manifest.write_text(garbage + manifest.read_text())
 
 
+def test_manifest_cut_short_or_emptied_is_not_trusted(
+    tiny_cached: tuple[Path, Path, Path, dict[str, tuple[object, ...]]],
+) -> None:
+    """A manifest that lost its end checks less than the entry holds: emptied (with the site-packages
+    files it would have listed gone), cut inside the quick section, or cut at a line boundary after
+    it (only full mode reads that far), it makes the entry unpacked again."""
+    tarball, cache, prefix, tree = tiny_cached
+    manifest = cache / f"{prefix.name}.manifest"
+    whole = manifest.read_bytes()
+    quick_end = whole.index(b"\n--\n") + 4
+    cuts = [
+        ("emptied, and a package deleted", b"", "quick", lambda: shutil.rmtree(prefix / "lib")),
+        ("cut inside the quick section", whole[: quick_end // 2], "quick", lambda: None),
+        (
+            "cut after it, at a line end",
+            whole[: whole.index(b"\n", (quick_end + len(whole)) // 2) + 1],
+            "full",
+            lambda: None,
+        ),
+    ]
+    for what, data, verify, damage in cuts:
+        manifest.write_bytes(data)
+        damage()
+        proc = restart(tarball, cache, verify)
+        assert unpacked_again(proc, "manifest is damaged"), f"{what}: {proc.stderr}"
+        assert content_tree(prefix) == tree, what
+        whole = manifest.read_bytes()
+        quick_end = whole.index(b"\n--\n") + 4
+    assert whole.endswith(b"\n==\n")
+    assert "cache hit" in restart(tarball, cache, "full").stderr  # the rewritten manifest is whole
+
+
 def test_quick_check_samples_full_check_sees_every_file(
     tiny_cached: tuple[Path, Path, Path, dict[str, tuple[object, ...]]],
 ) -> None:
