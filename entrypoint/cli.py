@@ -11,14 +11,16 @@ mlserver-entrypoint -- CMD [ARG…]        # same, for a command named like a su
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, NoReturn
 
 from entrypoint import __version__, log
-from entrypoint.errors import ConfigError, EntrypointError
+from entrypoint.errors import ConfigError, EntrypointError, Stopped
 
 if TYPE_CHECKING:
     from entrypoint.fastpath import Hit
@@ -29,6 +31,7 @@ USAGE = __doc__.split("\n\n", 1)[1].rstrip() if __doc__ else ""
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
+    signal.signal(signal.SIGTERM, _stopped)
     try:
         code = _dispatch(args)
     except EntrypointError as exc:
@@ -45,10 +48,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     sys.exit(code)
 
 
+def _stopped(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM (docker stop, a pod deleted) before the command runs: one line, exit 143. As a
+    container's PID 1 above all: the kernel drops a signal PID 1 has no handler for, so a stop
+    during the lock wait or the hashing went unnoticed and the server started anyway. The unpack
+    installs its own handler (prepare.Interrupted); exec resets this one for the command."""
+    raise Stopped(signum, signal.Signals(signum).name)
+
+
 def _ignore_stop_signals() -> None:
     """The cleanup is done: a burst of Ctrl-C now must not add a traceback after the one error line."""
-    import signal
-
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
 

@@ -31,3 +31,11 @@ class CommandNotFound(EntrypointError):
     """The command to run is on no PATH: 127, as a shell and `docker run` report it."""
 
     exit_code = 127
+
+
+class Stopped(EntrypointError):
+    """A stop signal before the command ran (the unpack itself has its own: prepare.Interrupted)."""
+
+    def __init__(self, signum: int, name: str) -> None:
+        super().__init__(f"stopped by {name} while starting; the command was not run")
+        self.exit_code = 128 + signum

@@ -7,6 +7,7 @@ after a stop signal. Otherwise it execs, so the command keeps the entrypoint's P
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -17,7 +18,9 @@ from pathlib import Path
 
 import pytest
 import requests
+from archives import tiny_env, write_tar
 from conftest import Example
+from filelock import FileLock
 from support import ENTRYPOINT, REPO, entry_env, error_line, free_port, infer, run_entrypoint
 
 STOP_LIMIT = 10.0  # what `docker stop` waits by default before its own SIGKILL
@@ -220,6 +223,34 @@ def test_as_pid_1_sigterm_from_outside_is_forwarded(tmp_path: Path) -> None:
         time.sleep(0.05)
     os.kill(init, signal.SIGTERM)
     assert unshare.wait(10) == 9, log.read_text()
+
+
+@pytest.mark.parametrize("as_pid_1", [True, False], ids=["pid-1", "not-pid-1"])
+def test_a_stop_while_waiting_for_another_unpack_ends_the_start(as_pid_1: bool, tmp_path: Path) -> None:
+    """Another replica holds the entry's unpack lock; `docker stop` comes while this start waits.
+    As PID 1 the kernel drops a signal nobody handles: the start went on and ran the server. Now
+    it ends, with one line and 143, before running anything."""
+    tarball = write_tar(tmp_path / "env.tar.gz", tiny_env())
+    cache = tmp_path / "c"
+    cache.mkdir()
+    name = hashlib.sha256(tarball.read_bytes()).hexdigest()[:8]
+    log = tmp_path / "log"
+    env = entry_env(MLSERVER_ENV_TARBALL=tarball, MLSERVER_ENV_CACHE_DIR=cache)
+    with FileLock(str(cache / f"{name}.lock")), open(log, "ab") as out:  # the other replica, unpacking
+        proc = subprocess.Popen(
+            [*(_unshare() if as_pid_1 else []), *ENTRYPOINT, "sh", "-c", "echo ran"],
+            env=env, stdout=out, stderr=out, cwd=REPO,
+        )  # fmt: skip
+        target = _namespace_init(proc) if as_pid_1 else proc.pid
+        deadline = time.monotonic() + 60
+        while "waiting for another process" not in log.read_text():
+            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+            time.sleep(0.05)
+        os.kill(target, signal.SIGTERM)
+        code = proc.wait(10)
+    text = log.read_text()
+    assert code == 143 and "error: stopped by SIGTERM while starting" in text and "ran" not in text.split(), text
+    assert not (cache / f"{name}.ready").exists()
 
 
 def test_seed_server_stops_within_ten_seconds_and_leaves_nothing(seed: Example, tmp_path: Path) -> None:
