@@ -84,6 +84,26 @@ def read_marker(entry: Entry) -> dict[str, object] | None:
     return record
 
 
+def unpacked_here(entry: Entry, record: dict[str, object]) -> bool:
+    """Whether the entry's marker was written at this very path (or one naming the same directory,
+    as through a symlink): its relocated files name that path (scripts' shebangs, text files)."""
+    recorded = record.get("prefix")
+    if recorded == str(entry.prefix):
+        return True
+    try:
+        return isinstance(recorded, str) and os.path.samefile(recorded, entry.prefix)
+    except OSError:
+        return False
+
+
+def moved_error(entry: Entry, record: dict[str, object]) -> ConfigError:
+    recorded = Path(str(record.get("prefix")))
+    return ConfigError(
+        f"the cached environment {entry.prefix} was unpacked at {recorded}, and its files name that path; "
+        f"mount the cache volume at {recorded.parent} here too, or give this start its own MLSERVER_ENV_CACHE_DIR"
+    )
+
+
 def ensure_writable(root: Path) -> None:
     try:
         root.mkdir(parents=True, exist_ok=True)

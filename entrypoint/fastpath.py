@@ -65,7 +65,8 @@ def lookup(environ: Mapping[str, str], require: tuple[str, ...]) -> Hit | None:
         return None
     entry = Entry(cache_dir, key)
     gc.hold(entry)  # before the marker is read: from here no gc removes it until the server exits
-    if cache.read_marker(entry) is None or cache.verify(entry, full=verify == "full") is not None:
+    record = cache.read_marker(entry)
+    if record is None or not cache.unpacked_here(entry, record) or cache.verify(entry, full=verify == "full"):
         return None
     if any(not os.access(entry.prefix / "bin" / program, os.X_OK) for program in require):
         return None

@@ -85,8 +85,11 @@ def prepare(settings: Settings, tarball: Tarball | RemoteTarball, require: tuple
 
 
 def _usable(entry: Entry, settings: Settings, require: tuple[str, ...]) -> str | None:
-    if cache.read_marker(entry) is None:
+    record = cache.read_marker(entry)
+    if record is None:
         return "not unpacked yet"
+    if not cache.unpacked_here(entry, record):  # unpacking it again would break whoever uses it there
+        raise cache.moved_error(entry, record)
     problem = cache.verify(entry, full=settings.verify == "full")
     if problem is None:
         for program in require:

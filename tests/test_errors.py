@@ -396,3 +396,19 @@ def test_a_command_found_nowhere_exits_127(tmp_path: Path) -> None:
     line = refused(start(tarball, tmp_path / "c", "no-such-command"), 127, "command not found", "no-such-command")
     assert str(tmp_path / "c") in line  # where it was looked for
     refused(start("", tmp_path / "c", "no-such-command"), 127, "not on PATH")
+
+
+def test_an_entry_seen_at_another_path_is_not_served(tmp_path: Path) -> None:
+    """Its files name the path it was unpacked at (shebangs, text files): through a symlink to the
+    same directory it is the same entry; the volume mounted elsewhere is one clear line, and the
+    entry is left alone for whoever uses it at its own path."""
+    tarball = write_tar(tmp_path / "env.tar.gz", tiny_env())
+    assert start(tarball, tmp_path / "a").returncode == 0
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    proc = start(tarball, tmp_path / "link", "true")
+    assert proc.returncode == 0 and "cache hit" in proc.stderr, proc.stderr
+    (tmp_path / "a").rename(tmp_path / "b")  # the same volume, mounted at another path
+    for args in (["true"], ["unpack"]):
+        line = refused(start(tarball, tmp_path / "b", *args), 2, f"was unpacked at {tmp_path / 'a'}", str(tmp_path))
+        assert "mount the cache volume at" in line
+    assert [p.name for p in (tmp_path / "b").glob("*.ready")]  # not discarded
