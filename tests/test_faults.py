@@ -532,7 +532,7 @@ def manifest_sections(cache: Path, prefix: Path) -> tuple[list[str], list[str]]:
     text = (cache / f"{prefix.name}.manifest").read_text()
     quick, _, rest = text.partition("\n--\n")
     files = [
-        [line.split("\t", 2)[2] for line in part.splitlines() if line and not line.startswith("-")]
+        [line.split("\t", 2)[2] for line in part.splitlines() if line and line[0] not in "-="]  # dirs, end line
         for part in (quick, rest)
     ]
     return files[0], files[1]

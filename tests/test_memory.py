@@ -67,8 +67,10 @@ def test_manifest_listing_keeps_nothing_per_file(tmp_path: Path, monkeypatch: py
     (small, _), (large, entry) = manifest_peak(tmp_path, 500), manifest_peak(tmp_path, 4500)
     assert large - small < 4000 * PER_FILE_BYTES, (small, large)
     # Nothing lost or doubled by spilling lines to a temporary file: every file and directory
-    # once, the quick section first, and the temporary file gone.
+    # once, the quick section first, the end line last, and the temporary file gone.
     quick, _, rest = entry.manifest.read_text().partition("\n" + cache.QUICK_END)
+    assert rest.endswith("\n" + cache.MANIFEST_END)
+    rest = rest.removesuffix(cache.MANIFEST_END)
     listed = [line.split("\t", 2)[2] for line in (quick + "\n" + rest).splitlines()]
     on_disk = [""] + [str(p.relative_to(entry.prefix)) for p in entry.prefix.rglob("*")]
     assert sorted(listed) == sorted(on_disk)
