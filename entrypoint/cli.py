@@ -14,13 +14,13 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, NoReturn
 
 from entrypoint import __version__, log
-from entrypoint.errors import ConfigError, EntrypointError, Stopped
+from entrypoint.errors import ConfigError, EntrypointError, Stopped, StopSignal
 
 if TYPE_CHECKING:
     from entrypoint.fastpath import Hit
@@ -32,6 +32,7 @@ USAGE = __doc__.split("\n\n", 1)[1].rstrip() if __doc__ else ""
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     signal.signal(signal.SIGTERM, _stopped)
+    sys.unraisablehook = _quiet_stops(sys.unraisablehook)
     try:
         code = _dispatch(args)
     except EntrypointError as exc:
@@ -48,12 +49,35 @@ def main(argv: Sequence[str] | None = None) -> None:
     sys.exit(code)
 
 
+_caught: list[int] = []  # stop signals _stopped raised for, in case Python dropped the exception
+
+
 def _stopped(signum: int, frame: FrameType | None) -> None:
     """SIGTERM (docker stop, a pod deleted) before the command runs: one line, exit 143. As a
     container's PID 1 above all: the kernel drops a signal PID 1 has no handler for, so a stop
     during the lock wait or the hashing went unnoticed and the server started anyway. The unpack
     installs its own handler (prepare.Interrupted); exec resets this one for the command."""
+    _caught.append(signum)
     raise Stopped(signum, signal.Signals(signum).name)
+
+
+def _honour_stop() -> None:
+    """Raise for a stop whose exception Python dropped (see errors.StopSignal)."""
+    if _caught:
+        _stopped(_caught[-1], None)
+
+
+def _quiet_stops(hook: Callable[[sys.UnraisableHookArgs], object]) -> Callable[[sys.UnraisableHookArgs], object]:
+    """An unraisable-exception hook that prints nothing for a stop signal's exception: it was
+    recorded and is raised again at the start's next check; a traceback would break the promise
+    of one error line."""
+
+    def quiet(unraisable: sys.UnraisableHookArgs) -> object:
+        if isinstance(unraisable.exc_value, StopSignal):
+            return None
+        return hook(unraisable)
+
+    return quiet
 
 
 def _ignore_stop_signals() -> None:
@@ -102,6 +126,7 @@ def unpack() -> int:
             f"MLSERVER_MODELS_DIR ({settings.models_dir})"
         )
     prepared = prepare(settings, tarball)
+    _honour_stop()
     print(prepared.prefix, flush=True)
     sys.stderr.flush()
     # Done, the entry is published and durable, every lock released: skip the interpreter's teardown,
@@ -161,6 +186,7 @@ def launch(command: list[str], prefix: Path | None) -> NoReturn:
         env = activated_environ(prefix, os.environ)
         env["PYTHONDONTWRITEBYTECODE"] = "1"  # the entry is shared and may be read-only: never write into it
     argv = resolve_command(command, env, prefix)
+    _honour_stop()  # the last moment a stop can still keep the command from running
     from entrypoint import supervise
 
     mode, grace = supervise.options(os.environ)

@@ -33,7 +33,13 @@ class CommandNotFound(EntrypointError):
     exit_code = 127
 
 
-class Stopped(EntrypointError):
+class StopSignal(EntrypointError):
+    """Raised by a stop signal's handler. Python prints and drops an exception raised inside a
+    weakref callback or a __del__, so every handler also records its signal and the start checks
+    for it at its next step; cli's unraisable hook keeps the dropped one off stderr."""
+
+
+class Stopped(StopSignal):
     """A stop signal before the command ran (the unpack itself has its own: prepare.Interrupted)."""
 
     def __init__(self, signum: int, name: str) -> None:

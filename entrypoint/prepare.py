@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from entrypoint import cache, gc, log
 from entrypoint.activate import find_python
 from entrypoint.cache import Entry
-from entrypoint.errors import ArchiveError, ConfigError, EntrypointError, EnvError
+from entrypoint.errors import ArchiveError, ConfigError, EnvError, StopSignal
 from entrypoint.settings import Settings
 from entrypoint.source import Tarball, content_key
 
@@ -32,7 +32,7 @@ class Prepared:
     hit: bool
 
 
-class Interrupted(EntrypointError):
+class Interrupted(StopSignal):
     exit_code = 130
 
 

@@ -19,6 +19,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -30,7 +31,8 @@ import pytest
 from archives import M, content_tree, ram_dir, raw_header, tiny_env, unpack_script_with, write_tar
 from support import ENTRYPOINT, REPO, entry_env, error_line, run_entrypoint
 
-from entrypoint import cache, prepare
+from entrypoint import cache, cli, prepare
+from entrypoint.errors import Stopped
 
 PY_CHECK = "import json, os, sqlite3, ssl, sys; print(json.dumps([sys.prefix, os.__file__]))"
 
@@ -379,6 +381,37 @@ def test_a_stop_whose_exception_python_dropped_is_still_honoured() -> None:
             prepare._honour_stop()
     finally:
         prepare._restore_signals(previous)
+
+
+def test_a_dropped_stop_prints_nothing_and_still_stops_the_start(capfd: pytest.CaptureFixture[str]) -> None:
+    """The same, seen in CI as "Exception ignored in: <function _get_module_lock.<locals>.cb>" and a
+    traceback on stderr beside the one error line: cli's unraisable hook keeps a stop's exception
+    quiet, during the unpack (prepare.Interrupted) and before it (cli.Stopped, which launch and
+    unpack check for before anything runs)."""
+
+    class Finalized:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    previous_hook, previous_handler = sys.unraisablehook, signal.getsignal(signal.SIGTERM)
+    sys.unraisablehook = cli._quiet_stops(previous_hook)
+    try:
+        signal.signal(signal.SIGTERM, cli._stopped)
+        Finalized()
+        with pytest.raises(Stopped, match="stopped by SIGTERM while starting"):
+            cli._honour_stop()
+        previous = prepare._trap_signals()
+        try:
+            Finalized()
+            with pytest.raises(prepare.Interrupted):
+                prepare._honour_stop()
+        finally:
+            prepare._restore_signals(previous)
+        assert capfd.readouterr().err == ""
+    finally:
+        sys.unraisablehook = previous_hook
+        signal.signal(signal.SIGTERM, previous_handler)
+        cli._caught.clear()
 
 
 def test_repeated_signals_do_not_stop_the_cleanup_half_way(ref: Reference) -> None:
