@@ -105,10 +105,10 @@ def _warn_unknown(environ: Mapping[str, str]) -> None:
     """A misspelt MLSERVER_ENV_ variable is otherwise silently ignored (MLSERVER_ENV_TARBAL: the
     command runs without its environment); a warning, not an error, so newer settings can be set
     before the image that reads them rolls out."""
-    import difflib
-
     known = [name.upper() for name in Settings.model_fields if name != "models_dir"]
     for name in sorted(k for k in environ if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX) :] not in known):
+        import difflib  # only for a name to warn about: every cold start reads the settings
+
         close = difflib.get_close_matches(name[len(ENV_PREFIX) :], known, n=1, cutoff=0.75)
         hint = f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else ""
         log.info(f"warning: {name} is not a setting of this entrypoint and is ignored{hint}; see README.md Settings")
