@@ -16,7 +16,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, NoReturn
 
 from entrypoint import __version__, log
@@ -31,7 +30,11 @@ USAGE = __doc__.split("\n\n", 1)[1].rstrip() if __doc__ else ""
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    signal.signal(signal.SIGTERM, _stopped)
+    # SIGTERM (docker stop, a pod deleted) before the command runs: one line, exit 143. As a
+    # container's PID 1 above all: the kernel drops a signal PID 1 has no handler for, so a stop
+    # during the lock wait or the hashing went unnoticed and the server started anyway. The unpack
+    # installs its own handler (prepare.Interrupted); exec resets this one for the command.
+    signal.signal(signal.SIGTERM, Stopped.handler)
     sys.unraisablehook = _quiet_stops(sys.unraisablehook)
     try:
         code = _dispatch(args)
@@ -47,24 +50,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second complaint at exit's flush
         code = 128 + 13
     sys.exit(code)
-
-
-_caught: list[int] = []  # stop signals _stopped raised for, in case Python dropped the exception
-
-
-def _stopped(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM (docker stop, a pod deleted) before the command runs: one line, exit 143. As a
-    container's PID 1 above all: the kernel drops a signal PID 1 has no handler for, so a stop
-    during the lock wait or the hashing went unnoticed and the server started anyway. The unpack
-    installs its own handler (prepare.Interrupted); exec resets this one for the command."""
-    _caught.append(signum)
-    raise Stopped(signum, signal.Signals(signum).name)
-
-
-def _honour_stop() -> None:
-    """Raise for a stop whose exception Python dropped (see errors.StopSignal)."""
-    if _caught:
-        _stopped(_caught[-1], None)
 
 
 def _quiet_stops(hook: Callable[[sys.UnraisableHookArgs], object]) -> Callable[[sys.UnraisableHookArgs], object]:
@@ -126,7 +111,7 @@ def unpack() -> int:
             f"MLSERVER_MODELS_DIR ({settings.models_dir})"
         )
     prepared = prepare(settings, tarball)
-    _honour_stop()
+    Stopped.honour()
     print(prepared.prefix, flush=True)
     sys.stderr.flush()
     # Done, the entry is published and durable, every lock released: skip the interpreter's teardown,
@@ -186,7 +171,7 @@ def launch(command: list[str], prefix: Path | None) -> NoReturn:
         env = activated_environ(prefix, os.environ)
         env["PYTHONDONTWRITEBYTECODE"] = "1"  # the entry is shared and may be read-only: never write into it
     argv = resolve_command(command, env, prefix)
-    _honour_stop()  # the last moment a stop can still keep the command from running
+    Stopped.honour()  # the last moment a stop can still keep the command from running
     from entrypoint import supervise
 
     mode, grace = supervise.options(os.environ)

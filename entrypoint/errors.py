@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+from types import FrameType
+from typing import ClassVar
+
 
 class EntrypointError(Exception):
     """A failure the user can act on; its message says what is wrong and what to do."""
@@ -35,13 +39,34 @@ class CommandNotFound(EntrypointError):
 
 class StopSignal(EntrypointError):
     """Raised by a stop signal's handler. Python prints and drops an exception raised inside a
-    weakref callback or a __del__, so every handler also records its signal and the start checks
-    for it at its next step; cli's unraisable hook keeps the dropped one off stderr."""
+    weakref callback or a __del__ (seen: WeakSet._remove and an import lock's callback during
+    relocation, after which the start went on as if never stopped), so the handler also records
+    its signal and the start checks for it at its next step (`honour`); cli's unraisable hook
+    keeps the dropped one off stderr."""
+
+    caught: ClassVar[list[int]] = []  # every stop signal a handler raised for, in this process
+    message = "stopped by {signal}"
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(self.message.format(signal=signal.Signals(signum).name))
+
+    @classmethod
+    def handler(cls, signum: int, frame: FrameType | None) -> None:
+        StopSignal.caught.append(signum)
+        raise cls(signum)
+
+    @classmethod
+    def honour(cls) -> None:
+        """Raise for a stop whose exception Python dropped."""
+        if StopSignal.caught:
+            raise cls(StopSignal.caught[-1])
 
 
 class Stopped(StopSignal):
     """A stop signal before the command ran (the unpack itself has its own: prepare.Interrupted)."""
 
-    def __init__(self, signum: int, name: str) -> None:
-        super().__init__(f"stopped by {name} while starting; the command was not run")
+    message = "stopped by {signal} while starting; the command was not run"
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
         self.exit_code = 128 + signum

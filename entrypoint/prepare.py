@@ -9,7 +9,6 @@ import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING
 
 from entrypoint import cache, gc, log
@@ -34,6 +33,7 @@ class Prepared:
 
 class Interrupted(StopSignal):
     exit_code = 130
+    message = "stopped by {signal} while unpacking; nothing was cached"
 
 
 def prepare(settings: Settings, tarball: Tarball | RemoteTarball, require: tuple[str, ...] = ()) -> Prepared:
@@ -151,12 +151,12 @@ def _unpack(entry: Entry, tarball: Tarball | RemoteTarball, settings: Settings, 
                         _missing_program(entry.prefix, program)
                 details["conda-unpack"] = _relocate(entry, stats, python, settings)
             with log.phase("publish"), _cache_writes(entry, stats):
-                _honour_stop()  # before the sync it would waste
+                Interrupted.honour()  # before the sync it would waste
                 cache.write_manifest(entry)  # the last writes go back meanwhile
                 background.stop()
                 cache.publish(entry, {"tarball": tarball.display, "files": stats.files, "bytes": stats.bytes})
         gc.at_start(settings)  # the cache just grew
-        _honour_stop()  # the last moment a stop can still undo the unpack
+        Interrupted.honour()  # the last moment a stop can still undo the unpack
         return Prepared(entry.prefix, python, False)
     except ArchiveError as exc:
         _abandon(entry)
@@ -220,26 +220,9 @@ def _abandon(entry: Entry) -> None:
         _restore_signals(previous)
 
 
-_stops: list[int] = []  # stop signals caught since _trap_signals, in case their exception was lost
-
-
-def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
-    _stops.append(signum)
-    raise Interrupted(f"stopped by {signal.Signals(signum).name} while unpacking; nothing was cached")
-
-
-def _honour_stop() -> None:
-    """Raise for a stop whose exception never reached us: a handler's exception raised inside a
-    weakref callback or a __del__ is printed and dropped by Python (seen: WeakSet._remove during
-    relocation, after which the start published and went on as if never stopped)."""
-    if _stops:
-        _raise_interrupted(_stops[-1], None)
-
-
 def _trap_signals() -> dict[int, object]:
     """SIGTERM (a container stop) during the unpack cleans up like Ctrl-C does."""
-    _stops.clear()
-    return {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGTERM, signal.SIGINT)}
+    return {s: signal.signal(s, Interrupted.handler) for s in (signal.SIGTERM, signal.SIGINT)}
 
 
 def _restore_signals(previous: dict[int, object]) -> None:

@@ -32,7 +32,7 @@ from archives import M, content_tree, ram_dir, raw_header, tiny_env, unpack_scri
 from support import ENTRYPOINT, REPO, entry_env, error_line, run_entrypoint
 
 from entrypoint import cache, cli, prepare
-from entrypoint.errors import Stopped
+from entrypoint.errors import Stopped, StopSignal
 
 PY_CHECK = "import json, os, sqlite3, ssl, sys; print(json.dumps([sys.prefix, os.__file__]))"
 
@@ -378,9 +378,10 @@ def test_a_stop_whose_exception_python_dropped_is_still_honoured() -> None:
     try:
         Finalized()  # returns: Python dropped the handler's exception
         with pytest.raises(prepare.Interrupted, match="stopped by SIGTERM"):
-            prepare._honour_stop()
+            prepare.Interrupted.honour()
     finally:
         prepare._restore_signals(previous)
+        StopSignal.caught.clear()
 
 
 def test_a_dropped_stop_prints_nothing_and_still_stops_the_start(capfd: pytest.CaptureFixture[str]) -> None:
@@ -396,22 +397,22 @@ def test_a_dropped_stop_prints_nothing_and_still_stops_the_start(capfd: pytest.C
     previous_hook, previous_handler = sys.unraisablehook, signal.getsignal(signal.SIGTERM)
     sys.unraisablehook = cli._quiet_stops(previous_hook)
     try:
-        signal.signal(signal.SIGTERM, cli._stopped)
+        signal.signal(signal.SIGTERM, Stopped.handler)
         Finalized()
         with pytest.raises(Stopped, match="stopped by SIGTERM while starting"):
-            cli._honour_stop()
+            Stopped.honour()
         previous = prepare._trap_signals()
         try:
             Finalized()
             with pytest.raises(prepare.Interrupted):
-                prepare._honour_stop()
+                prepare.Interrupted.honour()
         finally:
             prepare._restore_signals(previous)
         assert capfd.readouterr().err == ""
     finally:
         sys.unraisablehook = previous_hook
         signal.signal(signal.SIGTERM, previous_handler)
-        cli._caught.clear()
+        StopSignal.caught.clear()
 
 
 def test_repeated_signals_do_not_stop_the_cleanup_half_way(ref: Reference) -> None:
