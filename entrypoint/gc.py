@@ -183,8 +183,6 @@ def collect(root: Path, max_bytes: int | None, max_age_days: float | None, dry_r
     process holds them. Entries in use are kept and still count towards `max_bytes`.
     """
     items = scan(root)
-    if not dry_run:
-        _sweep_key_temporaries(root)
     total = sum(i.size for i in items)
     now = time.time()
     out = []
@@ -206,17 +204,34 @@ def collect(root: Path, max_bytes: int | None, max_age_days: float | None, dry_r
                 _remove(item.entry)
         total -= item.size
         out.append(Outcome(item, "would remove" if dry_run else "removed", reason))
+    if not dry_run:
+        _sweep_key_memos(root)
     return out
 
 
-def _sweep_key_temporaries(root: Path) -> None:
-    """Key memos a start was killed while writing (source._remember): a minute old, nobody's."""
+def _sweep_key_memos(root: Path) -> None:
+    """Drop the remembered keys (source.content_key) that no longer lead anywhere: temporaries a
+    start was killed while writing, and memos whose entry is gone. Each holds a path and a key, so
+    without this `.keys/` grows by one file per tarball path ever used. A minute's grace: a start
+    writes its memo just before it creates the entry's files. Losing a memo costs one re-hash."""
+    try:
+        ours = {m.group(1) for n in os.listdir(root) if (m := NAME.fullmatch(n)) and m.group(2)}
+        memos = list(os.scandir(root / ".keys"))
+    except OSError:
+        return
     now = time.time()
-    with contextlib.suppress(FileNotFoundError):
-        for tmp in (root / ".keys").glob("*.tmp"):
-            with contextlib.suppress(FileNotFoundError):
-                if now - tmp.stat().st_mtime > 60:
-                    tmp.unlink()
+    for memo in memos:
+        with contextlib.suppress(OSError):
+            if now - memo.stat(follow_symlinks=False).st_mtime <= 60:
+                continue
+            if not memo.name.endswith(".tmp"):
+                try:
+                    key = json.loads(Path(memo.path).read_bytes())["sha256"]
+                except (ValueError, KeyError, TypeError):
+                    key = None  # unreadable: worthless
+                if isinstance(key, str) and key[: cache.KEY_CHARS] in ours:
+                    continue
+            os.unlink(memo.path)
 
 
 def _remove(entry: Entry) -> None:

@@ -154,6 +154,28 @@ def test_gc_removes_key_memos_a_killed_start_left_half_written(tmp_path: Path) -
     assert not stale.exists() and fresh.exists()  # a start may be writing the fresh one right now
 
 
+def test_gc_drops_key_memos_whose_entry_is_gone(tarballs: list[Path], tmp_path: Path) -> None:
+    """One memo per tarball path ever used would pile up for good: gc keeps those that still lead
+    to an entry, and any a start may have just written."""
+    cache = tmp_path / "cache"
+    old, kept = (prefix_of(unpack(t, cache)) for t in tarballs[:2])
+    memos = {json.loads(p.read_text())["sha256"][:8]: p for p in (cache / ".keys").iterdir()}
+    assert sorted(memos) == sorted([old.name, kept.name])
+    garbage, fresh = cache / ".keys" / "00000000ffffffff", cache / ".keys" / "11111111eeeeeeee"
+    garbage.write_text("{not json")
+    fresh.write_text(json.dumps({"path": "/elsewhere.tar.gz", "identity": [], "sha256": "ab" * 32}))
+    minutes_ago = time.time() - 120
+    for path in (*memos.values(), garbage):
+        os.utime(path, (minutes_ago, minutes_ago))
+    age(old, 30)
+    gc(cache, "--max-age", "1", "--dry-run")
+    assert all(p.exists() for p in (*memos.values(), garbage, fresh))  # a dry run changes nothing
+    assert gc(cache, "--max-age", "1") == {str(old): "removed", str(kept): "kept"}
+    assert not memos[old.name].exists() and not garbage.exists()
+    assert memos[kept.name].exists() and fresh.exists()
+    assert "cache hit" in unpack(tarballs[1], cache).stderr
+
+
 def test_names_like_entries_that_are_not_ours_are_never_touched(tarballs: list[Path], tmp_path: Path) -> None:
     """A cache directory pointed at a shared place (/tmp, the models folder) may hold someone
     else's 8-hex-digit names: without an entry's own files beside them, they are not ours."""
