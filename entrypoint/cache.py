@@ -174,7 +174,7 @@ def write_manifest(entry: Entry) -> None:
     with tempfile.TemporaryFile(dir=entry.root, prefix=f".{entry.name}.manifest.", suffix=".tmp") as spill:
         while stack:
             d, depth = stack.pop()
-            (must if depth <= QUICK_DEPTH else deep_dirs).append(f"-1\t{os.stat(d).st_mtime_ns}\t{d[base:]}\n")
+            (must if depth <= QUICK_DEPTH else deep_dirs).append(f"-1\t{os.stat(d).st_mtime_ns}\t{_escape(d[base:])}\n")
             if len(deep_dirs) >= 2 * QUICK_LINES:  # only the shallowest can make the quick section
                 deep_dirs.sort(key=_depth)
                 for line in deep_dirs[QUICK_LINES:]:
@@ -187,7 +187,7 @@ def write_manifest(entry: Entry) -> None:
                     elif e.is_file(follow_symlinks=False):
                         st = e.stat(follow_symlinks=False)
                         rel = e.path[base:]
-                        line = f"{st.st_size}\t{st.st_mtime_ns}\t{rel}\n"
+                        line = f"{st.st_size}\t{st.st_mtime_ns}\t{_escape(rel)}\n"
                         if rel.startswith("bin/") or ".so" in rel:
                             must.append(line)
                         else:
@@ -201,6 +201,16 @@ def write_manifest(entry: Entry) -> None:
         spill.write(MANIFEST_END.encode())
         spill.seek(0)
         _write_atomic(entry.manifest, _chain(head.encode("utf-8", "surrogateescape"), spill))
+
+
+def _escape(rel: str) -> str:
+    """A path as one manifest line holds it: a newline (which tar and Linux allow in a name) would
+    end the line early, so it is written as backslash-n, and a backslash doubled."""
+    return rel.replace("\\", "\\\\").replace("\n", "\\n") if "\\" in rel or "\n" in rel else rel
+
+
+def _unescape(rel: str) -> str:
+    return "\\".join(part.replace("\\n", "\n") for part in rel.split("\\\\")) if "\\" in rel else rel
 
 
 def _depth(line: str) -> int:
@@ -265,13 +275,14 @@ def verify(entry: Entry, full: bool) -> str | None:
     if not _complete(text, full):
         return "its manifest is damaged"
     prefix = str(entry.prefix)
-    for line in text.splitlines():
+    for line in text.removesuffix("\n").split("\n"):  # not splitlines(): a name may hold \r, \x1c, \u2028…
         if line in (QUICK_END[:-1], MANIFEST_END[:-1]):
             continue
         try:
             size_s, mtime_s, rel = line.split("\t", 2)
         except ValueError:
             return "its manifest is damaged"
+        rel = _unescape(rel)
         try:
             st = os.stat(f"{prefix}/{rel}" if rel else prefix, follow_symlinks=False)
         except OSError:

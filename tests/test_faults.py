@@ -714,6 +714,26 @@ def test_quick_check_samples_full_check_sees_every_file(
     assert unpacked_again(proc, rest[len(rest) // 2]), proc.stderr
 
 
+def test_names_with_line_breaks_are_cache_hits(tmp_path: Path) -> None:
+    """Names holding a newline, a carriage return, a backslash or a character str.splitlines()
+    also breaks at (\\x1c, \\u2028) are allowed by tar and Linux. The manifest once split such a
+    name over two lines: every later start found the entry "damaged" and unpacked it again, removing
+    it under any server still running from it."""
+    odd = ["share/a\nb", "share/c\rd", "share/e\x1cf", "share/g\u2028h", "share/back\\n", "share/d\nir/x"]
+    tarball = write_tar(tmp_path / "odd.tar.gz", [*tiny_env(), *(M(name, data=name.encode()) for name in odd)])
+    with ram_dir("mlenv-odd-") as ram:
+        cache = ram / "c"
+        proc = run_entrypoint(["unpack"], entry_env(MLSERVER_ENV_TARBALL=tarball, MLSERVER_ENV_CACHE_DIR=cache))
+        assert proc.returncode == 0, proc.stderr
+        prefix = Path(proc.stdout.splitlines()[-1])
+        assert all((prefix / name).read_bytes() == name.encode() for name in odd)
+        for verify in ("quick", "full"):
+            proc = restart(tarball, cache, verify)
+            assert "cache hit" in proc.stderr and "extract:" not in proc.stderr, proc.stderr
+        os.truncate(prefix / "share/d\nir/x", 0)  # still checked, under its own name
+        assert unpacked_again(restart(tarball, cache, "full"), "share/d\\x0air/x")  # as the log escapes it
+
+
 def test_damaged_real_environment_is_unpacked_again(ref: Reference) -> None:
     if not (ref.cache / f"{ref.prefix.name}.ready").exists():
         assert run_entrypoint(["unpack"], ref.env()).returncode == 0
