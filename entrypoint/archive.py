@@ -431,11 +431,17 @@ class TarReader:
             kind = TYPES.get(flag, other)
             if fields and any(k.startswith(SPARSE) for k in fields):  # a pax (GNU 1.0) sparse file
                 kind, flag, name = other, b"S", fields.get(f"{SPARSE}name", name)
-            self.remaining, self.padding = size, -size % BLOCK
             if kind is file:
+                self.remaining, self.padding = size, -size % BLOCK
                 pax, pax_mtime_ns, long_name, long_link = _NO_RECORDS, None, None, None
                 yield Member(name, kind, mode, size, mtime_ns, open=self._open)
                 continue
+            # No data follows a directory or a link, whatever its size field says (POSIX lets a
+            # directory's hold an allocation hint): GNU tar and tarfile read the next header right
+            # after it. Skipping `size` bytes would drop the members there, or read others that
+            # both hide inside a file's data.
+            if kind is other:
+                self.remaining, self.padding = size, -size % BLOCK
             linkname = fields["linkpath"] if "linkpath" in fields else long_link or _nts(header[157:257])
             pax, pax_mtime_ns, long_name, long_link = _NO_RECORDS, None, None, None
             describe = SPECIAL.get(flag, f"member of unknown type {flag!r}")

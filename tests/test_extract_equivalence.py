@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from archives import content_tree
+from archives import content_tree, end_of_archive, fix_checksum, raw_header
 
 from entrypoint import archive, extract
 
@@ -32,3 +32,43 @@ def test_same_tree_as_gnu_tar(fixture: str, request: pytest.FixtureRequest, tmp_
         if kind == "file":
             assert a[rel][1] == (mode & 0o755) | 0o600, rel
     assert stats.files == sum(1 for k, _, _ in b.values() if k == "file")
+
+
+def _trees(tar: bytes, tmp_path: Path) -> tuple[dict[str, tuple[str, object]], dict[str, tuple[str, object]]]:
+    """What our reader and extractor, and GNU tar, make of an uncompressed tar: kind and content."""
+    tarball, ours, theirs = tmp_path / "t.tar", tmp_path / "ours", tmp_path / "theirs"
+    tmp_path.mkdir()
+    tarball.write_bytes(tar)
+    ours.mkdir()
+    theirs.mkdir()
+    with open(tarball, "rb") as raw:
+        extract.extract(archive.members(raw), ours, LIMITS)
+    subprocess.run(["tar", "-xf", str(tarball), "-C", str(theirs), "--no-same-owner"], check=True)
+    a, b = ({rel: (kind, data) for rel, (kind, _, data) in content_tree(root).items()} for root in (ours, theirs))
+    return a, b
+
+
+def _header(name: str, size: int, flag: bytes, link: str = "") -> bytes:
+    h = bytearray(raw_header(name, b"%011o\0" % size, flag))
+    h[157:257] = link.encode().ljust(100, b"\0")
+    return fix_checksum(bytes(h))
+
+
+def _file(name: str, data: bytes) -> bytes:
+    return raw_header(name, b"%011o\0" % len(data)) + data + bytes(-len(data) % 512)
+
+
+@pytest.mark.parametrize("flag,link", [(b"5", ""), (b"2", "after"), (b"1", "x")], ids=["dir", "symlink", "hardlink"])
+def test_no_data_after_a_directory_or_link_whatever_its_size(flag: bytes, link: str, tmp_path: Path) -> None:
+    """POSIX stores no data after a directory (whose size field may be an allocation hint) or a
+    link; GNU tar and tarfile read the next header right after one. Skipping the size's bytes
+    dropped the members there silently, and read members that tar sees as a file's data."""
+    before = _file("x", b"x")
+    hidden = _file("smuggled", b"!")  # where a reader that skips 1024 bytes would land
+    plain = before + _header("d", 1024, flag, link) + _file("after", b"ok") + end_of_archive()
+    ours, theirs = _trees(plain, tmp_path / "plain")
+    assert ours == theirs and "after" in ours
+    cover = _file("cover", bytes(512) + hidden + bytes(512))
+    smuggle = before + _header("d", 1024, flag, link) + cover + end_of_archive()
+    ours, theirs = _trees(smuggle, tmp_path / "smuggle")
+    assert ours == theirs and "smuggled" not in ours
