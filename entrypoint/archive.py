@@ -431,6 +431,8 @@ class TarReader:
             kind = TYPES.get(flag, other)
             if fields and any(k.startswith(SPARSE) for k in fields):  # a pax (GNU 1.0) sparse file
                 kind, flag, name = other, b"S", fields.get(f"{SPARSE}name", name)
+            elif kind is file and name.endswith("/"):  # old tars' directories (v7, BSD): GNU tar makes one too
+                kind = Kind.DIR
             if kind is file:
                 self.remaining, self.padding = size, -size % BLOCK
                 pax, pax_mtime_ns, long_name, long_link = _NO_RECORDS, None, None, None

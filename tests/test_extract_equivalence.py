@@ -72,3 +72,12 @@ def test_no_data_after_a_directory_or_link_whatever_its_size(flag: bytes, link: 
     smuggle = before + _header("d", 1024, flag, link) + cover + end_of_archive()
     ours, theirs = _trees(smuggle, tmp_path / "smuggle")
     assert ours == theirs and "smuggled" not in ours
+
+
+@pytest.mark.parametrize("flag", [b"0", b"\0", b"7"], ids=["regular", "old-regular", "contiguous"])
+def test_a_file_member_named_with_a_slash_is_a_directory(flag: bytes, tmp_path: Path) -> None:
+    """Old tars (v7, early BSD) wrote directories as file members whose name ends in "/"; GNU tar
+    makes a directory of one. It was written as an empty file, so its members were refused."""
+    tar = _header("share/old/", 0, flag) + _file("share/old/f", b"in") + end_of_archive()
+    ours, theirs = _trees(tar, tmp_path / "t")
+    assert ours == theirs and ours["share/old"] == ("dir", None)
