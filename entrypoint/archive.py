@@ -76,8 +76,8 @@ def detect_format(head: bytes) -> str:
     """Name the container format from the first bytes (never from the file name)."""
     if head.startswith(b"\x1f\x8b"):
         return "tar.gz"
-    if head.startswith(b"\x28\xb5\x2f\xfd"):
-        return "tar.zst"
+    if head.startswith(b"\x28\xb5\x2f\xfd") or (head[1:4] == b"\x2a\x4d\x18" and head[0] & 0xF0 == 0x50):
+        return "tar.zst"  # a frame, or a skippable frame first (pzstd writes one before every frame)
     if head.startswith(b"BZh"):
         return "tar.bz2"
     if head.startswith(b"\xfd7zXZ\x00"):

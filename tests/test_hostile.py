@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import shutil
 import stat
 import subprocess
 import zipfile
@@ -715,3 +716,16 @@ def test_zip_entries_with_permission_bits_only_are_files(site: Site) -> None:
         zf.writestr("lib/plain.txt", b"plain")
         assert zf.getinfo("lib/plain.txt").external_attr >> 16 == 0o600
     assert (accept(site, zpath) / "lib/plain.txt").read_bytes() == b"plain"
+
+
+@pytest.mark.skipif(shutil.which("pzstd") is None, reason="needs pzstd (the zstd package)")
+def test_a_tar_zst_from_pzstd_is_read(site: Site) -> None:
+    """pzstd writes a skippable frame (the next frame's size) before every frame: a legitimate
+    .tar.zst that zstd and GNU tar read. Its first bytes were not taken for zstd's."""
+    tar = write_tar(site.root / "env.tar", tiny_env(extra_files=5), "tar")
+    subprocess.run(["pzstd", "-q", "-f", "-p", "2", str(tar), "-o", str(site.root / "env.tar.zst")], check=True)
+    assert (site.root / "env.tar.zst").read_bytes()[:4] == b"\x50\x2a\x4d\x18"
+    env = entry_env(MLSERVER_ENV_TARBALL=site.root / "env.tar.zst", MLSERVER_ENV_CACHE_DIR=site.root / "pzstd-cache")
+    proc = run_entrypoint(["unpack"], env)
+    assert proc.returncode == 0, proc.stderr
+    assert (Path(proc.stdout.splitlines()[-1]) / "share/doc/README").read_bytes() == b"tiny\n"
