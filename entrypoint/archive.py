@@ -161,8 +161,61 @@ def _decompressor(fmt: str, raw: BinaryIO) -> IO[bytes]:
     if fmt == "tar.bz2":
         return bz2.BZ2File(raw)
     if fmt == "tar.xz":
-        return lzma.LZMAFile(raw)
+        return cast(IO[bytes], _XzReader(raw))
     return raw
+
+
+# What an xz stream may ask its decoder to allocate: a 128 MiB dictionary (zstd's decoder allows
+# the same window by default; xz -9 uses 64 MiB, conda-pack's default level 8 MiB) and its state.
+XZ_MEMLIMIT = 136 << 20
+
+
+class _XzReader:
+    """Concatenated xz streams, decoded with a memory limit.
+
+    Hand-written (LZMAFile takes no limit) because a stream's header picks the dictionary size,
+    up to 1.5 GiB, and the decoder fills that much as it writes: a 64 KB tar.xz of zeros took
+    450 MB resident, which a container's memory limit ends with a kill, not an error line.
+    """
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self._dec = self._decoder()
+        self._done = False
+
+    @staticmethod
+    def _decoder() -> lzma.LZMADecompressor:
+        return lzma.LZMADecompressor(lzma.FORMAT_XZ, memlimit=XZ_MEMLIMIT)
+
+    def read(self, n: int) -> bytes:
+        while not self._done:
+            if self._dec.eof:
+                self._next_stream(self._dec.unused_data)
+                continue
+            data = b""
+            if self._dec.needs_input and not (data := self._raw.read(CHUNK)):
+                raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+            try:
+                out = self._dec.decompress(data, n)
+            except lzma.LZMAError as exc:
+                if "memory" not in str(exc).lower():
+                    raise
+                raise ArchiveError(
+                    f"its xz compression needs more than {XZ_MEMLIMIT >> 20} MiB of memory to decode "
+                    "(a dictionary over 128 MiB); pack it again with a lower level"
+                ) from None
+            if out:
+                return out
+        return b""
+
+    def _next_stream(self, rest: bytes) -> None:
+        """After a stream: what follows is the end, or another stream."""
+        while not rest:
+            if not (rest := self._raw.read(CHUNK)):
+                self._done = True
+                return
+        self._dec = self._decoder()
+        self._dec.decompress(rest, 0)  # buffered, decoded by the next read: anything but xz raises there
 
 
 BLOCK = 512

@@ -729,3 +729,21 @@ def test_a_tar_zst_from_pzstd_is_read(site: Site) -> None:
     proc = run_entrypoint(["unpack"], env)
     assert proc.returncode == 0, proc.stderr
     assert (Path(proc.stdout.splitlines()[-1]) / "share/doc/README").read_bytes() == b"tiny\n"
+
+
+def test_xz_dictionary_too_big_to_decode_in_bounded_memory(site: Site) -> None:
+    """An xz block header picks the dictionary size, up to 3 GiB, and the decoder fills that much
+    as it writes (a 64 KB tar.xz of zeros once took 450 MB resident): past 128 MiB (zstd's
+    default window limit) the archive is refused with one line, before anything is decoded."""
+    import lzma
+    import zlib
+
+    data = bytearray(lzma.compress(tar_bytes(tiny_env()), preset=0))
+    block = 12  # after the stream header: the block header, its size in its first byte
+    size = (data[block] + 1) * 4
+    props = data.index(b"\x21\x01", block + 2) + 2  # the LZMA2 filter's id, its properties' size
+    data[props] = 37  # a dictionary of 1.5 GiB
+    data[block + size - 4 : block + size] = zlib.crc32(data[block : block + size - 4]).to_bytes(4, "little")
+    path = site.root / "bigdict.tar.xz"
+    path.write_bytes(bytes(data))
+    refuse(site, path, "bigdict.tar.xz", "xz", "MiB of memory")
