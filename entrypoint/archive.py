@@ -209,11 +209,19 @@ class _XzReader:
         return b""
 
     def _next_stream(self, rest: bytes) -> None:
-        """After a stream: what follows is the end, or another stream."""
-        while not rest:
+        """After a stream: what follows is the end, or another stream, either after stream padding
+        (NUL bytes, a multiple of four, which xz and GNU tar accept)."""
+        padding = 0
+        while not (data := rest.lstrip(b"\0")):
+            padding += len(rest)
             if not (rest := self._raw.read(CHUNK)):
+                if padding % 4:
+                    raise EOFError("xz stream padding not a multiple of four bytes")
                 self._done = True
                 return
+        if (padding + len(rest) - len(data)) % 4:
+            raise EOFError("xz stream padding not a multiple of four bytes")
+        rest = data
         self._dec = self._decoder()
         self._dec.decompress(rest, 0)  # buffered, decoded by the next read: anything but xz raises there
 

@@ -747,3 +747,20 @@ def test_xz_dictionary_too_big_to_decode_in_bounded_memory(site: Site) -> None:
     path = site.root / "bigdict.tar.xz"
     path.write_bytes(bytes(data))
     refuse(site, path, "bigdict.tar.xz", "xz", "MiB of memory")
+
+
+def test_xz_stream_padding_is_read(site: Site) -> None:
+    """xz streams may be followed by stream padding (NUL bytes, a multiple of four), and xz and GNU
+    tar read such a file; LZMAFile took the padding for a cut-short stream. Other padding is not xz."""
+    import lzma
+
+    tar = tar_bytes(tiny_env(extra_files=5))
+    good = lzma.compress(tar[:5000]) + bytes(4) + lzma.compress(tar[5000:]) + bytes(8)
+    path = site.root / "padded.tar.xz"
+    path.write_bytes(good)
+    env = entry_env(MLSERVER_ENV_TARBALL=path, MLSERVER_ENV_CACHE_DIR=site.root / "xz-cache")
+    proc = run_entrypoint(["unpack"], env)
+    assert proc.returncode == 0, proc.stderr
+    assert (Path(proc.stdout.splitlines()[-1]) / "share/doc/README").read_bytes() == b"tiny\n"
+    path.write_bytes(good[:-1])
+    refuse(site, path, "padded.tar.xz", "padding")
