@@ -118,6 +118,17 @@ def test_not_an_archive(tmp_path: Path) -> None:
     assert no_entries(tmp_path / "c")
 
 
+def test_a_big_file_that_is_no_archive_is_refused_before_it_is_hashed(tmp_path: Path) -> None:
+    """A model file named by mistake: its first bytes say it is no archive. Hashing 64 GiB first
+    (as before) takes minutes here; the timeout only catches that, it measures nothing."""
+    model = tmp_path / "model.bin"
+    with open(model, "wb") as f:
+        f.truncate(64 << 30)  # sparse: nothing is written
+    env_ = entry_env(MLSERVER_ENV_TARBALL=model, MLSERVER_ENV_CACHE_DIR=tmp_path / "c")
+    refused(run_entrypoint(["unpack"], env_, timeout=30), 3, "not an archive", str(model), "MLSERVER_ENV_TARBALL")
+    assert no_entries(tmp_path / "c") and not (tmp_path / "c" / ".keys").exists()
+
+
 def test_truncated_real_tarball(small_tarball: Path, tmp_path: Path) -> None:
     cut = tmp_path / "bare.tar.gz"
     with open(small_tarball, "rb") as src:
