@@ -72,6 +72,10 @@ def prepare(settings: Settings, tarball: Tarball | RemoteTarball, require: tuple
                 f"another process held {entry.lock} for {settings.lock_timeout:.0f} s; if none is unpacking, "
                 "remove the lock file, or raise MLSERVER_ENV_LOCK_TIMEOUT"
             ) from None
+        except PermissionError:
+            raise _foreign_entry(entry, problem) from None
+    except PermissionError:
+        raise _foreign_entry(entry, problem) from None
     try:
         problem = _usable(entry, settings, require)  # someone may have finished while we waited
         if problem is None:
@@ -96,6 +100,20 @@ def _usable(entry: Entry, settings: Settings, require: tuple[str, ...]) -> str |
             if not os.access(entry.prefix / "bin" / program, os.X_OK):
                 _missing_program(entry.prefix, program)
     return problem
+
+
+def _foreign_entry(entry: Entry, problem: str) -> ConfigError:
+    """Another uid's start made the entry (a shared volume): this one may not take its lock, so it
+    can neither repair nor unpack it."""
+    try:
+        owner = f"uid {os.stat(entry.lock).st_uid}"
+    except OSError:
+        owner = "another uid"
+    return ConfigError(
+        f"cache entry {entry.prefix} must be unpacked ({problem}), but its lock {entry.lock} belongs to {owner}, which "
+        f"uid {os.getuid()} may not write; run every start on this cache as one uid (with umask 022 "
+        "for others to read it), or give this one its own MLSERVER_ENV_CACHE_DIR"
+    )
 
 
 def _missing_program(prefix: Path, program: str) -> None:

@@ -229,6 +229,27 @@ def test_cache_dir_not_writable_by_this_user(shared_tmp: Path) -> None:
     assert Path(proc.stdout.splitlines()[-1]).parent == own
 
 
+@pytest.mark.parametrize("case", ["damaged", "umask 077"])
+def test_entry_of_another_uid_that_needs_unpacking_again_is_one_line(shared_tmp: Path, case: str) -> None:
+    """A shared cache (a volume with fsGroup, OpenShift's group 0): another uid's start made the
+    entry. This one cannot repair it (the entry was damaged) nor read it (made under umask 077),
+    and its lock file is not this uid's to open for writing: one line, not filelock's traceback."""
+    tarball = write_tar(shared_tmp / "env.tar.gz", tiny_env())
+    cache = shared_tmp / "cache"
+    cache.mkdir()
+    cache.chmod(0o1777)
+    umask = os.umask(0o077 if case == "umask 077" else 0o022)
+    try:
+        made = start(tarball, cache)
+    finally:
+        os.umask(umask)
+    assert made.returncode == 0, made.stderr
+    if case == "damaged":
+        (Path(made.stdout.splitlines()[-1]) / "share" / "doc" / "README").unlink()
+    proc = as_nobody(MLSERVER_ENV_TARBALL=str(tarball), MLSERVER_ENV_CACHE_DIR=str(cache))
+    refused(proc, 2, "uid 65534", "MLSERVER_ENV_CACHE_DIR")
+
+
 def test_cache_dir_cannot_be_created(tmp_path: Path) -> None:
     tarball = write_tar(tmp_path / "env.tar.gz", tiny_env())
     (tmp_path / "file").write_text("a file, not a directory")
