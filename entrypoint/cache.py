@@ -117,6 +117,22 @@ def ensure_writable(root: Path) -> None:
             f"cache directory {root} is not writable by uid {os.getuid()}; set MLSERVER_ENV_CACHE_DIR "
             "to a writable directory or mount a writable volume there"
         )
+    ensure_executable(root)
+
+
+def ensure_executable(root: Path) -> None:
+    """The environment's programs run from the cache: on a filesystem mounted noexec (a Docker
+    tmpfs unless told `exec`) none can, and a command would resolve to the host's instead."""
+    try:
+        noexec = os.statvfs(root).f_flag & os.ST_NOEXEC
+    except OSError:
+        return  # not there yet: ensure_writable creates it, then checks again
+    if noexec:
+        raise ConfigError(
+            f"cache directory {root} is on a filesystem mounted noexec, so the environment's programs cannot "
+            f"run from it; mount it with exec (docker run --tmpfs {root}:exec) or set MLSERVER_ENV_CACHE_DIR "
+            "to a directory on another filesystem"
+        )
 
 
 def discard(entry: Entry) -> None:

@@ -47,6 +47,7 @@ def prepare(settings: Settings, tarball: Tarball | RemoteTarball, require: tuple
         entry = Entry(settings.cache_dir, key)
         gc.hold(entry)  # in use until the server exits: gc never removes it under us
         gc.at_start(settings)
+        cache.ensure_executable(settings.cache_dir)
         problem = _usable(entry, settings, require)
         details["entry"] = str(entry.prefix)
         if not isinstance(tarball, Tarball):  # a URL: the pin, or the object's ETag/Last-Modified and size

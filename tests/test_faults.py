@@ -466,6 +466,29 @@ def used_bytes(point: Path) -> int:
     return (st.f_blocks - st.f_bfree) * st.f_frsize
 
 
+def test_cache_mounted_noexec_is_one_line_not_another_python(tmp_path: Path, tmpfs: Path) -> None:
+    """Docker mounts a tmpfs noexec unless told `exec` (the README's --read-only recipe): nothing of
+    the environment can run from there. `python` then resolved to the host's interpreter, run
+    silently in its place; `mlserver` was blamed on the archive ("has no mlserver; pack it again")."""
+    tarball = write_tar(tmp_path / "env.tar.gz", tiny_env())
+    cache = tmpfs / "c"
+    env = entry_env(MLSERVER_ENV_TARBALL=tarball, MLSERVER_ENV_CACHE_DIR=cache)
+    show = ["python", "-c", "import sys; print(sys.executable)"]
+    mount_tmpfs(tmpfs, 64 << 20, "noexec")
+    for args in (show, ["mlserver", "--version"], ["unpack"]):
+        proc = run_entrypoint(args, env)
+        line = error_line(proc)
+        assert proc.returncode == 2 and "noexec" in line and str(cache) in line, proc.stderr
+        assert proc.stdout == "", proc.stdout
+    # Unpacked where it could run, then the volume remounted noexec: the warm start says so too.
+    mount_tmpfs(tmpfs, 64 << 20)
+    proc = run_entrypoint(show, env)
+    assert proc.returncode == 0 and proc.stdout.startswith(str(cache)), proc.stderr
+    subprocess.run(["mount", "-o", "remount,noexec", str(tmpfs)], check=True)
+    proc = run_entrypoint(show, env)
+    assert proc.returncode == 2 and "noexec" in error_line(proc) and proc.stdout == "", proc.stdout + proc.stderr
+
+
 def test_disk_full_names_the_space_needed_and_that_space_is_enough(small_tarball: Path, tmpfs: Path) -> None:
     cache = tmpfs / "c"
     env = entry_env(MLSERVER_ENV_TARBALL=small_tarball, MLSERVER_ENV_CACHE_DIR=cache)
