@@ -151,6 +151,11 @@ def run_conda_unpack(prefix: Path, python: Path) -> None:
                 [str(python), str(script)], cwd=prefix, env=env, text=True,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=lambda: _in_child(mask),
             )  # fmt: skip
+        except OSError as exc:  # not executable, or not for this kernel (a loader it lacks)
+            raise EnvError(
+                f"cannot run {script} with the environment's {python} ({exc.strerror}); pack the "
+                "environment again with its interpreter executable and built for this machine"
+            ) from None
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a stop that came meanwhile raises here
         _, stderr = proc.communicate()

@@ -210,3 +210,19 @@ def test_a_stop_during_in_process_relocation_leaves_nothing(sig: signal.Signals,
     assert f"stopped by {sig.name}" in error_line(done)
     assert "relocate:" not in done.stderr  # it landed in the relocation
     assert not list(cache.glob("*.ready")) and not [p for p in cache.iterdir() if p.is_dir() and p.name[0] != "."]
+
+
+def test_an_interpreter_that_cannot_be_launched_for_the_script_is_one_line(tmp_path: Path) -> None:
+    """The packed script is run with the environment's interpreter; one packed without its execute
+    bit (or one this kernel cannot exec) failed the launch itself, with a traceback."""
+    version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    members = [M(m.name, m.kind, m.data, 0o644, m.target) if m.name == f"bin/{version}" else m for m in tiny_env()]
+    script = b"#!/usr/bin/env python\n_prefix_records = [\n]\n"  # not a known release's: it must be run
+    tarball = write_tar(tmp_path / "env.tar.gz", [*members, M("bin/conda-unpack", data=script, mode=0o755)])
+    cache = tmp_path / "c"
+    proc = run_entrypoint(["unpack"], entry_env(MLSERVER_ENV_TARBALL=tarball, MLSERVER_ENV_CACHE_DIR=cache))
+    assert proc.returncode == 4, proc.stderr
+    line = error_line(proc)
+    assert "bin/python" in line and "Permission denied" in line, line
+    assert not list(cache.glob("*.ready"))
+    assert not [p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")]
