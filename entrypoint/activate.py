@@ -71,6 +71,8 @@ def find_python(prefix: Path) -> Path:
             f"{candidate} is built for {_describe(target)}, this machine runs {_describe(host)}; "
             f"pack the environment on {_describe(host)}"
         )
+    if not os.access(candidate, os.X_OK):  # else `python` would resolve to the host's interpreter on PATH
+        raise EnvError(f"{candidate} is not executable; pack the environment again with its interpreter's mode kept")
     return candidate
 
 

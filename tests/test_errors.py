@@ -198,6 +198,17 @@ def test_environment_for_another_os_or_cpu(tmp_path: Path, interpreter, words: t
     assert no_entries(tmp_path / "c")
 
 
+def test_interpreter_packed_without_its_execute_bit(tmp_path: Path) -> None:
+    """The environment's python not executable: `python` resolved to the host's interpreter on PATH
+    and ran in its place, silently."""
+    version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    members = [M(m.name, m.kind, m.data, 0o644, m.target) if m.name == f"bin/{version}" else m for m in tiny_env()]
+    tarball = write_tar(tmp_path / "env.tar.gz", members)
+    proc = start(tarball, tmp_path / "c", "python", "-c", "import sys; print(sys.executable)")
+    refused(proc, 4, "bin/python", "not executable")
+    assert proc.stdout == "" and no_entries(tmp_path / "c")
+
+
 def test_environment_built_for_windows(tmp_path: Path) -> None:
     tarball = write_tar(tmp_path / "win.zip.tar.gz", [M("python.exe", data=b"MZ" + bytes(200)), M("Lib/os.py")])
     refused(start(tarball, tmp_path / "c"), 4, "Windows")
