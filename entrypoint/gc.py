@@ -14,6 +14,7 @@ Every start holds `.use` before it takes the unpack lock `.lock`, so gc may dele
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -90,14 +91,21 @@ def _names(fd: int, path: Path) -> bool:
 def _exclusive(entry: Entry, create: bool) -> Iterator[bool]:
     """Hold the entry's exclusive lock, if no process uses it; yields whether it was taken."""
     path = use_file(entry)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0), 0o644)
+    try:  # a dry run only looks: reading is enough to lock, also on a cache mounted read-only
+        fd = os.open(path, (os.O_RDWR | os.O_CREAT if create else os.O_RDONLY) | os.O_CLOEXEC, 0o644)
     except FileNotFoundError:
         yield True  # dry run: no start ever held it (a start creates the file before anything else)
         return
     except PermissionError:
         raise ConfigError(
             f"cannot lock {path} (uid {os.getuid()} may not write it); run gc as the cache's owner"
+        ) from None
+    except OSError as exc:
+        if exc.errno != errno.EROFS:
+            raise
+        raise ConfigError(
+            f"cache directory {entry.root} is read-only here: gc can remove nothing; run it where the cache "
+            "is mounted writable (or add --dry-run to list what it would remove)"
         ) from None
     try:
         try:

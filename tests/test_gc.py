@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import ENTRYPOINT, REPO, entry_env, run_entrypoint
+from support import ENTRYPOINT, REPO, entry_env, error_line, run_entrypoint
 
 DAY = 86400
 ENTRY = re.compile(r"[0-9a-f]{8}")
@@ -215,3 +215,21 @@ def test_output_cut_short_by_its_reader_is_no_traceback(tarballs: list[Path], tm
     finally:
         os.close(write)
     assert proc.returncode == 141 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_gc_on_a_cache_mounted_read_only_says_so_and_a_dry_run_lists(small_tarball: Path, tmp_path: Path) -> None:
+    """The server container's view of a shared cache (a volume mounted readOnly): gc can remove
+    nothing there and says so in one line; --dry-run still lists. Both were tracebacks (EROFS)."""
+    cache = tmp_path / "c"
+    prefix = prefix_of(unpack(small_tarball, cache))
+    if subprocess.run(["mount", "--bind", str(cache), str(cache)], capture_output=True).returncode != 0:
+        pytest.skip("cannot bind-mount here")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(cache)], check=True)
+        proc = run_entrypoint(["gc", "--max-age", "0"], entry_env(MLSERVER_ENV_CACHE_DIR=cache))
+        line = error_line(proc)
+        assert proc.returncode == 2 and "read-only" in line and str(cache) in line, proc.stderr
+        assert gc(cache, "--max-age", "0", "--dry-run") == {str(prefix): "would remove"}
+    finally:
+        subprocess.run(["umount", str(cache)], check=True)
+    assert not gone(prefix)
