@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from entrypoint.cache import file_identity, key_memo
 from entrypoint.constants import DEFAULT_TARBALL_NAME
-from entrypoint.errors import ConfigError
+from entrypoint.errors import ArchiveError, ConfigError
 
 if TYPE_CHECKING:
     from entrypoint.remote import RemoteTarball
@@ -101,9 +101,10 @@ class _Prehash(threading.Thread):
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
             with open(fd, "rb", buffering=0) as f:
                 if stat.S_ISREG(os.fstat(fd).st_mode):
+                    _sniff(fd)
                     self.result = _sha256(f)
-        except OSError:
-            pass  # locate() reports what is wrong with the file, with the settings' wording
+        except (OSError, ArchiveError):
+            pass  # locate() and content_key() report what is wrong with the file, with the settings' wording
 
 
 _prehash: _Prehash | None = None
@@ -155,11 +156,35 @@ def content_key(tarball: Tarball | RemoteTarball, cache_dir: Path, pin: str | No
             return key, True
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    key = _prehashed(tarball) or sha256_file(tarball.path)
+    prehashed = _prehashed(tarball)
+    if prehashed is None:
+        _refuse_non_archive(tarball)
+    key = prehashed or sha256_file(tarball.path)
     _check_pin(tarball, key, pin)
     if _unchanged(tarball):
         _remember(memo, {"path": str(tarball.path), "identity": list(tarball.identity), "sha256": key})
     return key, False
+
+
+def _sniff(fd: int) -> None:
+    """Refuse a file that does not start like an archive before hashing it: hashing a wrong file
+    (a 20 GiB model named by mistake took 29 s) only delayed the error its first bytes give."""
+    from entrypoint.archive import detect_format  # the cold path imports it next anyway
+
+    detect_format(os.pread(fd, 512, 0))
+
+
+def _refuse_non_archive(tarball: Tarball) -> None:
+    try:
+        fd = os.open(tarball.path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return  # hashing names the problem
+    try:
+        _sniff(fd)
+    except ArchiveError as exc:
+        raise ArchiveError(f"{tarball.display}: {exc}; point MLSERVER_ENV_TARBALL at the packed environment") from None
+    finally:
+        os.close(fd)
 
 
 def _unchanged(tarball: Tarball) -> bool:
