@@ -49,6 +49,7 @@ class StopSignal(EntrypointError):
 
     def __init__(self, signum: int) -> None:
         super().__init__(self.message.format(signal=signal.Signals(signum).name))
+        self.exit_code = 128 + signum  # as a shell reports a command the signal ended: 143, 130
 
     @classmethod
     def handler(cls, signum: int, frame: FrameType | None) -> None:
@@ -66,7 +67,3 @@ class Stopped(StopSignal):
     """A stop signal before the command ran (the unpack itself has its own: prepare.Interrupted)."""
 
     message = "stopped by {signal} while starting; the command was not run"
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.exit_code = 128 + signum

@@ -32,7 +32,6 @@ class Prepared:
 
 
 class Interrupted(StopSignal):
-    exit_code = 130
     message = "stopped by {signal} while unpacking; nothing was cached"
 
 
