@@ -43,6 +43,9 @@ def _describe(target: tuple[int, int, int]) -> str:
     return f"{MACHINES.get(target[2], f'machine {target[2]}')} {bits} Linux"
 
 
+NOT_EXECUTABLE = "{} is not executable; pack the environment again with its interpreter's mode kept"
+
+
 def find_python(prefix: Path) -> Path:
     """The environment's interpreter, checked to run on this machine before anything execs it."""
     for name in ("python", "python3"):
@@ -72,7 +75,7 @@ def find_python(prefix: Path) -> Path:
             f"pack the environment on {_describe(host)}"
         )
     if not os.access(candidate, os.X_OK):  # else `python` would resolve to the host's interpreter on PATH
-        raise EnvError(f"{candidate} is not executable; pack the environment again with its interpreter's mode kept")
+        raise EnvError(NOT_EXECUTABLE.format(candidate))
     return candidate
 
 

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from entrypoint import archive, relocate
-from entrypoint.activate import MACHO, _describe, _elf_target, _host_target
+from entrypoint.activate import MACHO, NOT_EXECUTABLE, _describe, _elf_target, _host_target
 from entrypoint.archive import Kind, Member
 from entrypoint.cache import Entry
 from entrypoint.errors import ArchiveError, ConfigError, EntrypointError, EnvError
@@ -88,6 +88,7 @@ class _Scan:
         self.kinds: dict[str, Kind] = {}
         self.links: dict[str, str] = {}  # symlink or hardlink member -> its target (relative path)
         self.headers: dict[str, bytes] = {}  # interpreter candidates -> first 64 bytes
+        self.modes: dict[str, int] = {}  # interpreter candidates -> mode as packed
         self.lib_versions: set[str] = set()
         self.full_version: str | None = None
         self.dist: dict[str, str] = {}
@@ -131,6 +132,7 @@ class _Scan:
         assert m.open is not None
         if INTERPRETER.fullmatch(rel) or rel == "python.exe":
             self.headers[rel] = _head(m, 64)
+            self.modes[rel] = m.mode
         elif DIST_INFO.fullmatch(rel):
             name, version = _metadata(_head(m, METADATA_HEAD))
             if name and version:
@@ -273,6 +275,8 @@ def _judge_interpreter(report: Report, scan: _Scan) -> None:
             f"{target} is built for {_describe(elf)}, this machine runs {_describe(host)}; "
             f"pack the environment on {_describe(host)}"
         )
+    elif not scan.modes.get(target, 0o755) & 0o111:  # extracted as packed: find_python refuses it
+        report.problem(NOT_EXECUTABLE.format(target))
 
 
 def _one(values: Iterable[str]) -> str | None:

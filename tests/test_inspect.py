@@ -86,9 +86,12 @@ def test_inspect_without_argument_reads_the_configured_tarball(small_tarball: Pa
     assert "relocation:    by running its bin/conda-unpack" in run_entrypoint(["inspect"], env).stdout
 
 
-def _patched(small_tarball: Path, out: Path, machine: int | None = None, binary_record: bool = False) -> Path:
+def _patched(
+    small_tarball: Path, out: Path, machine: int | None = None, binary_record: bool = False, mode: int | None = None
+) -> Path:
     """A small archive of the real interpreter and conda-unpack, with one defect a real env can have:
-    an interpreter built for another machine, or a binary file holding the packed prefix."""
+    an interpreter built for another machine or packed without its execute bits, or a binary file
+    holding the packed prefix."""
     with tarfile.open(small_tarball) as src, tarfile.open(out, "w:gz") as dst:
         for ti in src:
             if not (ti.name.startswith("bin/python") or ti.name == "bin/conda-unpack"):
@@ -96,6 +99,8 @@ def _patched(small_tarball: Path, out: Path, machine: int | None = None, binary_
             data = src.extractfile(ti).read() if ti.isreg() else b""  # type: ignore[union-attr]
             if machine is not None and ti.name == "bin/python3.8":
                 data = data[:18] + machine.to_bytes(2, "little") + data[20:]
+            if mode is not None and ti.name == "bin/python3.8":
+                ti.mode = mode
             if binary_record and ti.name == "bin/conda-unpack":
                 data = data.replace(b"', 'text'),\n", b"', 'binary'),\n", 1)
             dst.addfile(ti, io.BytesIO(data) if ti.isreg() else None)
@@ -110,6 +115,18 @@ def test_wrong_architecture_is_reported_as_a_start_would_refuse_it(small_tarball
     assert arch and "this machine runs x86_64 64-bit Linux" in arch[0]
     start = run_entrypoint(["unpack"], entry_env(MLSERVER_ENV_TARBALL=arm, MLSERVER_ENV_CACHE_DIR=tmp_path / "c"))
     assert start.returncode == 4 and arch[0].split(" is built for ")[1] in error_line(start)
+
+
+def test_interpreter_without_execute_bits_is_reported_as_a_start_would_refuse_it(
+    small_tarball: Path, tmp_path: Path
+) -> None:
+    tarball = _patched(small_tarball, tmp_path / "noexec.tar.gz", mode=0o644)
+    code, report, _ = inspect_json(tarball, tmp_path / "c")
+    assert code == 4 and not report["will_work"]
+    found = [p for p in report["problems"] if "not executable" in p]  # type: ignore[union-attr]
+    assert found and found[0].startswith("bin/python3.8 ")
+    start = run_entrypoint(["unpack"], entry_env(MLSERVER_ENV_TARBALL=tarball, MLSERVER_ENV_CACHE_DIR=tmp_path / "c"))
+    assert start.returncode == 4 and found[0].split(" ", 1)[1] in error_line(start)
 
 
 def test_prefix_too_long_for_the_cache_dir_is_reported_as_a_start_would_refuse_it(
