@@ -17,7 +17,11 @@ ESCAPE = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
 
 
 def info(message: str) -> None:
-    print(f"{PROG}: {message.translate(ESCAPE)}", file=sys.stderr, flush=True)
+    # One write with its newline: print() writes the newline separately, which under
+    # PYTHONUNBUFFERED (the image sets it) is a second write(2), and a server logging on the same
+    # stderr at that moment got its line glued to ours.
+    sys.stderr.write(f"{PROG}: {message.translate(ESCAPE)}\n")
+    sys.stderr.flush()
 
 
 def elapsed_ms() -> float:

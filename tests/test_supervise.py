@@ -153,6 +153,27 @@ def test_leftovers_of_the_group_are_ended_when_the_command_exits(tmp_path: Path)
     assert not any("sleep 300" in p for p in _session_processes(os.getpid()))
 
 
+def test_each_log_line_is_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The init's lines share stderr with the server's, which logs too as it stops: under
+    PYTHONUNBUFFERED (the image sets it) print() wrote the text and its newline in two calls, and
+    the server's next line was glued to ours ("...if it has not exited2026-11-29 ... INFO")."""
+    from entrypoint import log
+
+    writes: list[str] = []
+
+    class Recorder:
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    log.info("SIGTERM forwarded to pid 9")
+    assert writes == ["mlserver-entrypoint: SIGTERM forwarded to pid 9\n"]
+
+
 def test_bad_init_settings_are_one_line_errors(tmp_path: Path) -> None:
     for name, value in (("MLSERVER_ENV_INIT", "sometimes"), ("MLSERVER_ENV_STOP_GRACE", "-1")):
         proc = run_entrypoint(["true"], _no_env(tmp_path, **{name: value}), timeout=60)
