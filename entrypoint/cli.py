@@ -80,6 +80,10 @@ def _dispatch(args: list[str]) -> int:
         return 0
     if args[:1] == ["--"]:
         return run(args[1:])
+    if args[:1] in ([c] for c in SUBCOMMANDS) and {"-h", "--help"} & set(args[1:]):
+        # `gc --help` is a question, not a usage error (and must not need valid settings to answer)
+        print("usage:\n" + "\n".join(line for line in USAGE.splitlines() if line.split()[1:2] == args[:1]))
+        return 0
     if args[:1] == ["unpack"]:
         if len(args) > 1:
             raise ConfigError(f"unpack takes no arguments (got {' '.join(args[1:])}); configure it with MLSERVER_ENV_*")

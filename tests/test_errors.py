@@ -455,3 +455,14 @@ def test_an_entry_seen_at_another_path_is_not_served(tmp_path: Path) -> None:
         line = refused(start(tarball, tmp_path / "b", *args), 2, f"was unpacked at {tmp_path / 'a'}", str(tmp_path))
         assert "mount the cache volume at" in line
     assert [p.name for p in (tmp_path / "b").glob("*.ready")]  # not discarded
+
+
+def test_help_of_each_subcommand_is_its_usage_not_an_error(tmp_path: Path) -> None:
+    """`gc --help` printed 'error: usage: …' and exited 2, even with the settings fine."""
+    env = entry_env(MLSERVER_ENV_CACHE_DIR=tmp_path / "cache", MLSERVER_ENV_VERIFY="bogus")
+    for sub in ("unpack", "inspect", "gc"):
+        for flag in ("--help", "-h"):
+            proc = run_entrypoint([sub, flag], env, timeout=60)
+            assert proc.returncode == 0, proc.stderr
+            assert f"mlserver-entrypoint {sub}" in proc.stdout and "error" not in proc.stderr
+    assert not (tmp_path / "cache").exists()
