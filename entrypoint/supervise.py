@@ -4,8 +4,8 @@ Why the entrypoint does not always exec: mlserver 1.1.0 with its default paralle
 workers never finishes shutting down on SIGTERM (it logs "Waiting for inference pool shutdown"
 forever), so a `docker stop` would always wait for the runtime's own SIGKILL, and an exec'd PID 1
 reaps no orphan. So when the entrypoint is PID 1 (MLSERVER_ENV_INIT=auto), or when asked
-(`always`), it stays as the parent: the command runs in its own process group (the terminal's
-foreground group if we had a terminal), every signal a runtime or a user sends is forwarded to it,
+(`always`), it stays as the parent: the command runs in its own process group, every signal a
+runtime or a user sends is forwarded to it,
 and `MLSERVER_ENV_STOP_GRACE` seconds after the first SIGTERM or SIGINT the whole group gets
 SIGKILL. The entrypoint then exits with the command's status (128 + signal if it was killed).
 
@@ -84,8 +84,9 @@ def run(argv: Sequence[str], env: Mapping[str, str], grace: float) -> int:
         _become_subreaper()
     sys.stdout.flush()
     sys.stderr.flush()
+    terminal = _owns_terminal()
     child = _spawn(argv, env, previous_mask)
-    code = _wait(child, waited, grace)
+    code = _wait(child, waited, grace, terminal)
     _end_leftovers(child)
     return code
 
@@ -107,15 +108,10 @@ def _owns_terminal() -> bool:
 
 
 def _spawn(argv: Sequence[str], env: Mapping[str, str], mask: Iterable[int]) -> int:
-    terminal = _owns_terminal()
     pid = os.fork()
     if pid == 0:  # the child: its own group, default signal state, then exec; never returns
         try:
             os.setpgid(0, 0)
-            if terminal:  # keep `docker run -it IMAGE bash` interactive: the child owns the terminal
-                signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-                os.tcsetpgrp(0, os.getpid())
-                signal.signal(signal.SIGTTOU, signal.SIG_DFL)
             reset_signals()
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.execve(argv[0], list(argv), dict(env))
@@ -128,8 +124,13 @@ def _spawn(argv: Sequence[str], env: Mapping[str, str], mask: Iterable[int]) -> 
     return pid
 
 
-def _wait(child: int, waited: set[signal.Signals], grace: float) -> int:
-    """Forward signals to the child until it exits; SIGKILL its group `grace` s after a stop signal."""
+def _wait(child: int, waited: set[signal.Signals], grace: float, terminal: bool) -> int:
+    """Forward signals to the child until it exits; SIGKILL its group `grace` s after a stop signal.
+
+    With a terminal we keep it, so its Ctrl-C reaches us and starts the grace period (mlserver
+    1.1.0 given the terminal hung for good on a Ctrl-C while loading, `make serve` with it); a
+    command that reads or configures the terminal (`docker run -it IMAGE bash`) is stopped by
+    the kernel for it, and gets it then, as a shell's `fg` does."""
     deadline: float | None = None
     info: signal.struct_siginfo | None
     while True:
@@ -147,6 +148,10 @@ def _wait(child: int, waited: set[signal.Signals], grace: float) -> int:
             continue
         if info.si_signo == signal.SIGCHLD:
             status = _reap(child)
+            if status is not None and os.WIFSTOPPED(status):
+                if terminal and os.WSTOPSIG(status) in (signal.SIGTTIN, signal.SIGTTOU):
+                    _give_terminal(child)
+                continue
             if status is not None:
                 code = os.waitstatus_to_exitcode(status)
                 return code if code >= 0 else 128 - code
@@ -161,12 +166,21 @@ def _wait(child: int, waited: set[signal.Signals], grace: float) -> int:
             )
 
 
+def _give_terminal(child: int) -> None:
+    """Make the child's group the terminal's foreground and let it go on."""
+    signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # as a shell does; we may be in the background by now
+    with contextlib.suppress(OSError):
+        os.tcsetpgrp(0, child)
+    _killpg(child, signal.SIGCONT)
+
+
 def _reap(child: int) -> int | None:
-    """Reap every exited child (orphans included); the wait status of `child` if it was one."""
+    """Reap every exited child (orphans included); the wait status of `child` if it was one (also
+    when it stopped)."""
     found = None
     while True:
         try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
+            pid, status = os.waitpid(-1, os.WNOHANG | os.WUNTRACED)
         except ChildProcessError:
             return found
         if pid == 0:

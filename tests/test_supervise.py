@@ -7,6 +7,7 @@ after a stop signal. Otherwise it execs, so the command keeps the entrypoint's P
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -151,6 +152,67 @@ def test_leftovers_of_the_group_are_ended_when_the_command_exits(tmp_path: Path)
     assert proc.returncode == 3, proc.stderr
     assert "outlived the command: SIGKILL" in proc.stderr
     assert not any("sleep 300" in p for p in _session_processes(os.getpid()))
+
+
+def _in_a_terminal(
+    args: list[str], env: dict[str, str], until: bytes, then: bytes, timeout: float = 30
+) -> tuple[int, float, str]:
+    """Run the entrypoint under `sh -c` in a new terminal, as `make serve` does from an interactive
+    shell; once `until` is printed, type `then`. (exit code, seconds after typing, output)."""
+    import pty
+    import select
+    import shlex
+
+    command = shlex.join([*ENTRYPOINT, *args])
+    pid, fd = pty.fork()
+    if pid == 0:  # a new session with the terminal; sh is not its leader's only process then
+        os.chdir(REPO)
+        os.execve("/bin/sh", ["sh", "-c", f"{command}; exit $?"], env)
+    out, typed, status = b"", 0.0, None
+    deadline = time.monotonic() + timeout
+    try:
+        while status is None and time.monotonic() < deadline:
+            if select.select([fd], [], [], 0.1)[0]:
+                with contextlib.suppress(OSError):
+                    out += os.read(fd, 65536)
+            if not typed and until in out:
+                os.write(fd, then)
+                typed = time.monotonic()
+            done, wait_status = os.waitpid(pid, os.WNOHANG)
+            status = wait_status if done else None
+    finally:
+        left = _session_processes(pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        for line in left:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(line.split(":")[0]), signal.SIGKILL)
+        if status is None:
+            os.waitpid(pid, 0)
+        os.close(fd)
+    assert status is not None, f"still running {timeout} s on; left: {left}\n{out.decode(errors='replace')}"
+    assert left == [], left
+    return os.waitstatus_to_exitcode(status), time.monotonic() - typed, out.decode(errors="replace")
+
+
+def test_ctrl_c_in_a_terminal_ends_a_command_that_ignores_it_after_the_grace(tmp_path: Path) -> None:
+    """`make serve` and Ctrl-C while mlserver 1.1.0 loads: the init gave the server the terminal,
+    so the Ctrl-C went to the server alone, which hung, and no grace period ever started."""
+    code = (
+        "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+        "print('loading', flush=True); time.sleep(300)"
+    )
+    env = _no_env(tmp_path, MLSERVER_ENV_INIT="always", MLSERVER_ENV_STOP_GRACE="1")
+    _, took, out = _in_a_terminal(["python3", "-c", code], env, b"loading\r\n", b"\x03")
+    assert "SIGINT forwarded" in out and "SIGKILL to its process group" in out, out
+    assert took < 6, out
+
+
+def test_a_command_reading_the_terminal_is_given_it(tmp_path: Path) -> None:
+    """`docker run -it IMAGE bash` stays interactive: a command that reads the terminal gets it."""
+    env = _no_env(tmp_path, MLSERVER_ENV_INIT="always")
+    status, _, out = _in_a_terminal(["sh", "-c", "echo asking; read x; echo got-$x"], env, b"asking", b"yes\n")
+    assert status == 0 and "got-yes" in out, out
 
 
 def test_each_log_line_is_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
