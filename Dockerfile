@@ -27,11 +27,14 @@ RUN /opt/mlserver/bin/pip wheel --no-cache-dir --disable-pip-version-check --no-
 #    rather than copying its virtualenv, so a code change rebuilds only the small layers below.
 FROM deps
 # uid 1000 in group 0; what it must write is group 0 and group-writable, so an arbitrary uid
-# in group 0 (as OpenShift runs containers) can write it too.
+# in group 0 (as OpenShift runs containers) can write it too. A login shell (`IMAGE bash -lc …`)
+# has its PATH reset by /etc/profile: profile.d puts back the environment the entrypoint activated.
+# hadolint ignore=SC2016
 RUN useradd --no-log-init --uid 1000 --gid 0 --home-dir /home/mlserver --create-home mlserver \
     && install -d -o 1000 -g 0 -m 2775 /opt/envs \
     && install -d -m 0755 /mnt/models \
-    && chmod 2775 /home/mlserver
+    && chmod 2775 /home/mlserver \
+    && echo 'PATH="${CONDA_PREFIX:+$CONDA_PREFIX/bin:}/opt/mlserver/bin:$PATH"' > /etc/profile.d/mlserver-env.sh
 
 # MLSERVER_ENV_CACHE_DIR is short on purpose: the environment's prefix becomes
 # /opt/envs/<8 hex digits>, and conda-unpack cannot write a longer prefix than the packed one

@@ -96,6 +96,9 @@ def test_image_metadata(podman: Podman, image: str) -> None:
     assert out[:2] == ["1000", "0"] and out[2].endswith("/bash")
     version = podman("run", "--rm", image, "mlserver", "--version")
     assert "1.7.1" in version.stdout
+    # A login shell keeps what the entrypoint put on PATH (Debian's /etc/profile resets it).
+    login = podman("run", "--rm", image, "bash", "-lc", "command -v mlserver")
+    assert login.stdout.strip() == "/opt/mlserver/bin/mlserver", login.stdout + login.stderr
 
 
 def test_seed_flow_serves_the_right_digits_and_stops_in_time(
