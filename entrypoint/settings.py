@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, ByteSize, Field, ValidationError, field_validator
+from pydantic import AliasChoices, ByteSize, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from entrypoint import log
@@ -74,6 +74,16 @@ class Settings(BaseSettings):
         if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
             raise ValueError("must be 64 hex digits (the output of `sha256sum TARBALL`)")
         return value
+
+    @field_validator("cache_dir", "models_dir", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object, info: ValidationInfo) -> object:
+        # `MLSERVER_ENV_CACHE_DIR=` (an empty compose or pod value) was Path(""), the working
+        # directory: the cache went wherever the start ran, and the warm path (which reads empty
+        # as unset) never found it there.
+        if value != "":
+            return value
+        return default_cache_dir() if info.field_name == "cache_dir" else Path(DEFAULT_MODELS_DIR)
 
     @field_validator("cache_dir")
     @classmethod

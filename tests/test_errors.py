@@ -466,3 +466,14 @@ def test_help_of_each_subcommand_is_its_usage_not_an_error(tmp_path: Path) -> No
             assert proc.returncode == 0, proc.stderr
             assert f"mlserver-entrypoint {sub}" in proc.stdout and "error" not in proc.stderr
     assert not (tmp_path / "cache").exists()
+
+
+def test_an_empty_cache_dir_or_models_dir_is_the_default_not_the_working_directory(tmp_path: Path) -> None:
+    """`MLSERVER_ENV_CACHE_DIR=` put the cache in the working directory (Path("")), where the warm
+    path, reading empty as unset, never looked; `MLSERVER_MODELS_DIR=` likewise served '.'."""
+    tarball = write_tar(tmp_path / "env.tar.gz", tiny_env())
+    env = entry_env(MLSERVER_ENV_CACHE_DIR="", MLSERVER_MODELS_DIR="")
+    proc = run_entrypoint(["inspect", str(tarball)], env, timeout=60)
+    assert f"cache entry:   /tmp/mlenv-{os.getuid()}/" in proc.stdout, proc.stdout + proc.stderr
+    proc = run_entrypoint(["unpack"], entry_env(MLSERVER_MODELS_DIR=""), timeout=60)
+    assert "environment.tar.gz in MLSERVER_MODELS_DIR (/mnt/models)" in error_line(proc)
