@@ -164,6 +164,19 @@ def _default_command(models_dir: Path) -> list[str]:
     return ["mlserver", "start", str(models_dir)]
 
 
+def _warn_other_models_dir(command: list[str]) -> None:
+    """The image's CMD names /mnt/models (as its issue asks); MLServer's own images serve
+    $MLSERVER_MODELS_DIR. Whoever sets only the variable would get another folder served than
+    the one their environment.tar.gz was looked for in, with no word why."""
+    wanted = os.environ.get("MLSERVER_MODELS_DIR", "")
+    serves = command[2] if command[:2] == ["mlserver", "start"] and len(command) == 3 else None
+    if wanted and serves is not None and os.path.normpath(serves) != os.path.normpath(wanted):
+        log.info(
+            f"warning: serving {serves}, the command's folder, not MLSERVER_MODELS_DIR={wanted}; "
+            f"to serve that one, give the command `mlserver start {wanted}` (or mount it at {serves})"
+        )
+
+
 def launch(command: list[str], prefix: Path | None) -> NoReturn:
     """Activate the environment at `prefix` (None: run as is) and exec the command (or, as PID 1,
     run it under a tiny init: see supervise.py)."""
@@ -174,6 +187,7 @@ def launch(command: list[str], prefix: Path | None) -> NoReturn:
     else:
         env = activated_environ(prefix, os.environ)
         env["PYTHONDONTWRITEBYTECODE"] = "1"  # the entry is shared and may be read-only: never write into it
+    _warn_other_models_dir(command)
     argv = resolve_command(command, env, prefix)
     Stopped.honour()  # the last moment a stop can still keep the command from running
     from entrypoint import supervise

@@ -441,6 +441,24 @@ def test_a_command_found_nowhere_exits_127(tmp_path: Path) -> None:
     refused(start("", tmp_path / "c", "no-such-command"), 127, "not on PATH")
 
 
+def test_a_models_dir_the_command_does_not_serve_is_warned_about(tmp_path: Path) -> None:
+    """The image's CMD serves /mnt/models; MLSERVER_MODELS_DIR set alone moved only where the
+    tarball is looked for (MLServer's own images serve it): the user is told, and how to fix it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "mlserver").write_text('#!/bin/sh\necho "serving $2"\n')
+    (bin_dir / "mlserver").chmod(0o755)
+    models = tmp_path / "models"
+    env = entry_env(MLSERVER_ENV_TARBALL="", MLSERVER_MODELS_DIR=models, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    proc = run_entrypoint(["mlserver", "start", "/mnt/models"], env)
+    assert proc.returncode == 0 and proc.stdout == "serving /mnt/models\n", proc.stderr
+    assert f"serving /mnt/models, the command's folder, not MLSERVER_MODELS_DIR={models}" in proc.stderr
+    assert f"`mlserver start {models}`" in proc.stderr
+    for command in (["mlserver", "start", f"{models}/"], []):  # its folder, or the default command: no warning
+        proc = run_entrypoint(command, env)
+        assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
+
+
 def test_an_entry_seen_at_another_path_is_not_served(tmp_path: Path) -> None:
     """Its files name the path it was unpacked at (shebangs, text files): through a symlink to the
     same directory it is the same entry; the volume mounted elsewhere is one clear line, and the
