@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from entrypoint.errors import CommandNotFound, EnvError
+from entrypoint.errors import CommandNotFound, CommandNotRunnable, EnvError
 
 MACHINES = {3: "x86 (32-bit)", 40: "ARM (32-bit)", 62: "x86_64", 183: "aarch64", 21: "ppc64", 22: "s390x"}
 MACHO = (
@@ -124,6 +124,9 @@ def _run_activate_scripts(scripts: Sequence[Path], env: dict[str, str]) -> dict[
 def resolve_command(argv: Sequence[str], env: Mapping[str, str], prefix: Path | None) -> list[str]:
     """argv with its program found on the activated PATH, or an error that says how to fix it."""
     program = shutil.which(argv[0], path=env.get("PATH"))
+    if program is None and "/" in argv[0] and os.path.exists(argv[0]):
+        why = "is a directory" if os.path.isdir(argv[0]) else "is not executable"
+        raise CommandNotRunnable(f"cannot run {argv[0]}: it {why}; name a program, or `chmod +x` it")
     if program is None:
         if argv[0] == "mlserver" and prefix is not None:
             raise EnvError(

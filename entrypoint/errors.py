@@ -37,6 +37,12 @@ class CommandNotFound(EntrypointError):
     exit_code = 127
 
 
+class CommandNotRunnable(EntrypointError):
+    """The command names a file that cannot be run (no execute bit, a directory): 126, as a shell says."""
+
+    exit_code = 126
+
+
 class StopSignal(EntrypointError):
     """Raised by a stop signal's handler. Python prints and drops an exception raised inside a
     weakref callback or a __del__ (seen: WeakSet._remove and an import lock's callback during

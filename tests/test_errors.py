@@ -441,6 +441,14 @@ def test_a_command_found_nowhere_exits_127(tmp_path: Path) -> None:
     refused(start("", tmp_path / "c", "no-such-command"), 127, "not on PATH")
 
 
+def test_a_command_path_that_cannot_be_run_exits_126(tmp_path: Path) -> None:
+    """As a shell: a file without execute bits, or a directory, is not "not found"."""
+    text = tmp_path / "notes.txt"
+    text.write_text("x")
+    refused(start("", tmp_path / "c", str(text)), 126, f"cannot run {text}: it is not executable", "chmod +x")
+    refused(start("", tmp_path / "c", str(tmp_path)), 126, "is a directory")
+
+
 def test_a_models_dir_the_command_does_not_serve_is_warned_about(tmp_path: Path) -> None:
     """The image's CMD serves /mnt/models; MLSERVER_MODELS_DIR set alone moved only where the
     tarball is looked for (MLServer's own images serve it): the user is told, and how to fix it."""
