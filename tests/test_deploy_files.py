@@ -4,6 +4,7 @@ file and the image's pins say what the README promises. tests/test_container.py 
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -94,6 +95,9 @@ def test_compose_file_serves_the_seed_with_a_named_cache_volume() -> None:
     ports = {p.rsplit(":", 1)[1] for p in service["ports"]}
     assert ports == {"8080", "8081"}
     assert "/v2/health/ready" in " ".join(service["healthcheck"]["test"])
+    # The image's own check, port setting included: a stack setting MLSERVER_HTTP_PORT stays healthy.
+    image_check = re.search(r"^HEALTHCHECK .*\\\n\s+CMD (\[.*\])$", (REPO / "Dockerfile").read_text(), re.M)
+    assert image_check and service["healthcheck"]["test"] == ["CMD", *json.loads(image_check[1])]
 
 
 def _requirement_name(line: str) -> str:
