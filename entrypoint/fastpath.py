@@ -31,11 +31,13 @@ IRRELEVANT_ON_A_HIT = {
     "INIT",
     "REMOTE_RETRIES",
     "REMOTE_TIMEOUT",
+    "RELOCATE",  # how a miss relocates; a hit relocates nothing
 }
 HEX = frozenset("0123456789abcdef")
 WHOLE_NUMBERS = {"MAX_MEMBERS", "MAX_UNPACKED_BYTES", "REMOTE_RETRIES"}
 ZERO_ALLOWED = {"REMOTE_RETRIES"}
 CHECKED_ELSEWHERE = {"INIT", "STOP_GRACE"}  # supervise.options reads them on every path, with its errors
+CHOICES = {"RELOCATE": ("auto", "conda-unpack")}  # settings.Settings' Literal values, matched exactly as it does
 
 
 class Hit(NamedTuple):
@@ -49,7 +51,7 @@ def lookup(environ: Mapping[str, str], require: tuple[str, ...]) -> Hit | None:
     names = {k[len(ENV_PREFIX) :] for k in environ if k.startswith(ENV_PREFIX)}
     if names - READ_HERE - IRRELEVANT_ON_A_HIT:
         return None
-    if not all(_plain_number(n, environ[ENV_PREFIX + n]) for n in names & IRRELEVANT_ON_A_HIT - CHECKED_ELSEWHERE):
+    if not all(_plain_value(n, environ[ENV_PREFIX + n]) for n in names & IRRELEVANT_ON_A_HIT - CHECKED_ELSEWHERE):
         return None  # a bad value is refused on a hit too, as on the first start of a fresh node
     models_dir = _models_dir(environ)
     tarball = local_tarball(environ)
@@ -77,9 +79,11 @@ def lookup(environ: Mapping[str, str], require: tuple[str, ...]) -> Hit | None:
     return Hit(entry, python, models_dir)
 
 
-def _plain_number(name: str, value: str) -> bool:
-    """Whether the setting is a number plainly in its range; anything unusual ("1e3", " 5", "inf")
-    goes to the settings model, which accepts it or gives the one-line error."""
+def _plain_value(name: str, value: str) -> bool:
+    """Whether the setting is one of its choices, or a number plainly in its range; anything unusual
+    ("1e3", " 5", "inf", "Auto") goes to the settings model, which accepts it or gives the one-line error."""
+    if name in CHOICES:
+        return value in CHOICES[name]
     digits = value if name in WHOLE_NUMBERS else value.replace(".", "", 1)
     if not (digits.isascii() and digits.isdigit()) or value[0] == "." or value[-1] == ".":
         return False
