@@ -43,7 +43,11 @@ CORRUPT = (
     ValueError,
     cast("type[Exception]", isal_zlib.error),  # deflate errors ("Invalid lookback distance"); the stub says instance
 )
-ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
+# What conda-pack writes (ZIP_DEFLATED; stored, as zip tools write empty files). Not bzip2 nor lzma:
+# zipfile decodes those without an output bound and lzma with the dictionary the member asks for,
+# so a 20 KB zip of one bzip2 member took 1.2 GB resident.
+ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+ZIP_METHOD_NAMES = {zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "lzma"}
 
 
 class Kind(enum.Enum):
@@ -518,7 +522,7 @@ ZIP_UNREADABLE = {0x1: "encrypted", 0x20: "compressed patched data", 0x40: "stro
 def _zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Member:
     how = next((what for bit, what in ZIP_UNREADABLE.items() if info.flag_bits & bit), None)
     if how is None and info.compress_type not in ZIP_METHODS:
-        how = f"compressed with method {info.compress_type}"
+        how = f"compressed with {ZIP_METHOD_NAMES.get(info.compress_type, f'method {info.compress_type}')}"
     if how is not None:
         raise ArchiveError(f"member {info.filename}: {how}, which conda-pack never writes; pack it again")
     mode = (info.external_attr >> 16) & 0xFFFF

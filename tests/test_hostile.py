@@ -267,6 +267,17 @@ def test_zip_with_unknown_compression_or_encryption(site: Site) -> None:
     refuse(site, zpath, "hostile.zip", "conda-meta/history")
 
 
+@pytest.mark.parametrize(("method", "name"), [(zipfile.ZIP_BZIP2, "bzip2"), (zipfile.ZIP_LZMA, "lzma")])
+def test_zip_compressed_with_bzip2_or_lzma_is_refused(site: Site, method: int, name: str) -> None:
+    """conda-pack's zips are deflated. zipfile decodes a bzip2 or lzma member without an output
+    bound (lzma with the dictionary the member asks for): a 20 KB zip holding 600 MB of zeros as one
+    bzip2 member took the start 1.2 GB resident, not the promised 64 MiB."""
+    zpath = write_zip(site.root / f"{name}.zip", tiny_env())
+    with zipfile.ZipFile(zpath, "a", compression=method) as zf:
+        zf.writestr("lib/zeros.bin", bytes(1 << 20))
+    refuse(site, zpath, f"{name}.zip", f"lib/zeros.bin: compressed with {name}", "conda-pack never writes")
+
+
 def test_member_sizes_that_lie(site: Site) -> None:
     base = tar_bytes(tiny_env(), end=False)
     path = site.root / "lies.tar.gz"
