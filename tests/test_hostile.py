@@ -716,7 +716,7 @@ def test_zip_with_bytes_cut_out_is_the_archive_s_fault(site: Site) -> None:
     whole = buf.getvalue()
     cut = site.root / "cut.zip"
     cut.write_bytes(whole[:200] + whole[-200:])
-    line = refuse(site, cut, "cut.zip", "corrupt zip")
+    line = refuse(site, cut, "cut.zip", "corrupt")
     assert "MLSERVER_ENV_CACHE_DIR" not in line
 
 
