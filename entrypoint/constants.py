@@ -9,6 +9,7 @@ from typing import Literal, get_args
 ENV_PREFIX = "MLSERVER_ENV_"
 DEFAULT_TARBALL_NAME = "environment.tar.gz"  # what MLServer's own images look for in the models dir
 DEFAULT_MODELS_DIR = "/mnt/models"
+URL_SCHEMES = ("http", "https", "s3", "gs")  # what remote.SCHEMES reads
 DEFAULT_STOP_GRACE = 8.0  # seconds between the first SIGTERM/SIGINT and SIGKILL of the server's group
 InitMode = Literal["auto", "always", "never"]  # MLSERVER_ENV_INIT; see entrypoint/supervise.py
 INIT_MODES: tuple[InitMode, ...] = get_args(InitMode)

@@ -3,8 +3,8 @@
 Importing pydantic-settings alone takes ~0.3 s, six times the warm-start budget. On a cache hit
 only a handful of settings matter, so this module reads exactly those (names and defaults come
 from entrypoint.settings' constants) and declines, returning None, whenever anything is unusual:
-another MLSERVER_ENV_ variable that could change the outcome, a value needing validation, a URL,
-a cache miss, a damaged entry. The full path then handles it, with pydantic-settings' validation
+another MLSERVER_ENV_ variable that could change the outcome, a value needing validation, a URL
+without a pin, a cache miss, a damaged entry. The full path then handles it, with pydantic-settings' validation
 and the one-line errors.
 """
 
@@ -19,7 +19,7 @@ from typing import NamedTuple
 from entrypoint import cache, gc
 from entrypoint.activate import find_python
 from entrypoint.cache import Entry
-from entrypoint.constants import DEFAULT_MODELS_DIR, DEFAULT_TARBALL_NAME, ENV_PREFIX, default_cache_dir
+from entrypoint.constants import DEFAULT_MODELS_DIR, DEFAULT_TARBALL_NAME, ENV_PREFIX, URL_SCHEMES, default_cache_dir
 from entrypoint.errors import EntrypointError
 
 READ_HERE = {"TARBALL", "TARBALL_SHA256", "CACHE_DIR", "VERIFY"}
@@ -55,14 +55,15 @@ def lookup(environ: Mapping[str, str], require: tuple[str, ...]) -> Hit | None:
         return None  # a bad value is refused on a hit too, as on the first start of a fresh node
     models_dir = _models_dir(environ)
     tarball = local_tarball(environ)
-    if tarball is None:
-        return None
     verify = environ.get(f"{ENV_PREFIX}VERIFY", "quick")
     pin = environ.get(f"{ENV_PREFIX}TARBALL_SHA256", "").strip().lower() or None
     if verify not in ("quick", "full") or (pin is not None and (len(pin) != 64 or not HEX.issuperset(pin))):
         return None
     cache_dir = _cache_dir(environ)
-    key = _remembered_key(tarball, cache_dir)
+    if tarball is not None:
+        key = _remembered_key(tarball, cache_dir)
+    else:  # a URL's key is its pin (remote.content_key): a pinned warm start needs neither network nor fsspec
+        key = pin if pin is not None and _plain_url(environ.get(f"{ENV_PREFIX}TARBALL", "")) else None
     if key is None or (pin is not None and key != pin):
         return None
     entry = Entry(cache_dir, key)
@@ -88,6 +89,22 @@ def _plain_value(name: str, value: str) -> bool:
     if not (digits.isascii() and digits.isdigit()) or value[0] == "." or value[-1] == ".":
         return False
     return name in ZERO_ALLOWED or float(value) > 0
+
+
+def _plain_url(value: str) -> bool:
+    """A URL whose form remote.locate would accept at a glance: a known scheme, a host, a file path,
+    nothing to decode. Anything else goes to the full path and its one-line errors."""
+    scheme, sep, rest = value.partition("://")
+    host, _, path = rest.partition("/")
+    return (
+        bool(sep)
+        and scheme.lower() in URL_SCHEMES
+        and bool(host)
+        and path.strip("/") != ""
+        and value.isascii()
+        and value.isprintable()
+        and not any(c in value for c in " []%?#@")
+    )
 
 
 def to_hash(environ: Mapping[str, str]) -> Path | None:

@@ -13,6 +13,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -31,6 +32,9 @@ import pytest
 from conftest import Example
 from support import REPO, entry_env, env_python, error_line, free_port, infer, run_entrypoint, serving
 from test_serve import DIGITS
+
+from entrypoint import remote
+from entrypoint.constants import URL_SCHEMES
 
 
 class Server(ThreadingHTTPServer):
@@ -223,6 +227,9 @@ def test_pinned_url_shares_the_local_entry_and_warm_starts_offline(http: Server,
     warm = unpack(f"{http.base}/ok/pinned.tar.gz", tmp_path / "c", MLSERVER_ENV_TARBALL_SHA256=pin)
     assert warm.returncode == 0 and "cache hit" in warm.stderr, warm.stderr
     assert http.total() == before  # not even a HEAD
+    # ... and without loading the settings model (~0.3 s): the pydantic-free warm path logs its own line
+    assert re.search(r"locate: \d+ ms, cache hit", warm.stderr) and "cache hit:" not in warm.stderr, warm.stderr
+    assert set(remote.SCHEMES) == set(URL_SCHEMES)  # the schemes that path accepts
 
     local = unpack(str(tiny), tmp_path / "c")
     assert local.returncode == 0 and "cache hit" in local.stderr, local.stderr
