@@ -69,6 +69,18 @@ def normalize(name: str) -> str:
     return "/".join(parts)
 
 
+def check_symlink(name: str, rel: str, target: str) -> None:
+    """Refuse a symlink member whose target is empty, absolute or lexically outside the environment
+    (`inspect` applies the same rule without writing)."""
+    if not target or "\0" in target:
+        raise ArchiveError(f"member {name}: symlink with an empty or NUL target")
+    if target.startswith("/"):
+        raise ArchiveError(f"member {name}: symlink to absolute path {target}")
+    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(rel), target))
+    if resolved == ".." or resolved.startswith("../"):
+        raise ArchiveError(f"member {name}: symlink to {target}, outside the environment")
+
+
 class Extractor:
     """Extract members into `dest`, an empty directory owned by this run."""
 
@@ -192,14 +204,7 @@ class Extractor:
         self.stats.bytes += m.size
 
     def _check_link_target(self, m: Member, rel: str) -> None:
-        target = m.linkname
-        if not target or "\0" in target:
-            raise ArchiveError(f"member {m.name}: symlink with an empty or NUL target")
-        if target.startswith("/"):
-            raise ArchiveError(f"member {m.name}: symlink to absolute path {target}")
-        resolved = posixpath.normpath(posixpath.join(posixpath.dirname(rel), target))
-        if resolved == ".." or resolved.startswith("../"):
-            raise ArchiveError(f"member {m.name}: symlink to {target}, outside the environment")
+        check_symlink(m.name, rel, m.linkname)
 
     def finish(self) -> None:
         """Resolve every symlink on the real tree: chains of links may escape where no single one does."""

@@ -25,10 +25,13 @@ from entrypoint.activate import MACHO, NOT_EXECUTABLE, _describe, _elf_target, _
 from entrypoint.archive import Kind, Member
 from entrypoint.cache import Entry
 from entrypoint.errors import ArchiveError, ConfigError, EntrypointError, EnvError
-from entrypoint.extract import normalize
+from entrypoint.extract import check_symlink, normalize
 from entrypoint.settings import Settings
 from entrypoint.source import Tarball, locate, sha256_file
 
+NAME_MAX = 255  # bytes in one path component on ext4, xfs, tmpfs (the cache's usual filesystems)
+PATH_MAX = 4096  # bytes in a path the kernel accepts, its terminating NUL included
+UNSAFE_KEPT = 5  # a hostile archive may have millions of bad members; the report names the first ones
 METADATA_HEAD = 64 << 10  # Name and Version are in the first lines of METADATA / PKG-INFO
 UNPACK_SCRIPT_MAX = 64 << 20  # conda-unpack of a 17,000-file environment is ~1 MB
 
@@ -82,7 +85,7 @@ class Report:
 class _Scan:
     """What one pass over the members collects; the verdict is made from it afterwards."""
 
-    def __init__(self) -> None:
+    def __init__(self, name_max: int = NAME_MAX, path_room: int = PATH_MAX) -> None:
         # bin/ only: the interpreter and mlserver live there (a conda env's bin/python links to
         # bin/python3.X); a kind per member would cost ~30 MB on a 300,000-file environment.
         self.kinds: dict[str, Kind] = {}
@@ -97,6 +100,18 @@ class _Scan:
         self.unpack_script_too_big = False
         self.unsafe: list[str] = []
         self.members = 0
+        # The extractor's rules that need no memory per file: its directories (implied ones too)
+        # and the symlinks with their targets as packed. Duplicate files, a member under a file and
+        # a hardlink to a file the archive lacks need a set of every file name: a start finds those.
+        self.dirs: set[str] = {""}
+        self.symlinks: dict[str, str] = {}
+        self.name_max = name_max  # of the cache's filesystem
+        self.path_room = path_room  # bytes left for a member's name after the entry's prefix
+        self.stopped_at: str | None = None  # the member over a limit: a start stops there, so does the scan
+
+    def refuse(self, message: str) -> None:
+        if len(self.unsafe) < UNSAFE_KEPT:
+            self.unsafe.append(message)
 
     def add(self, m: Member, report: Report) -> None:
         self.members += 1
@@ -104,11 +119,12 @@ class _Scan:
             rel = normalize(m.name)
             link = normalize(m.linkname) if m.kind is Kind.HARDLINK else m.linkname
         except ArchiveError as exc:
-            self.unsafe.append(str(exc))
+            self.refuse(str(exc))
             return
         if m.kind is Kind.OTHER:
-            self.unsafe.append(f"member {m.name}: is a {m.describe}")
+            self.refuse(f"member {m.name}: is a {m.describe}")
             return
+        self._place(rel, link, m)
         if rel.startswith("bin/"):
             self.kinds[rel] = m.kind
         if m.kind is Kind.DIR:
@@ -127,6 +143,65 @@ class _Scan:
             self.lib_versions.add(found.group(1))
         if (meta := CONDA_META.fullmatch(rel)) is not None:
             self.conda[canonical(meta.group(1))] = meta.group(2)
+
+    def _place(self, rel: str, link: str, m: Member) -> None:
+        """Where the extractor would refuse this member: the rules of extract.Extractor.add."""
+        if rel == "":
+            if m.kind is not Kind.DIR:
+                self.refuse(f"member {m.name}: a {m.kind.value} in place of the environment's root")
+            return
+        if len(rel) * 4 > self.name_max or len(rel) * 4 > self.path_room:  # UTF-8: up to 4 bytes a character
+            encoded = rel.encode("utf-8", "surrogateescape")
+            if len(encoded) >= self.path_room or any(len(c) > self.name_max for c in encoded.split(b"/")):
+                self.refuse(f"member {m.name[:200]}: its name is too long for the cache's filesystem")
+                return
+        parent, missing = rel.rpartition("/")[0], []
+        while parent not in self.dirs:
+            if parent in self.symlinks:
+                self.refuse(f"member {m.name}: would be written through the symlink {parent}")
+                return
+            missing.append(parent)
+            parent = parent.rpartition("/")[0]
+        self.dirs.update(missing)
+        if rel in self.symlinks or (rel in self.dirs and m.kind is not Kind.DIR):
+            what = "symlink" if rel in self.symlinks else "directory"
+            self.refuse(f"member {m.name}: duplicate name (already a {what})")
+        elif m.kind is Kind.DIR:
+            self.dirs.add(rel)
+        elif m.kind is Kind.SYMLINK:
+            try:
+                check_symlink(m.name, rel, link)
+                self.symlinks[rel] = link
+            except ArchiveError as exc:
+                self.refuse(str(exc))
+        elif m.kind is Kind.HARDLINK and (
+            link in self.dirs or link in self.symlinks or link.rpartition("/")[0] not in self.dirs
+        ):
+            self.refuse(f"member {m.name}: hardlink to {m.linkname}, which is not a file of this archive")
+
+    def escaping(self) -> Iterable[str]:
+        """Symlinks whose chain resolves outside the environment on the unpacked tree, as the
+        extractor's last check (os.path.realpath there) finds them."""
+        for rel in self.symlinks:
+            path: list[str] = []
+            todo = rel.split("/")[::-1]
+            hops = 0
+            while todo and hops <= 40:  # more: a loop, which realpath leaves unresolved (inside)
+                name = todo.pop()
+                if name in ("", "."):
+                    continue
+                if name == "..":
+                    if not path:
+                        yield f"member {rel}: symlink chain resolves outside the environment"
+                        break
+                    path.pop()
+                    continue
+                path.append(name)
+                target = self.symlinks.get("/".join(path))
+                if target is not None:
+                    hops += 1
+                    path.pop()
+                    todo.extend(target.split("/")[::-1])
 
     def _read_file(self, rel: str, m: Member) -> None:
         assert m.open is not None
@@ -186,9 +261,15 @@ def inspect_tarball(path: Path, settings: Settings) -> Report:
             raise ArchiveError(f"{path}: {exc}; pack the environment with conda-pack") from None
         raw.seek(0)
         report = Report(str(path), fmt, sha256_file(path), os.fstat(raw.fileno()).st_size)
-        scan = _Scan()
+        entry = Entry(settings.cache_dir, report.sha256)
+        scan = _Scan(_name_max(settings.cache_dir), PATH_MAX - len(os.fsencode(entry.prefix)) - 1)
         try:
             for m in archive.members(raw):
+                if scan.members >= settings.max_members or (
+                    m.kind is Kind.FILE and report.unpacked_bytes + m.size > settings.max_unpacked_bytes
+                ):  # a start stops here, before writing it: reading on could take hours (a bomb)
+                    scan.stopped_at = m.name
+                    break
                 scan.add(m, report)
         except archive.CORRUPT as exc:
             raise ArchiveError(f"{path}: corrupt or truncated archive ({exc}); pack it again") from None
@@ -196,10 +277,41 @@ def inspect_tarball(path: Path, settings: Settings) -> Report:
     return report
 
 
+def _name_max(cache_dir: Path) -> int:
+    """The longest file name the cache's filesystem takes (its nearest existing folder's)."""
+    for folder in (cache_dir, *cache_dir.parents):
+        try:
+            return os.pathconf(folder, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            continue
+    return NAME_MAX
+
+
 def _judge(report: Report, scan: _Scan, settings: Settings) -> None:
+    """Problems in the order a start meets them, so the exit code is the one it would fail with:
+    the extraction's refusals (3), the interpreter and mlserver (4), the relocation (2)."""
     notes = report.notes
-    for unsafe in scan.unsafe[:5]:
+    entry = Entry(settings.cache_dir, report.sha256)
+    report.cache_prefix = str(entry.prefix)
+    report.cached = entry.marker.exists()
+    for unsafe in [*scan.unsafe, *scan.escaping()][:UNSAFE_KEPT]:
         report.problem(f"the entrypoint would refuse {unsafe}", ArchiveError)
+    if scan.stopped_at is not None:
+        if scan.members >= settings.max_members:  # the extractor's words
+            report.problem(
+                f"more than {settings.max_members} members; raise MLSERVER_ENV_MAX_MEMBERS if this environment "
+                "is really that large",
+                ArchiveError,
+            )
+        else:
+            report.problem(
+                f"unpacks to more than {settings.max_unpacked_bytes} bytes (member {scan.stopped_at}); raise "
+                "MLSERVER_ENV_MAX_UNPACKED_BYTES if this environment is really that large",
+                ArchiveError,
+            )
+        notes.append(f"read up to member {scan.stopped_at} only: a start stops there")
+        report.will_work = False
+        return
     report.python = scan.full_version or scan.conda.get("python") or _one(scan.lib_versions)
     if len(scan.lib_versions) > 1:
         notes.append(f"several lib/pythonX.Y folders: {', '.join(sorted(scan.lib_versions))}")
@@ -213,9 +325,6 @@ def _judge(report: Report, scan: _Scan, settings: Settings) -> None:
     elif not any(n.startswith("mlserver-") for n in report.packages):
         notes.append("no mlserver runtime package (mlserver-sklearn, mlserver-xgboost, …) found")
 
-    entry = Entry(settings.cache_dir, report.sha256)
-    report.cache_prefix = str(entry.prefix)
-    report.cached = entry.marker.exists()
     if scan.unpack_script_too_big:
         notes.append(f"{relocate.UNPACK_SCRIPT} is over {UNPACK_SCRIPT_MAX >> 20} MiB; its prefix was not read")
     elif scan.unpack_script is None:
@@ -236,15 +345,6 @@ def _judge(report: Report, scan: _Scan, settings: Settings) -> None:
             relocate.check_prefix_length(records, entry.prefix)
         except ConfigError as exc:
             report.problem(str(exc), ConfigError)
-
-    if scan.members > settings.max_members:
-        report.problem(f"{scan.members} members, over MLSERVER_ENV_MAX_MEMBERS={settings.max_members}", ArchiveError)
-    if report.unpacked_bytes > settings.max_unpacked_bytes:
-        report.problem(
-            f"unpacks to {report.unpacked_bytes} bytes, over MLSERVER_ENV_MAX_UNPACKED_BYTES="
-            f"{settings.max_unpacked_bytes}",
-            ArchiveError,
-        )
     report.will_work = not report.problems
 
 

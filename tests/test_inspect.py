@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from archives import M, tiny_env, write_tar, zst_bomb
 from conftest import Example
 from support import entry_env, env_python, error_line, run_entrypoint
 
@@ -164,6 +165,55 @@ def test_what_is_not_an_archive_file_is_one_error_line(tmp_path: Path) -> None:
         proc = run_entrypoint(["inspect", str(path)], entry_env(MLSERVER_ENV_CACHE_DIR=tmp_path), timeout=60)
         line = error_line(proc)
         assert proc.returncode == code and words in line and str(path) in line, proc.stderr
+
+
+MLSERVER = M("bin/mlserver", data=b"#!/bin/sh\n", mode=0o755)
+DEFECTS = {  # members added to a tiny environment a start serves; each one makes the start refuse it
+    "absolute symlink": [M("lib/evil", "symlink", target="/etc/passwd")],
+    "symlink out": [M("lib/evil", "symlink", target="../../etc")],
+    "symlink chain out": [M("lib/a", "symlink", target="."), M("lib/b", "symlink", target="a/../..")],
+    "empty symlink": [M("lib/empty", "symlink", target="")],
+    "through a symlink": [M("lib/libtiny.so/x", data=b"x")],
+    "file over a directory": [M("share", data=b"x")],
+    "root as a file": [M(".", data=b"x")],
+    "hardlink to a symlink": [M("lib/hl", "hardlink", target="lib/libtiny.so")],
+    "name too long": [M("lib/" + "n" * 300, data=b"x")],
+}
+
+
+@pytest.mark.parametrize("defect", DEFECTS)
+def test_archive_a_start_refuses_is_reported_with_its_exit_code(defect: str, tmp_path: Path) -> None:
+    """Each defect a start refuses (exit 3) is a problem inspect reports, with the start's exit code."""
+    tarball = write_tar(tmp_path / "env.tar.gz", [*tiny_env(), MLSERVER, *DEFECTS[defect]])
+    env = entry_env(MLSERVER_ENV_TARBALL=tarball, MLSERVER_ENV_CACHE_DIR=tmp_path / "c")
+    start = run_entrypoint(["unpack"], env)
+    assert start.returncode == 3, start.stderr
+    proc = run_entrypoint(["inspect", "--json"], env)
+    report = json.loads(proc.stdout)
+    assert proc.returncode == 3 and report["will_work"] is False and report["exit_code"] == 3, proc.stdout
+    assert "the entrypoint would refuse member" in error_line(proc)
+    assert not (tmp_path / "c").exists() or not list((tmp_path / "c").glob("*.ready"))
+    fine = write_tar(tmp_path / "fine.tar.gz", [*tiny_env(), MLSERVER])  # the same without the defect
+    assert run_entrypoint(["inspect", str(fine)], env).returncode == 0
+
+
+def test_over_a_limit_is_exit_3_and_stops_reading_there(tmp_path: Path) -> None:
+    """A start stops at the header that crosses a limit (exit 3, before the interpreter is looked
+    for); inspect reports the same and does not decompress the rest (80 GiB of zeros took 30 s)."""
+    bomb = zst_bomb(tmp_path / "bomb.tar.zst", "lib/bomb", 80 << 30, before=[*tiny_env(), MLSERVER])
+    env = entry_env(MLSERVER_ENV_TARBALL=bomb, MLSERVER_ENV_CACHE_DIR=tmp_path / "c")
+    start = run_entrypoint(["unpack"], env)
+    assert start.returncode == 3 and "MLSERVER_ENV_MAX_UNPACKED_BYTES" in error_line(start)
+    proc = run_entrypoint(["inspect"], env, timeout=20)
+    assert proc.returncode == 3 and "MLSERVER_ENV_MAX_UNPACKED_BYTES" in error_line(proc), proc.stderr
+    assert "member lib/bomb" in error_line(proc)
+
+    no_python = write_tar(tmp_path / "members.tar.gz", [M(f"share/f{i}", data=b"x") for i in range(20)])
+    env.update(MLSERVER_ENV_TARBALL=str(no_python), MLSERVER_ENV_MAX_MEMBERS="10")
+    start = run_entrypoint(["unpack"], env)
+    proc = run_entrypoint(["inspect"], env)
+    assert start.returncode == proc.returncode == 3, (start.stderr, proc.stderr)
+    assert "more than 10 members" in error_line(proc) and "more than 10 members" in error_line(start)
 
 
 @pytest.mark.parametrize("args", [["a", "b"], ["--yaml", "x.tar.gz"]])
