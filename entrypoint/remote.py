@@ -217,7 +217,15 @@ def _filesystem(tarball: RemoteTarball) -> tuple[Any, str]:
 
         # aiohttp's default 5-minute total would cut a large download short; bound stalls instead.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=tarball.timeout, sock_read=tarball.timeout)
-        options["client_kwargs"] = {"timeout": timeout, **user.get("client_kwargs", {})}
+        # The object's own bytes, as `sha256sum` of the file sees them and the pin names them: a
+        # .tar.gz stored with `Content-Encoding: gzip` (S3 metadata, Apache's AddEncoding) was
+        # decoded into its tar, whose digest matched no pin; nor may a server compress on the fly.
+        options["client_kwargs"] = {
+            "timeout": timeout,
+            "auto_decompress": False,
+            "headers": {"Accept-Encoding": "identity"},
+            **user.get("client_kwargs", {}),
+        }
         options["encoded"] = True  # send the URL as written: re-encoding breaks presigned signatures
     elif package == "s3fs":
         timeouts = {"connect_timeout": tarball.timeout, "read_timeout": tarball.timeout}

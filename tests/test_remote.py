@@ -3,7 +3,8 @@
 The HTTP server below is real (loopback only) and counts what it is asked: a warm start must not
 GET the body again. Routes are /<behaviour>/<name>: ok, flaky (503 the first GETs), cut (closes
 the first GET half-way), stall (stops sending half-way), noval (no ETag nor Last-Modified),
-norange (ignores Range), moving (another ETag on HEAD than on GET), forbidden (403); an unknown
+norange (ignores Range), moving (another ETag on HEAD than on GET), forbidden (403), gzipped
+(sends `Content-Encoding: gzip`, as S3 does for an object uploaded with that metadata); an unknown
 name is a 404.
 """
 
@@ -108,6 +109,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{end - 1}/{st.st_size}")
         if behaviour != "norange":
             self.send_header("Accept-Ranges", "bytes")
+        if behaviour == "gzipped":
+            self.send_header("Content-Encoding", "gzip")
         if behaviour != "noval":
             self.send_header("ETag", etag)
             self.send_header("Last-Modified", formatdate(st.st_mtime, usegmt=True))
@@ -234,6 +237,18 @@ def test_pinned_url_shares_the_local_entry_and_warm_starts_offline(http: Server,
     local = unpack(str(tiny), tmp_path / "c")
     assert local.returncode == 0 and "cache hit" in local.stderr, local.stderr
     assert local.stdout.splitlines()[-1] == str(prefix)
+
+
+def test_content_encoding_gzip_is_not_decoded(http: Server, tiny: Path, tmp_path: Path) -> None:
+    """A .tar.gz stored with `Content-Encoding: gzip` (an S3 object uploaded so, Apache's AddEncoding):
+    the object's bytes are what `sha256sum` of the file gives and what the pin names, not the
+    tar a decoding client makes of them."""
+    http.files["encoded.tar.gz"] = tiny
+    url = f"{http.base}/gzipped/encoded.tar.gz"
+    pinned = unpack(url, tmp_path / "c", MLSERVER_ENV_TARBALL_SHA256=sha256(tiny), MLSERVER_ENV_REMOTE_RETRIES="0")
+    assert pinned.returncode == 0, pinned.stderr
+    unpinned = unpack(url, tmp_path / "c2", MLSERVER_ENV_REMOTE_RETRIES="0")
+    assert unpinned.returncode == 0 and f"SHA-256 {sha256(tiny)}" in unpinned.stderr, unpinned.stderr
 
 
 def test_pin_mismatch_is_refused_and_nothing_is_published(http: Server, tiny: Path, tmp_path: Path) -> None:
