@@ -78,8 +78,12 @@ def _redact(url: str) -> str:
 
 def locate(url: str, settings: Settings) -> RemoteTarball:
     """Check the URL's form only: a pinned warm start needs no network and no fsspec."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises for a port out of range or not a number
+    except ValueError as exc:  # not shown: what it holds cannot be told from a password or a signature
+        raise ConfigError(f"MLSERVER_ENV_TARBALL is not a valid URL ({exc}); check it") from None
     tarball = RemoteTarball(url, settings.remote_retries, settings.remote_timeout)
-    parts = urlsplit(url)
     if tarball.scheme not in SCHEMES:
         raise ConfigError(
             f"MLSERVER_ENV_TARBALL={tarball.display}: unsupported URL scheme {tarball.scheme}://; use "

@@ -306,6 +306,26 @@ def test_403_and_404_fail_at_once_with_one_line(http: Server, tmp_path: Path, ro
     assert time.monotonic() - t0 < 20
 
 
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("http://user:pw@[::1/env.tar.gz?X-Amz-Signature=secret", "Invalid IPv6 URL"),
+        ("s3://[bucket/env.tar.gz", "Invalid IPv6 URL"),
+        ("https://user:pw@example.com:99999/env.tar.gz?X-Amz-Signature=secret", "out of range"),
+        ("http://example.com:eighty/env.tar.gz", "eighty"),
+        ("htps://example.com/env.tar.gz", "unsupported URL scheme htps://"),
+    ],
+)
+def test_malformed_url_is_one_line_without_network(tmp_path: Path, url: str, expected: str) -> None:
+    """A typo in the URL is a setting to fix (exit 2, one line), found before any connection."""
+    proc = unpack(url, tmp_path / "c", MLSERVER_ENV_REMOTE_RETRIES="0")
+    assert proc.returncode == 2
+    line = error_line(proc)
+    assert expected in line and "MLSERVER_ENV_TARBALL" in line and "not found" not in line
+    assert "secret" not in proc.stderr and "pw@" not in proc.stderr
+    assert published(tmp_path / "c") == []
+
+
 def test_object_replaced_after_the_head_is_not_cached(http: Server, tiny: Path, tmp_path: Path) -> None:
     http.files["moving.tar.gz"] = tiny
     proc = unpack(f"{http.base}/moving/moving.tar.gz", tmp_path / "c")
