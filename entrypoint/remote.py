@@ -455,14 +455,20 @@ def _failure(exc: BaseException, tarball: RemoteTarball) -> Exception:
         return ConfigError(f"{tarball.display} changed while it was being downloaded; start again")
     if status is not None and (status >= 500 or status in TRANSIENT_STATUS):
         return _Retry(detail)
-    if status is None and any(isinstance(e, _transient_types()) for e in chain):
-        return _Retry(f"{type(exc).__name__}: {message}" if message else type(exc).__name__)
+    # Named by the transient error itself: fsspec's info wraps a refused connection in a
+    # FileNotFoundError whose text is the URL, which said neither what failed nor why.
+    transient = next((e for e in chain if isinstance(e, _transient_types())), None)
+    if status is None and transient is not None:
+        text = _message(transient, tarball)
+        return _Retry(f"{type(transient).__name__}: {text}" if text else type(transient).__name__)
+    if "TooManyRedirects" in names:
+        return ConfigError(f"{where}: too many redirects (a redirect loop?); check the URL")
     if "NoCredentialsError" in names or "DefaultCredentialsError" in names:
         return ConfigError(f"{where}: no credentials found; {_credentials_hint(tarball)}")
     forbidden = any(isinstance(e, PermissionError) or str(e).startswith("Forbidden") for e in chain)  # gcsfs: OSError
     if status in (401, 403) or forbidden:
         return ConfigError(f"{where}: access denied ({detail or 'permission error'}); {_credentials_hint(tarball)}")
-    if status in (404, 410) or any(isinstance(e, FileNotFoundError) for e in chain):
+    if status in (404, 410) or (status is None and any(isinstance(e, FileNotFoundError) for e in chain)):
         what = "check the URL" if tarball.scheme in ("http", "https") else "check the bucket and key"
         return ConfigError(f"{where}: not found ({detail or 'no such object'}); {what}")
     return ConfigError(f"{where}: cannot read it ({detail or message or type(exc).__name__})")

@@ -4,8 +4,8 @@ The HTTP server below is real (loopback only) and counts what it is asked: a war
 GET the body again. Routes are /<behaviour>/<name>: ok, flaky (503 the first GETs), cut (closes
 the first GET half-way), stall (stops sending half-way), noval (no ETag nor Last-Modified),
 norange (ignores Range), moving (another ETag on HEAD than on GET), forbidden (403), gzipped
-(sends `Content-Encoding: gzip`, as S3 does for an object uploaded with that metadata); an unknown
-name is a 404.
+(sends `Content-Encoding: gzip`, as S3 does for an object uploaded with that metadata), loop
+(redirects to itself), bad (400); an unknown name is a 404.
 """
 
 from __future__ import annotations
@@ -88,6 +88,14 @@ class Handler(BaseHTTPRequestHandler):
         file = srv.files.get(name)
         if behaviour == "forbidden":
             return self._status(403)
+        if behaviour == "bad":
+            return self._status(400)
+        if behaviour == "loop":
+            self.send_response(302)
+            self.send_header("Location", self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if file is None:
             return self._status(404)
         if fail and behaviour == "flaky":
@@ -323,6 +331,20 @@ def test_malformed_url_is_one_line_without_network(tmp_path: Path, url: str, exp
     line = error_line(proc)
     assert expected in line and "MLSERVER_ENV_TARBALL" in line and "not found" not in line
     assert "secret" not in proc.stderr and "pw@" not in proc.stderr
+    assert published(tmp_path / "c") == []
+
+
+def test_failures_say_what_failed(http: Server, tmp_path: Path) -> None:
+    """Not "not found" for what is no 404, not the name of fsspec's wrapper for a refused connection."""
+    refused = unpack(f"http://127.0.0.1:{free_port()}/env.tar.gz", tmp_path / "c", MLSERVER_ENV_REMOTE_RETRIES="0")
+    line = error_line(refused)
+    assert refused.returncode == 1 and "Cannot connect to host" in line and "FileNotFoundError" not in line, line
+    bad = unpack(f"{http.base}/bad/env.tar.gz", tmp_path / "c")
+    line = error_line(bad)
+    assert bad.returncode == 2 and "HTTP 400" in line and "not found" not in line, line
+    loop = unpack(f"{http.base}/loop/env.tar.gz", tmp_path / "c")
+    line = error_line(loop)
+    assert loop.returncode == 2 and "redirects" in line and "not found" not in line, line
     assert published(tmp_path / "c") == []
 
 
