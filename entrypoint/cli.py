@@ -38,10 +38,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     sys.unraisablehook = _quiet_stops(sys.unraisablehook)
     try:
         code = _dispatch(args)
-    except EntrypointError as exc:
-        _ignore_stop_signals()
-        log.info(f"error: {exc}")
-        code = exc.exit_code
     except KeyboardInterrupt:
         _ignore_stop_signals()
         log.info("error: interrupted; nothing was cached")
@@ -49,7 +45,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     except BrokenPipeError:  # `gc | head -1`: the reader had enough; end as a tool killed by SIGPIPE would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second complaint at exit's flush
         code = 128 + 13
+    except Exception as exc:
+        error = _reported(exc)
+        if error is None:
+            raise
+        _ignore_stop_signals()
+        log.info(f"error: {error}")
+        code = error.exit_code
     sys.exit(code)
+
+
+def _reported(exc: Exception) -> EntrypointError | None:
+    """The error that ends the start: a stop signal's first. A stop's exception is an Exception
+    that libraries may wrap (pydantic-settings' SettingsError: a traceback, exit 1) or swallow in
+    an `except Exception` (the start went on, and exited with the next error's code)."""
+    seen: BaseException | None = exc
+    for _ in range(100):  # a chain can loop
+        if seen is None:
+            break
+        if isinstance(seen, StopSignal):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    if StopSignal.caught:
+        return Stopped(StopSignal.caught[-1])
+    return exc if isinstance(exc, EntrypointError) else None
 
 
 def _quiet_stops(hook: Callable[[sys.UnraisableHookArgs], object]) -> Callable[[sys.UnraisableHookArgs], object]:

@@ -415,6 +415,38 @@ def test_a_dropped_stop_prints_nothing_and_still_stops_the_start(capfd: pytest.C
         StopSignal.caught.clear()
 
 
+STOP_IN_A_LIBRARY = """
+import os, signal, sys
+from pydantic_settings.sources.providers import env
+read = env.EnvSettingsSource.get_field_value
+def stopped_here(self, field, name):
+    if sys.argv[1] == "swallowed":  # a library's `except Exception` keeps the stop to itself
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        except Exception:
+            pass
+    else:  # the handler's exception goes up through pydantic-settings, which wraps it in SettingsError
+        os.kill(os.getpid(), signal.SIGTERM)
+    return read(self, field, name)
+env.EnvSettingsSource.get_field_value = stopped_here
+from entrypoint import cli
+cli.main(["unpack"])
+"""
+
+
+@pytest.mark.parametrize("how", ["wrapped", "swallowed"])
+def test_a_stop_a_library_wraps_or_swallows_still_ends_the_start(how: str, tmp_path: Path) -> None:
+    """SIGTERM while the settings load (an init container stopped as it starts): pydantic-settings
+    wrapped the stop's exception in its SettingsError, a traceback and exit 1; a library that
+    swallows it let the start go on to another error (here: no such tarball) and its exit code."""
+    env = entry_env(MLSERVER_ENV_TARBALL=tmp_path / "missing.tar.gz", MLSERVER_ENV_CACHE_DIR=tmp_path / "c")
+    proc = subprocess.run(
+        [sys.executable, "-c", STOP_IN_A_LIBRARY, how], env=env, cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 143, proc.stderr
+    assert "stopped by SIGTERM" in error_line(proc)
+
+
 def test_repeated_signals_do_not_stop_the_cleanup_half_way(ref: Reference) -> None:
     """A double Ctrl-C, or a runtime repeating SIGTERM: the partial entry is still removed."""
     shutil.rmtree(ref.cache, ignore_errors=True)
