@@ -96,10 +96,12 @@ def _plain_url(value: str) -> bool:
     nothing to decode. Anything else goes to the full path and its one-line errors."""
     scheme, sep, rest = value.partition("://")
     host, _, path = rest.partition("/")
+    host, colon, port = host.partition(":")
     return (
         bool(sep)
         and scheme.lower() in URL_SCHEMES
         and bool(host)
+        and (not colon or (port.isdigit() and int(port) <= 65535))
         and path.strip("/") != ""
         and value.isascii()
         and value.isprintable()
