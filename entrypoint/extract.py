@@ -69,6 +69,17 @@ def normalize(name: str) -> str:
     return "/".join(parts)
 
 
+def too_many_members(limit: int) -> str:
+    return f"more than {limit} members; raise MLSERVER_ENV_MAX_MEMBERS if this environment is really that large"
+
+
+def too_many_bytes(limit: int, member: str) -> str:
+    return (
+        f"unpacks to more than {limit} bytes (member {member}); raise MLSERVER_ENV_MAX_UNPACKED_BYTES if this "
+        "environment is really that large"
+    )
+
+
 def check_symlink(name: str, rel: str, target: str) -> None:
     """Refuse a symlink member whose target is empty, absolute or lexically outside the environment
     (`inspect` applies the same rule without writing)."""
@@ -118,10 +129,7 @@ class Extractor:
         self._count += 1
         self.stats.disk_bytes += disk_bytes(m)
         if self._count > self.limits.max_members:
-            raise ArchiveError(
-                f"more than {self.limits.max_members} members; raise MLSERVER_ENV_MAX_MEMBERS if this "
-                "environment is really that large"
-            )
+            raise ArchiveError(too_many_members(self.limits.max_members))
         rel = normalize(m.name)
         kind = m.kind
         if kind is _OTHER:
@@ -173,10 +181,7 @@ class Extractor:
     def _write_file(self, m: Member, path: str) -> None:
         self._declared += m.size
         if self._declared > self.limits.max_unpacked_bytes:
-            raise ArchiveError(
-                f"unpacks to more than {self.limits.max_unpacked_bytes} bytes (member {m.name}); raise "
-                "MLSERVER_ENV_MAX_UNPACKED_BYTES if this environment is really that large"
-            )
+            raise ArchiveError(too_many_bytes(self.limits.max_unpacked_bytes, m.name))
         # Drop setuid/setgid/sticky and group/other write; the owner can always read and write.
         mode = (m.mode & 0o755) | 0o600
         assert m.open is not None

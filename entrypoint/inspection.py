@@ -25,7 +25,7 @@ from entrypoint.activate import MACHO, NOT_EXECUTABLE, _describe, _elf_target, _
 from entrypoint.archive import Kind, Member
 from entrypoint.cache import Entry
 from entrypoint.errors import ArchiveError, ConfigError, EntrypointError, EnvError
-from entrypoint.extract import check_symlink, normalize
+from entrypoint.extract import check_symlink, normalize, too_many_bytes, too_many_members
 from entrypoint.settings import Settings
 from entrypoint.source import Tarball, locate, sha256_file
 
@@ -298,17 +298,9 @@ def _judge(report: Report, scan: _Scan, settings: Settings) -> None:
         report.problem(f"the entrypoint would refuse {unsafe}", ArchiveError)
     if scan.stopped_at is not None:
         if scan.members >= settings.max_members:  # the extractor's words
-            report.problem(
-                f"more than {settings.max_members} members; raise MLSERVER_ENV_MAX_MEMBERS if this environment "
-                "is really that large",
-                ArchiveError,
-            )
+            report.problem(too_many_members(settings.max_members), ArchiveError)
         else:
-            report.problem(
-                f"unpacks to more than {settings.max_unpacked_bytes} bytes (member {scan.stopped_at}); raise "
-                "MLSERVER_ENV_MAX_UNPACKED_BYTES if this environment is really that large",
-                ArchiveError,
-            )
+            report.problem(too_many_bytes(settings.max_unpacked_bytes, scan.stopped_at), ArchiveError)
         notes.append(f"read up to member {scan.stopped_at} only: a start stops there")
         report.will_work = False
         return
