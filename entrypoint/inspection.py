@@ -428,7 +428,13 @@ def main(args: list[str], settings: Settings) -> int:
         path = configured.path
     else:
         raise ConfigError("inspect what? give a TARBALL, or set MLSERVER_ENV_TARBALL")
-    report = inspect_tarball(path, settings)
+    try:
+        report = inspect_tarball(path, settings)
+    except EntrypointError as exc:
+        if as_json:  # a job parsing stdout still gets one object, saying what the error line says
+            failed = {"tarball": str(path), "will_work": False, "exit_code": exc.exit_code, "problems": [str(exc)]}
+            print(json.dumps(failed, indent=1), flush=True)
+        raise
     print(json.dumps(asdict(report), indent=1) if as_json else render(report), flush=True)
     if report.will_work:
         return 0

@@ -154,6 +154,10 @@ def test_corrupt_archive_is_one_error_line(small_tarball: Path, tmp_path: Path) 
     proc = run_entrypoint(["inspect", str(cut)], entry_env(MLSERVER_ENV_CACHE_DIR=tmp_path))
     assert proc.returncode == 3 and "corrupt or truncated" in error_line(proc)
     assert proc.stdout == ""
+    # A job parsing --json still gets one object, with the error line's words and exit code.
+    code, report, stderr = inspect_json(cut, tmp_path)
+    assert code == 3 and report["tarball"] == str(cut) and report["will_work"] is False and report["exit_code"] == 3
+    assert report["problems"] == [stderr.strip().splitlines()[-1].removeprefix("mlserver-entrypoint: error: ")]
 
 
 def test_what_is_not_an_archive_file_is_one_error_line(tmp_path: Path) -> None:
