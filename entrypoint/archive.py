@@ -693,7 +693,9 @@ class _ZipData:
             out = data if self._inflate is None else self._inflate.decompress(data, n)
             if out:
                 break
-            if not data and (self._inflate is None or self._inflate.eof or not self._inflate.unconsumed_tail):
+            # At the deflate stream's end nothing more comes out: zlib then keeps what followed
+            # the end as unconsumed input too (once output was capped), fed again for nothing.
+            if not data or (self._inflate is not None and self._inflate.eof):
                 raise EOFError(f"member {self._info.name}: data ends {self._left} bytes before its size")
         self._left -= len(out)
         self._crc = zlib.crc32(out, self._crc)

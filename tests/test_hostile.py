@@ -13,8 +13,10 @@ import io
 import os
 import shutil
 import stat
+import struct
 import subprocess
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -775,3 +777,21 @@ def test_xz_stream_padding_is_read(site: Site) -> None:
     assert (Path(proc.stdout.splitlines()[-1]) / "share/doc/README").read_bytes() == b"tiny\n"
     path.write_bytes(good[:-1])
     refuse(site, path, "padded.tar.xz", "padding")
+
+
+def test_zip_deflate_stream_ending_before_its_size_is_refused_not_looped(site: Site) -> None:
+    """A deflated member whose stream ends before the size the directory gives, more bytes after it
+    inside its compressed size: zlib keeps those bytes as its unconsumed input once output was
+    capped, and feeding them again decodes nothing, for good (the start spun at 100% CPU)."""
+    packer = zlib.compressobj(6, zlib.DEFLATED, -15)
+    stream = packer.compress(bytes(range(256)) * 4096) + packer.flush()  # 1 MiB: decoded in capped pieces
+    zpath = write_zip(site.root / "short-deflate.zip", tiny_env())
+    with zipfile.ZipFile(zpath, "a", zipfile.ZIP_STORED) as zf:  # a stand-in of the size, made deflated below
+        zf.writestr("lib/short.bin", stream + b"junk" * 1024)
+        info = zf.getinfo("lib/short.bin")
+    data = bytearray(zpath.read_bytes())
+    for at in (info.header_offset + 4, data.rindex(b"PK\x01\x02") + 6):  # local header, then central record
+        struct.pack_into("<H", data, at + 4, zipfile.ZIP_DEFLATED)
+        struct.pack_into("<L", data, at + 18, 2 << 20)  # the size: more than the stream decodes to
+    zpath.write_bytes(bytes(data))
+    refuse(site, zpath, "short-deflate.zip", "lib/short.bin", "before its size")
