@@ -614,6 +614,8 @@ def _zip64_fields(extra: bytes, compress_size: int, file_size: int, offset: int)
     while pos + 4 <= len(extra):
         tag, length = struct.unpack_from("<HH", extra, pos)
         if tag == 1:
+            if pos + 4 + min(length, 24) > len(extra):  # as zipfile says it (struct's error is no corrupt-archive one)
+                raise zipfile.BadZipFile(f"Corrupt extra field {tag:04x} (size={length})")
             values = list(struct.unpack_from(f"<{min(length, 24) // 8}Q", extra, pos + 4))
             if file_size == 0xFFFFFFFF and values:
                 file_size = values.pop(0)

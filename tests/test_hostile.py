@@ -795,3 +795,20 @@ def test_zip_deflate_stream_ending_before_its_size_is_refused_not_looped(site: S
         struct.pack_into("<L", data, at + 18, 2 << 20)  # the size: more than the stream decodes to
     zpath.write_bytes(bytes(data))
     refuse(site, zpath, "short-deflate.zip", "lib/short.bin", "before its size")
+
+
+def test_zip64_extra_field_longer_than_its_record_is_refused(site: Site) -> None:
+    """A zip64 extra field (tag 1) claiming 24 bytes where the record holds 8: struct's error,
+    which no handler took for a corrupt archive, ended the start with a traceback."""
+    zpath = write_zip(site.root / "zip64-extra.zip", tiny_env())
+    with zipfile.ZipFile(zpath, "a") as zf:
+        info = zipfile.ZipInfo("lib/big.bin")
+        info.extra = struct.pack("<HHQ", 0x9999, 8, 0)  # an unknown field, made a zip64 one below
+        zf.writestr(info, b"data")
+    data = bytearray(zpath.read_bytes())
+    central = data.rindex(b"PK\x01\x02")
+    struct.pack_into("<L", data, central + 24, 0xFFFFFFFF)  # the size: in the zip64 field
+    extra = central + 46 + len("lib/big.bin")
+    struct.pack_into("<HH", data, extra, 1, 24)
+    zpath.write_bytes(bytes(data))
+    refuse(site, zpath, "zip64-extra.zip", "corrupt")
