@@ -573,6 +573,8 @@ def _zip_entries(raw: BinaryIO) -> Iterator[_ZipEntry]:
         date_time = ((d >> 9) + 1980, (d >> 5) & 0xF, d & 0x1F, t >> 11, (t >> 5) & 0x3F, (t & 0x1F) * 2)
         mode = (rec[17] >> 16) & 0xFFFF
         yield _ZipEntry(name, raw_name, flags, method, rec[9], compress_size, file_size, offset, mode, date_time)
+    if at < len(buf) or pos < start + size:  # zipfile and unzip read these records: never drop them unsaid
+        raise zipfile.BadZipFile(f"the central directory holds more records than the {count} its end counts")
 
 
 def _zip_record_size(buf: bytes, at: int) -> int:

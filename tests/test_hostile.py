@@ -812,3 +812,18 @@ def test_zip64_extra_field_longer_than_its_record_is_refused(site: Site) -> None
     struct.pack_into("<HH", data, extra, 1, 24)
     zpath.write_bytes(bytes(data))
     refuse(site, zpath, "zip64-extra.zip", "corrupt")
+
+
+def test_zip_directory_holding_more_records_than_counted_is_refused(site: Site) -> None:
+    """The end record counts fewer members than the central directory holds: zipfile and unzip
+    read every record (unzip then fails), the start unpacked the counted ones and dropped the
+    rest without a word, an environment missing files."""
+    zpath = write_zip(site.root / "count.zip", tiny_env())
+    data = bytearray(zpath.read_bytes())
+    end = data.rindex(b"PK\x05\x06")
+    count = int.from_bytes(data[end + 10 : end + 12], "little")
+    struct.pack_into("<HH", data, end + 8, count - 1, count - 1)
+    zpath.write_bytes(bytes(data))
+    with zipfile.ZipFile(zpath) as zf:
+        assert len(zf.infolist()) == count
+    refuse(site, zpath, "count.zip", "corrupt")
