@@ -215,7 +215,12 @@ class Extractor:
         """Resolve every symlink on the real tree: chains of links may escape where no single one does."""
         root = os.path.realpath(self.dest)
         for rel in self.symlinks:
-            real = os.path.realpath(self._path(rel))
+            try:
+                real = os.path.realpath(self._path(rel))
+            except RecursionError:  # it recurses once a link; no environment's chain is near that deep
+                raise ArchiveError(
+                    f"member {rel}: symlink chain too long to resolve (the kernel follows at most 40 links)"
+                ) from None
             if real != root and not real.startswith(root + "/"):
                 raise ArchiveError(f"member {rel}: symlink chain resolves outside the environment ({real})")
 

@@ -163,6 +163,12 @@ CASES: list[tuple[str, Callable[[Site], list[M]], tuple[str, ...]]] = [
         lambda s: [M("up", "symlink", target=".."), M("up/canary/pwned", data=b"x")],
         ("outside the environment",),
     ),
+    (
+        # os.path.realpath recurses once a link: a chain this long was a RecursionError traceback.
+        "symlink-chain-deeper-than-python-recursion",
+        lambda s: [M(f"lib/l{i}", "symlink", target=f"l{i + 1}") for i in range(1200)] + [M("lib/l1200", "dir")],
+        ("lib/l0", "symlink chain"),
+    ),
     ("hardlink-out", lambda s: [M("h", "hardlink", target="../../canary/victim")], ("'..'",)),
     ("hardlink-absolute", lambda s: [M("h", "hardlink", target=canary(s, "victim"))], ("absolute path",)),
     (
