@@ -25,6 +25,7 @@ from entrypoint.errors import ArchiveError, ConfigError
 O_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 MAX_DEPTH = 128  # path components of a member; real environments stay under 20
 DISK_BLOCK = 4096  # what a file or directory occupies is rounded up to this (ext4, xfs, tmpfs)
+SYMLINK_MAX = 4095  # bytes a symlink's target may hold on Linux (PATH_MAX, its NUL excluded)
 MANIFEST_LINE = 128  # bytes the cache's manifest spends per member, generously
 # Module names for the kinds: an Enum attribute costs ~0.2 µs on Python 3.11, several times a member.
 _FILE, _DIR, _SYMLINK, _OTHER = Kind.FILE, Kind.DIR, Kind.SYMLINK, Kind.OTHER
@@ -87,6 +88,9 @@ def check_symlink(name: str, rel: str, target: str) -> None:
         raise ArchiveError(f"member {name}: symlink with an empty or NUL target")
     if target.startswith("/"):
         raise ArchiveError(f"member {name}: symlink to absolute path {target}")
+    if len(target) >= SYMLINK_MAX // 4 and len(encoded := target.encode("utf-8", "surrogateescape")) > SYMLINK_MAX:
+        # symlink(2) says ENAMETOOLONG on every filesystem: not "a member's name", no other cache helps
+        raise ArchiveError(f"member {name}: symlink target of {len(encoded)} bytes, more than Linux allows")
     resolved = posixpath.normpath(posixpath.join(posixpath.dirname(rel), target))
     if resolved == ".." or resolved.startswith("../"):
         raise ArchiveError(f"member {name}: symlink to {target}, outside the environment")

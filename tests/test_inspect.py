@@ -182,6 +182,7 @@ DEFECTS = {  # members added to a tiny environment a start serves; each one make
     "root as a file": [M(".", data=b"x")],
     "hardlink to a symlink": [M("lib/hl", "hardlink", target="lib/libtiny.so")],
     "name too long": [M("lib/" + "n" * 300, data=b"x")],
+    "symlink target too long": [M("lib/ll", "symlink", target="./" * 2100 + "libtiny.so")],
 }
 
 
