@@ -516,7 +516,7 @@ class TarReader:
             yield Member(name, kind, mode, 0, mtime_ns, linkname=linkname, describe=describe)
 
 
-# General-purpose flag bits zipfile cannot read (it would raise RuntimeError/NotImplementedError).
+# General-purpose flag bits this reader (like zipfile) cannot decode: encryption, patched data.
 ZIP_UNREADABLE = {0x1: "encrypted", 0x20: "compressed patched data", 0x40: "strongly encrypted"}
 _ZIP_CENTRAL = struct.Struct("<4s4B4HL2L5H2L")  # a central directory record, as zipfile names its fields
 _ZIP_LOCAL = struct.Struct("<4s2B4HL2L2H")
