@@ -170,6 +170,12 @@ QUICK_DEPTH = 4  # directories this shallow are always checked: prefix, lib/, si
 def write_manifest(entry: Entry) -> None:
     """Record size and mtime of every directory (size -1) and regular file of the entry.
 
+    Except Python's bytecode caches (`__pycache__`): Python rewrites a .pyc whose source's time
+    differs from the one it recorded (a zip keeps times to 2 s only, so about half of a zipped
+    environment's), and one run of the environment's python outside the entrypoint (which sets
+    PYTHONDONTWRITEBYTECODE) made every later start find the entry "changed" and unpack it again,
+    under any server running from it. A missing or stale .pyc only costs a recompile.
+
     Quick verification reads only the lines before QUICK_END, at most about QUICK_LINES of them
     so a warm start costs the same for 500 files or 100,000: the shallow directories (a package
     added or removed changes site-packages' mtime), bin/ and the shared libraries always, then as
@@ -199,7 +205,8 @@ def write_manifest(entry: Entry) -> None:
             with os.scandir(d) as it:
                 for e in it:
                     if e.is_dir(follow_symlinks=False):
-                        stack.append((e.path, depth + 1))
+                        if e.name != "__pycache__":  # Python's own to rewrite: see the docstring
+                            stack.append((e.path, depth + 1))
                     elif e.is_file(follow_symlinks=False):
                         st = e.stat(follow_symlinks=False)
                         rel = e.path[base:]

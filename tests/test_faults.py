@@ -672,6 +672,24 @@ def test_damage_found_by_quick_check_is_unpacked_again(
     assert "mlserver-entrypoint: extract:" in proc.stderr and content_tree(prefix) == tree
 
 
+def test_python_rewriting_its_bytecode_is_no_damage(tmp_path: Path) -> None:
+    """The environment's python run outside the entrypoint (`docker exec`, a health script) rewrites
+    a .pyc whose source's time it does not match (a zip keeps times to 2 s, so about half of a
+    zipped environment's): every later start found the entry "changed", even in quick mode, and
+    unpacked it again under the running server. Bytecode caches are Python's to rewrite."""
+    site = f"lib/python{sys.version_info[0]}.{sys.version_info[1]}/site-packages"
+    members = [*tiny_env(), M(f"{site}/pkg/mod.py", data=b"X = 1\n"), M(f"{site}/pkg/__pycache__/mod.cpython-3.pyc")]
+    tarball, cache, prefix, _ = _tiny_cached(write_tar(tmp_path / "env.tar.gz", members), tmp_path / "c")
+    cached = prefix / site / "pkg" / "__pycache__"
+    (cached / "mod.cpython-3.pyc").write_bytes(b"recompiled by python")
+    (cached / "other.cpython-3.pyc").write_bytes(b"a new one")
+    for verify in ("quick", "full"):
+        proc = restart(tarball, cache, verify)
+        assert "extract:" not in proc.stderr, proc.stderr
+    (prefix / site / "pkg" / "mod.py").unlink()  # a source gone is still damage
+    assert unpacked_again(restart(tarball, cache), "was changed")
+
+
 def test_quick_check_is_bounded_whatever_the_size(tmp_path: Path) -> None:
     """A warm start costs the same for 500 files or 100,000: quick mode's share of the manifest
     stays within its budget, yet keeps bin/, the shared libraries and the shallow directories."""
