@@ -14,6 +14,8 @@ DEFAULT_STOP_GRACE = 8.0  # seconds between the first SIGTERM/SIGINT and SIGKILL
 InitMode = Literal["auto", "always", "never"]  # MLSERVER_ENV_INIT; see entrypoint/supervise.py
 INIT_MODES: tuple[InitMode, ...] = get_args(InitMode)
 DEFAULT_INIT: InitMode = "auto"  # a tiny init only when the entrypoint is PID 1
+RelocateMode = Literal["auto", "conda-unpack"]  # MLSERVER_ENV_RELOCATE; see entrypoint/relocate.py
+RELOCATE_MODES: tuple[RelocateMode, ...] = get_args(RelocateMode)
 
 
 def default_cache_dir() -> Path:

@@ -19,7 +19,14 @@ from typing import NamedTuple
 from entrypoint import cache, gc
 from entrypoint.activate import find_python
 from entrypoint.cache import Entry
-from entrypoint.constants import DEFAULT_MODELS_DIR, DEFAULT_TARBALL_NAME, ENV_PREFIX, URL_SCHEMES, default_cache_dir
+from entrypoint.constants import (
+    DEFAULT_MODELS_DIR,
+    DEFAULT_TARBALL_NAME,
+    ENV_PREFIX,
+    RELOCATE_MODES,
+    URL_SCHEMES,
+    default_cache_dir,
+)
 from entrypoint.errors import EntrypointError
 
 READ_HERE = {"TARBALL", "TARBALL_SHA256", "CACHE_DIR", "VERIFY"}
@@ -37,7 +44,7 @@ HEX = frozenset("0123456789abcdef")
 WHOLE_NUMBERS = {"MAX_MEMBERS", "MAX_UNPACKED_BYTES", "REMOTE_RETRIES"}
 ZERO_ALLOWED = {"REMOTE_RETRIES"}
 CHECKED_ELSEWHERE = {"INIT", "STOP_GRACE"}  # supervise.options reads them on every path, with its errors
-CHOICES = {"RELOCATE": ("auto", "conda-unpack")}  # settings.Settings' Literal values, matched exactly as it does
+CHOICES = {"RELOCATE": RELOCATE_MODES}  # the settings model's Literal values, matched exactly as it does
 
 
 class Hit(NamedTuple):

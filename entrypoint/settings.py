@@ -17,6 +17,7 @@ from entrypoint.constants import (
     DEFAULT_STOP_GRACE,
     ENV_PREFIX,
     InitMode,
+    RelocateMode,
     default_cache_dir,
 )
 from entrypoint.errors import ConfigError
@@ -39,7 +40,7 @@ class Settings(BaseSettings):
     lock_timeout: float = Field(default=1800.0, gt=0, description="seconds to wait for another unpack")
     max_members: int = Field(default=2_000_000, gt=0, description="refuse archives with more members")
     max_unpacked_bytes: int = Field(default=64 << 30, gt=0, description="refuse archives unpacking larger")
-    relocate: Literal["auto", "conda-unpack"] = Field(
+    relocate: RelocateMode = Field(
         default="auto",
         description="auto: a conda-unpack of a known conda-pack release is reproduced in-process; "
         "conda-unpack: always run the packed script",
