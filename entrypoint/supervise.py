@@ -158,6 +158,8 @@ def _wait(child: int, waited: set[signal.Signals], grace: float, terminal: bool)
             continue
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, info.si_signo)
+            if info.si_signo in STOPPING:  # a stopped command (SIGSTOP, Ctrl-Z) acts on it only once
+                os.kill(child, signal.SIGCONT)  # continued, as systemd and a shell's `kill` do
         if info.si_signo in STOPPING and deadline is None:
             deadline = time.monotonic() + grace
             log.info(

@@ -139,6 +139,30 @@ def test_a_command_ignoring_sigterm_is_killed_with_its_group_after_the_grace(tmp
     assert _session_processes(proc.pid) == []
 
 
+def test_a_stopped_command_gets_the_stop_signal_at_once(tmp_path: Path) -> None:
+    """A command stopped by SIGSTOP (a debugger, Ctrl-Z) is continued after the forwarded SIGTERM,
+    so it handles it now rather than being SIGKILLed when the grace ends."""
+    code = (
+        "import os, signal, sys, time; signal.signal(signal.SIGTERM, lambda n, f: sys.exit(42)); "
+        "print('started', os.getpid(), flush=True); time.sleep(300)"
+    )
+    env = _no_env(tmp_path, MLSERVER_ENV_INIT="always", MLSERVER_ENV_STOP_GRACE="20")
+    log = tmp_path / "log"
+    proc = _start(["python3", "-c", code], env, log)
+    deadline = time.monotonic() + 30
+    while not (started := [line for line in log.read_text().splitlines() if line.startswith("started")]):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    child = int(started[0].split()[1])
+    os.kill(child, signal.SIGSTOP)
+    while Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    took = _stop_and_time(proc)
+    assert proc.returncode == 42, log.read_text()
+    assert took < 10, log.read_text()
+
+
 def test_leftovers_of_the_group_are_ended_when_the_command_exits(tmp_path: Path) -> None:
     env = _no_env(tmp_path, MLSERVER_ENV_INIT="always")
     proc = subprocess.run(
