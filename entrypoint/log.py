@@ -75,3 +75,4 @@ class Progress:
     def done(self) -> None:
         if self._drawn:
             print("\r\033[K", end="", file=sys.stderr, flush=True)
+            self._drawn = False

@@ -151,11 +151,12 @@ def _unpack(entry: Entry, tarball: Tarball | RemoteTarball, settings: Settings, 
                             entry.prefix,
                             extract.Limits(settings.max_members, settings.max_unpacked_bytes),
                         )
-                        progress.done()
                     except archive.CORRUPT as exc:
                         raise ArchiveError(
                             f"{tarball.display}: corrupt or truncated archive ({exc}); pack it again"
                         ) from None
+                    finally:
+                        progress.done()  # also before an error line, which would follow the drawn one
                     st = os.fstat(raw.fileno())
                     # ctime too: a rewrite in place that restores size and mtime (rsync --inplace, touch -r)
                     # still changes it, and the key (or the SHA-256 pin) was computed from the old bytes.

@@ -145,9 +145,10 @@ def _extract_once(tarball: RemoteTarball, info: dict[str, Any], entry: Entry, se
         except archive.CORRUPT as exc:
             raise ArchiveError(f"{tarball.display}: corrupt or truncated archive ({exc}); pack it again") from None
         else:
-            if progress is not None:
-                progress.done()
             digest = reader.finish()  # the bytes after the end-of-archive marker count too
+        finally:
+            if progress is not None:
+                progress.done()  # also before an error line, which would follow the drawn one
     if stats is None:
         return _extract_zip(tarball, fs, path, info, entry, settings)
     _check_pin(tarball, digest, settings.tarball_sha256, reader.pos)

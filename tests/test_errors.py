@@ -149,6 +149,34 @@ def test_corrupt_real_tarball(small_tarball: Path, tmp_path: Path) -> None:
     assert no_entries(tmp_path / "c")
 
 
+def test_error_after_progress_on_a_terminal_starts_its_own_line(tmp_path: Path) -> None:
+    """On a terminal the unpack redraws one progress line with carriage returns; an archive
+    refused past the 2 s the progress waits for printed its error glued to it
+    ("extract:  92% (9984 files)mlserver-entrypoint: error: ...")."""
+    import pty
+    import select
+
+    many = [*tiny_env(), *(M(f"share/many/{i}") for i in range(25_000)), M("../escaped", data=b"x")]
+    tarball = write_tar(tmp_path / "env.tar", many, fmt="tar")
+    env = entry_env(MLSERVER_ENV_TARBALL=tarball, MLSERVER_ENV_CACHE_DIR=tmp_path / "c")
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.chdir(REPO)
+        os.execve(sys.executable, [*ENTRYPOINT, "unpack"], env)
+    out = b""
+    with contextlib.suppress(OSError):  # EIO once the child is gone
+        while select.select([fd], [], [], 120)[0] and (chunk := os.read(fd, 65536)):
+            out += chunk
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    text = out.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 3, text
+    assert "% (" in text, f"no progress drawn, the test proves nothing: {text}"
+    error = [line for line in text.replace("\r\n", "\n").split("\n") if "error:" in line]
+    assert len(error) == 1, text
+    assert error[0].split("\r")[-1].removeprefix("\x1b[K").startswith("mlserver-entrypoint: error:"), text
+
+
 # --- The environment ------------------------------------------------------------------------------
 
 
