@@ -37,11 +37,14 @@ class Tarball:
 
 def locate(settings: Settings) -> Tarball | RemoteTarball | None:
     """The configured tarball (a file, or a URL: entrypoint/remote.py), or None to run without an environment."""
+    label = "MLSERVER_ENV_TARBALL={}"
     if settings.tarball is None:
         fallback = settings.models_dir / DEFAULT_TARBALL_NAME
-        if not fallback.is_file():
+        if not os.path.lexists(fallback):
             return None
-        path = fallback
+        # A dangling symlink (to a volume not mounted) or a directory there is an environment meant and
+        # missed: an error, not the image's own mlserver serving the model with other libraries.
+        path, label = fallback, "{} (MLSERVER_ENV_TARBALL unset)"
     elif settings.tarball.strip() == "":
         return None
     elif "://" in settings.tarball:  # only now is the remote module (and, later, fsspec) imported
@@ -54,21 +57,21 @@ def locate(settings: Settings) -> Tarball | RemoteTarball | None:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO must not block the start
     except FileNotFoundError:
         raise ConfigError(
-            f"MLSERVER_ENV_TARBALL={path}: no such file; check the path and that its folder is mounted"
+            f"{label.format(path)}: no such file; check the path and that its folder is mounted"
         ) from None
     except PermissionError:
         raise ConfigError(
-            f"MLSERVER_ENV_TARBALL={path}: not readable by uid {os.getuid()}; make it world-readable "
+            f"{label.format(path)}: not readable by uid {os.getuid()}; make it world-readable "
             "(chmod a+r) or run with a user that can read it"
         ) from None
     except OSError as exc:
-        raise ConfigError(f"MLSERVER_ENV_TARBALL={path}: cannot open: {exc.strerror}") from None
+        raise ConfigError(f"{label.format(path)}: cannot open: {exc.strerror}") from None
     try:
         st = os.fstat(fd)
     finally:
         os.close(fd)
     if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(f"MLSERVER_ENV_TARBALL={path}: not a regular file; point it at the .tar.gz itself")
+        raise ConfigError(f"{label.format(path)}: not a regular file; point it at the .tar.gz itself")
     return Tarball(Path(os.path.abspath(path)), st.st_size, file_identity(st))
 
 

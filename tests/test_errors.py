@@ -149,6 +149,23 @@ def test_corrupt_real_tarball(small_tarball: Path, tmp_path: Path) -> None:
     assert no_entries(tmp_path / "c")
 
 
+def test_environment_tar_gz_in_models_dir_that_is_no_file_is_an_error(tmp_path: Path) -> None:
+    """MLSERVER_ENV_TARBALL unset and <models dir>/environment.tar.gz a dangling symlink (to a
+    volume not mounted) or a directory: the start said "no environment tarball configured" and ran
+    the command as is, so the image's own mlserver served the model with other libraries."""
+    dangling, directory = tmp_path / "dangling", tmp_path / "directory"
+    dangling.mkdir()
+    (dangling / "environment.tar.gz").symlink_to(tmp_path / "volume-not-mounted" / "env.tar.gz")
+    (directory / "environment.tar.gz").mkdir(parents=True)
+    for models, why in ((dangling, "no such file"), (directory, "not a regular file")):
+        env = entry_env(MLSERVER_MODELS_DIR=models, MLSERVER_ENV_CACHE_DIR=tmp_path / "c")
+        for args in (["python", "-c", "print('ran')"], ["unpack"]):
+            proc = run_entrypoint(args, env, timeout=60)
+            assert proc.returncode == 2 and "ran" not in proc.stdout, proc.stderr
+            line = error_line(proc)
+            assert f"{models / 'environment.tar.gz'} (MLSERVER_ENV_TARBALL unset): {why}" in line, line
+
+
 def test_error_after_progress_on_a_terminal_starts_its_own_line(tmp_path: Path) -> None:
     """On a terminal the unpack redraws one progress line with carriage returns; an archive
     refused past the 2 s the progress waits for printed its error glued to it
