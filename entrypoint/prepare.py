@@ -152,16 +152,16 @@ def _unpack(entry: Entry, tarball: Tarball | RemoteTarball, settings: Settings, 
                             extract.Limits(settings.max_members, settings.max_unpacked_bytes),
                         )
                     except archive.CORRUPT as exc:
+                        _refuse_if_changed(raw.fileno(), tarball)
                         raise ArchiveError(
                             f"{tarball.display}: corrupt or truncated archive ({exc}); pack it again"
                         ) from None
+                    except ArchiveError:
+                        _refuse_if_changed(raw.fileno(), tarball)
+                        raise
                     finally:
                         progress.done()  # also before an error line, which would follow the drawn one
-                    st = os.fstat(raw.fileno())
-                    # ctime too: a rewrite in place that restores size and mtime (rsync --inplace, touch -r)
-                    # still changes it, and the key (or the SHA-256 pin) was computed from the old bytes.
-                    if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != tuple(tarball.identity[2:5]):
-                        raise ConfigError(f"{tarball.display} changed while it was being read; start again")
+                    _refuse_if_changed(raw.fileno(), tarball)
                     details.update(files=stats.files, MB=round(stats.bytes / 1e6))
             with log.phase("relocate") as details:
                 python = find_python(entry.prefix)
@@ -218,6 +218,16 @@ def _relocate(entry: Entry, stats: Stats, python: Path, settings: Settings) -> s
             return f"{len(script.records)} files, {changed} changed, in-process by {script.known}'s rules"
     relocate.run_conda_unpack(prefix, python)
     return f"{len(script.records)} files, by {relocate.UNPACK_SCRIPT}"
+
+
+def _refuse_if_changed(fd: int, tarball: Tarball) -> None:
+    """The file's bytes are no longer those hashed: refuse what was read. Also when they made the
+    archive look corrupt (a tarball copied over in place while read): it needs no packing again."""
+    st = os.fstat(fd)
+    # ctime too: a rewrite in place that restores size and mtime (rsync --inplace, touch -r)
+    # still changes it, and the key (or the SHA-256 pin) was computed from the old bytes.
+    if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != tuple(tarball.identity[2:5]):
+        raise ConfigError(f"{tarball.display} changed while it was being read; start again")
 
 
 def _ticking(members: Iterator[Member], progress: log.Progress) -> Iterator[Member]:

@@ -867,6 +867,31 @@ def test_tarball_rewritten_in_place_while_read_is_refused(fast_root: Path, tmp_p
     shutil.rmtree(cache, ignore_errors=True)
 
 
+def test_tarball_copied_over_while_read_is_not_blamed_on_the_archive(fast_root: Path, tmp_path: Path) -> None:
+    """`cp new.tar.gz env.tar.gz` while a start reads env.tar.gz truncates it in place: the reader
+    ran out of bytes, and the start said "corrupt or truncated archive ...; pack it again" (exit 3)
+    of an archive that needs nothing but a new start."""
+    tarball = tmp_path / "env.tar"
+    sparse_tar(tarball, 512 << 20, b"FIRST VERSION")
+    with open(tarball, "rb") as f:
+        key = hashlib.file_digest(f, "sha256").hexdigest()
+    cache = fast_root / "copied-over"
+    shutil.rmtree(cache, ignore_errors=True)
+    start = Start(entry_env(MLSERVER_ENV_TARBALL=tarball, MLSERVER_ENV_CACHE_DIR=cache))
+    big = cache / key[:8] / "big"
+    while not big.exists():
+        assert start.proc.poll() is None, start.stderr
+        time.sleep(0.001)
+    assert big.stat().st_size < 512 << 20, "the extraction ended before the copy: make `big` larger"
+    os.truncate(tarball, 4096)  # what cp's O_TRUNC does before it writes the new bytes
+    done = start.finish()
+    assert done.returncode == 2, done.stderr
+    assert "changed while it was being read; start again" in error_line(done)
+    no_partial_state(cache)
+    assert not list(cache.glob("*.ready"))
+    shutil.rmtree(cache, ignore_errors=True)
+
+
 def test_tarball_replaced_by_rename_while_read_stays_consistent(fast_root: Path, tmp_path: Path) -> None:
     """Replacing the file (a new inode) under a running start: that start finishes with the bytes it
     hashed; the next start sees the new file and gets its own entry."""
