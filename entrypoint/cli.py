@@ -92,16 +92,16 @@ def _ignore_stop_signals() -> None:
 
 def _dispatch(args: list[str]) -> int:
     if args[:1] in (["-h"], ["--help"], ["help"]):
-        print(f"usage:\n{USAGE}\n\nSettings are environment variables; see README.md.")
+        log.out(f"usage:\n{USAGE}\n\nSettings are environment variables; see README.md.")
         return 0
     if args[:1] == ["--version"]:
-        print(f"mlserver-entrypoint {__version__}")
+        log.out(f"mlserver-entrypoint {__version__}")
         return 0
     if args[:1] == ["--"]:
         return run(args[1:])
     if args[:1] in ([c] for c in SUBCOMMANDS) and {"-h", "--help"} & set(args[1:]):
         # `gc --help` is a question, not a usage error (and must not need valid settings to answer)
-        print("usage:\n" + "\n".join(line for line in USAGE.splitlines() if line.split()[1:2] == args[:1]))
+        log.out("usage:\n" + "\n".join(line for line in USAGE.splitlines() if line.split()[1:2] == args[:1]))
         return 0
     if args[:1] == ["unpack"]:
         if len(args) > 1:
@@ -119,7 +119,7 @@ def unpack() -> int:
     """Prepare the environment (for init containers and scripts); its prefix is stdout's last line."""
     hit = _warm(())
     if hit is not None:
-        print(hit.entry.prefix, flush=True)
+        log.out(str(hit.entry.prefix))
         return 0
 
     from entrypoint.prepare import prepare
@@ -135,7 +135,7 @@ def unpack() -> int:
         )
     prepared = prepare(settings, tarball)
     Stopped.honour()
-    print(prepared.prefix, flush=True)
+    log.out(str(prepared.prefix))
     sys.stderr.flush()
     # Done, the entry is published and durable, every lock released: skip the interpreter's teardown,
     # which spent ~0.1 s freeing the extraction's bookkeeping (a `run` start execs instead).

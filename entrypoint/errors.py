@@ -31,6 +31,10 @@ class EnvError(EntrypointError):
     exit_code = 4
 
 
+class OutputError(EntrypointError):
+    """stdout cannot be written (a full disk under `unpack > file`): the output is lost."""
+
+
 class CommandNotFound(EntrypointError):
     """The command to run is on no PATH: 127, as a shell and `docker run` report it."""
 

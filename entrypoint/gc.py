@@ -302,10 +302,10 @@ def main(args: list[str], settings: Settings) -> int:
     for o in outcomes:
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(o.item.last_used))
         why = f" ({o.reason})" if o.reason else ""
-        print(f"{o.action:<13}{o.item.entry.prefix}  {o.item.size / 1e6:8.0f} MB  last used {used}{why}")
+        log.out(f"{o.action:<13}{o.item.entry.prefix}  {o.item.size / 1e6:8.0f} MB  last used {used}{why}")
     gone = [o.item for o in outcomes if o.action in ("removed", "would remove")]
     kept = [o.item for o in outcomes if o.action in ("kept", "in use")]
-    print(
+    log.out(
         f"{settings.cache_dir}: {'would free' if dry_run else 'freed'} {sum(i.size for i in gone) / 1e6:.0f} MB "
         f"in {len(gone)} entries; {sum(i.size for i in kept) / 1e6:.0f} MB in {len(kept)} entries kept"
     )

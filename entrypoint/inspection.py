@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from entrypoint import archive, relocate
+from entrypoint import archive, log, relocate
 from entrypoint.activate import MACHO, NOT_EXECUTABLE, _describe, _elf_target, _host_target
 from entrypoint.archive import Kind, Member
 from entrypoint.cache import Entry
@@ -433,9 +433,9 @@ def main(args: list[str], settings: Settings) -> int:
     except EntrypointError as exc:
         if as_json:  # a job parsing stdout still gets one object, saying what the error line says
             failed = {"tarball": str(path), "will_work": False, "exit_code": exc.exit_code, "problems": [str(exc)]}
-            print(json.dumps(failed, indent=1), flush=True)
+            log.out(json.dumps(failed, indent=1))
         raise
-    print(json.dumps(asdict(report), indent=1) if as_json else render(report), flush=True)
+    log.out(json.dumps(asdict(report), indent=1) if as_json else render(report))
     if report.will_work:
         return 0
     error = EntrypointError(f"{path} will not work in this image: {report.problems[0]}")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+
+from entrypoint.errors import OutputError
 
 START = time.monotonic()
 PROG = "mlserver-entrypoint"
@@ -22,6 +25,18 @@ def info(message: str) -> None:
     # stderr at that moment got its line glued to ours.
     sys.stderr.write(f"{PROG}: {message.translate(ESCAPE)}\n")
     sys.stderr.flush()
+
+
+def out(text: str) -> None:
+    """A line of the command's output on stdout, flushed. Written to a full disk (`unpack > file`)
+    it failed with an OSError traceback: one line instead, and nothing left for exit's flush."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        raise  # the reader had enough: cli ends quietly, as a tool killed by SIGPIPE would
+    except OSError as exc:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise OutputError(f"cannot write to standard output: {exc.strerror}; check where it goes") from None
 
 
 def elapsed_ms() -> float:

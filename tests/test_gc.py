@@ -217,6 +217,22 @@ def test_output_cut_short_by_its_reader_is_no_traceback(tarballs: list[Path], tm
     assert proc.returncode == 141 and "Traceback" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+def test_output_to_a_full_disk_is_one_line(tarballs: list[Path], tmp_path: Path) -> None:
+    """`unpack > /volume/prefix` on a full disk (/dev/full here): unpack, inspect and gc printed
+    an OSError traceback and exited 1; now one line saying stdout could not be written."""
+    cache = tmp_path / "cache"
+    unpack(tarballs[0], cache)
+    env = entry_env(MLSERVER_ENV_TARBALL=tarballs[0], MLSERVER_ENV_CACHE_DIR=cache)
+    for args in (["unpack"], ["inspect", "--json"], ["gc", "--dry-run"], ["--version"]):
+        with open("/dev/full", "w") as full:
+            proc = subprocess.run(
+                [*ENTRYPOINT, *args], env=env, stdout=full, stderr=subprocess.PIPE, text=True, timeout=120, cwd=REPO
+            )
+        assert proc.returncode == 1, (args, proc.stderr)
+        assert "cannot write to standard output: No space left on device" in error_line(proc), (args, proc.stderr)
+
+
 def test_gc_on_a_cache_mounted_read_only_says_so_and_a_dry_run_lists(small_tarball: Path, tmp_path: Path) -> None:
     """The server container's view of a shared cache (a volume mounted readOnly): gc can remove
     nothing there and says so in one line; --dry-run still lists. Both were tracebacks (EROFS)."""
