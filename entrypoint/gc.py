@@ -131,6 +131,10 @@ def scan(root: Path) -> list[Item]:
         names = os.listdir(root)
     except FileNotFoundError:
         return []
+    except NotADirectoryError:
+        raise ConfigError(
+            f"cache directory {root} is not a directory; set MLSERVER_ENV_CACHE_DIR to the cache's directory"
+        ) from None
     # An entry is ours only with one of its own files beside it (a start takes `.use` and `.lock`
     # before it creates the directory): a bare 8-hex-digit name in a cache directory pointed at a
     # shared place (/tmp, the models folder) belongs to someone else and is never removed.

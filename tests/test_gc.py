@@ -233,6 +233,17 @@ def test_output_to_a_full_disk_is_one_line(tarballs: list[Path], tmp_path: Path)
         assert "cannot write to standard output: No space left on device" in error_line(proc), (args, proc.stderr)
 
 
+def test_a_cache_dir_that_is_a_file_is_one_line(tmp_path: Path) -> None:
+    """MLSERVER_ENV_CACHE_DIR naming a file (a typo, /dev/null): gc printed NotADirectoryError's
+    traceback and exited 1."""
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    for args in (["gc"], ["gc", "--dry-run"], ["gc", "--max-age", "0"]):
+        proc = run_entrypoint(args, entry_env(MLSERVER_ENV_CACHE_DIR=not_a_dir))
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert f"cache directory {not_a_dir} is not a directory" in error_line(proc), (args, proc.stderr)
+
+
 def test_gc_on_a_cache_mounted_read_only_says_so_and_a_dry_run_lists(small_tarball: Path, tmp_path: Path) -> None:
     """The server container's view of a shared cache (a volume mounted readOnly): gc can remove
     nothing there and says so in one line; --dry-run still lists. Both were tracebacks (EROFS)."""
