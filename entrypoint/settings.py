@@ -35,7 +35,10 @@ class Settings(BaseSettings):
     )
     tarball_sha256: str | None = Field(default=None, description="refuse a tarball with another SHA-256")
     remote_retries: int = Field(default=4, ge=0, description="a URL tarball's retries after a transient error")
-    remote_timeout: float = Field(default=60.0, gt=0, description="seconds a URL tarball's transfer may stall")
+    # Finite: aiohttp took `inf` for a timer it could not arm, and fsspec reported a 404 ("not found").
+    remote_timeout: float = Field(
+        default=60.0, gt=0, allow_inf_nan=False, description="seconds a URL tarball's transfer may stall"
+    )
     cache_dir: Path = Field(default_factory=default_cache_dir, description="where unpacked envs live")
     lock_timeout: float = Field(default=1800.0, gt=0, description="seconds to wait for another unpack")
     max_members: int = Field(default=2_000_000, gt=0, description="refuse archives with more members")
@@ -57,8 +60,11 @@ class Settings(BaseSettings):
     cache_max_bytes: ByteSize | None = Field(
         default=None, description="at start, remove unused entries, oldest-used first, until the cache fits"
     )
-    cache_max_age: float | None = Field(
-        default=None, ge=0, description="at start, remove entries unused this many days (0: all unused ones)"
+    cache_max_age: float | None = Field(  # finite, as gc --max-age takes it
+        default=None,
+        ge=0,
+        allow_inf_nan=False,
+        description="at start, remove entries unused this many days (0: all unused ones)",
     )
     models_dir: Path = Field(
         default=Path(DEFAULT_MODELS_DIR),

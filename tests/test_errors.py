@@ -472,6 +472,17 @@ def test_a_bad_setting_is_refused_on_a_cache_hit_too(tmp_path: Path) -> None:
     assert proc.returncode == 0 and "locate:" in proc.stderr and "cache hit" in proc.stderr, proc.stderr
 
 
+def test_an_infinite_timeout_or_age_is_refused(tmp_path: Path) -> None:
+    """MLSERVER_ENV_REMOTE_TIMEOUT=inf was taken, and aiohttp's unarmable timer came back from
+    fsspec as "not found (no such object); check the URL" for a URL that was there;
+    MLSERVER_ENV_CACHE_MAX_AGE=inf was taken where `gc --max-age inf` is refused."""
+    tarball = write_tar(tmp_path / "env.tar.gz", tiny_env())
+    for name in ("REMOTE_TIMEOUT", "CACHE_MAX_AGE"):
+        for value in ("inf", "1e400"):
+            proc = start(tarball, tmp_path / "c", "true", **{f"MLSERVER_ENV_{name}": value})
+            refused(proc, 2, f"MLSERVER_ENV_{name}: Input should be a finite number")
+
+
 def test_relocate_set_keeps_the_pydantic_free_warm_path(tmp_path: Path) -> None:
     """MLSERVER_ENV_RELOCATE only says how a miss relocates: set, even to its default, a hit took
     the settings model's ~0.3 s (the full path logs `cache hit: PREFIX`, the fast one `locate: N ms,
