@@ -43,6 +43,18 @@ def _describe(target: tuple[int, int, int]) -> str:
     return f"{MACHINES.get(target[2], f'machine {target[2]}')} {bits} Linux"
 
 
+def no_python_advice(nested: list[str]) -> str:
+    """What to do about an archive without bin/python: often the environment one folder down
+    (`tar -czf env.tar.gz myenv`), which adding python would not mend."""
+    if len(nested) == 1:
+        top = nested[0]
+        return (
+            f"the archive holds an environment one folder down, in {top}/: pack the environment itself "
+            f"(`conda pack -p {top}`, or `tar -C {top} -czf ENV.tar.gz .`)"
+        )
+    return "add python to the environment before `conda pack`"
+
+
 NOT_EXECUTABLE = "{} is not executable; pack the environment again with its interpreter's mode kept"
 
 
@@ -55,7 +67,8 @@ def find_python(prefix: Path) -> Path:
     else:
         if (prefix / "python.exe").exists():
             raise EnvError(f"environment in {prefix} was built for Windows; pack it on Linux ({sys_target()})")
-        raise EnvError(f"environment in {prefix} has no bin/python; add python to the environment before `conda pack`")
+        inner = sorted({str(p.parent.parent.name) for n in ("python", "python3") for p in prefix.glob(f"*/bin/{n}")})
+        raise EnvError(f"environment in {prefix} has no bin/python; {no_python_advice(inner)}")
     try:
         with open(candidate, "rb") as f:
             header = f.read(64)

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from entrypoint import archive, log, relocate
-from entrypoint.activate import MACHO, NOT_EXECUTABLE, _describe, _elf_target, _host_target
+from entrypoint.activate import MACHO, NOT_EXECUTABLE, _describe, _elf_target, _host_target, no_python_advice
 from entrypoint.archive import Kind, Member
 from entrypoint.cache import Entry
 from entrypoint.errors import ArchiveError, ConfigError, EntrypointError, EnvError
@@ -348,7 +348,8 @@ def _judge_interpreter(report: Report, scan: _Scan) -> None:
         return
     target = next((t for t in map(scan.resolve, ("bin/python", "bin/python3")) if t is not None), None)
     if target is None:
-        report.problem("no bin/python; add python to the environment before `conda pack`")
+        nested = sorted(d.partition("/")[0] for d in scan.dirs if d.count("/") == 1 and d.endswith("/bin"))
+        report.problem(f"no bin/python; {no_python_advice(nested)}")
         return
     report.interpreter = target
     header = scan.headers.get(target, b"")

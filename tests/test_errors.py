@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import stat
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -218,6 +220,20 @@ def test_environment_without_python(tmp_path: Path) -> None:
     tarball = write_tar(tmp_path / "nopython.tar.gz", without_python())
     refused(start(tarball, tmp_path / "c"), 4, "has no bin/python")
     assert no_entries(tmp_path / "c")
+
+
+def test_environment_one_folder_down_says_so(tmp_path: Path) -> None:
+    """`tar -czf env.tar.gz myenv` packs the folder, not the environment: adding python would not help."""
+    tarball = write_tar(
+        tmp_path / "nested.tar.gz", [M("myenv/", "dir"), *(replace(m, name=f"myenv/{m.name}") for m in tiny_env())]
+    )
+    proc = start(tarball, tmp_path / "c")
+    refused(proc, 4, "one folder down, in myenv/")
+    assert "tar -C myenv" in error_line(proc)
+    assert no_entries(tmp_path / "c")
+    inspected = run_entrypoint(["inspect", str(tarball), "--json"], entry_env(MLSERVER_ENV_CACHE_DIR=tmp_path / "c"))
+    assert inspected.returncode == 4
+    assert "one folder down, in myenv/" in json.loads(inspected.stdout)["problems"][0]
 
 
 @pytest.mark.parametrize(
