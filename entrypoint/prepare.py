@@ -68,9 +68,12 @@ def prepare(settings: Settings, tarball: Tarball | RemoteTarball, require: tuple
         try:
             lock.acquire()
         except Timeout:
+            # Not "remove the lock file": the kernel drops a lock when its holder dies, so a held one
+            # is a live unpack (here or in another container on the volume), which a second would corrupt.
             raise ConfigError(
-                f"another process held {entry.lock} for {settings.lock_timeout:.0f} s; if none is unpacking, "
-                "remove the lock file, or raise MLSERVER_ENV_LOCK_TIMEOUT"
+                f"another process is still unpacking {tarball.display} into {entry.prefix} after "
+                f"{settings.lock_timeout:g} s (MLSERVER_ENV_LOCK_TIMEOUT); start again once it is done, "
+                "or raise the setting"
             ) from None
         except PermissionError:
             raise _foreign_entry(entry, problem) from None

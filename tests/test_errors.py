@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from archives import HOST_PYTHON, M, conda_pack_tiny, tiny_env, unpack_script_with, write_tar
+from filelock import FileLock
 from support import ENTRYPOINT, REPO, entry_env, error_line, run_entrypoint
 
 NOBODY = 65534
@@ -220,6 +221,20 @@ def test_environment_without_python(tmp_path: Path) -> None:
     tarball = write_tar(tmp_path / "nopython.tar.gz", without_python())
     refused(start(tarball, tmp_path / "c"), 4, "has no bin/python")
     assert no_entries(tmp_path / "c")
+
+
+def test_lock_timeout_is_one_line_that_leaves_the_lock_alone(tmp_path: Path) -> None:
+    """Another start holds the entry's unpack lock past MLSERVER_ENV_LOCK_TIMEOUT: one line, and no
+    advice to remove the lock file (that would let a second unpack run into the same entry)."""
+    tarball = write_tar(tmp_path / "env.tar.gz", tiny_env())
+    cache = tmp_path / "c"
+    cache.mkdir()
+    lock = cache / f"{hashlib.sha256(tarball.read_bytes()).hexdigest()[:8]}.lock"
+    with FileLock(str(lock)):  # the other start, unpacking
+        proc = start(tarball, cache, MLSERVER_ENV_LOCK_TIMEOUT="0.5")
+    refused(proc, 2, "still unpacking")
+    assert "MLSERVER_ENV_LOCK_TIMEOUT" in error_line(proc) and "remove" not in error_line(proc)
+    assert lock.exists() and no_entries(cache)
 
 
 def test_environment_one_folder_down_says_so(tmp_path: Path) -> None:
