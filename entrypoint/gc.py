@@ -135,6 +135,11 @@ def scan(root: Path) -> list[Item]:
         raise ConfigError(
             f"cache directory {root} is not a directory; set MLSERVER_ENV_CACHE_DIR to the cache's directory"
         ) from None
+    except PermissionError:
+        raise ConfigError(
+            f"cache directory {root} cannot be listed by uid {os.getuid()}; run gc as the cache's owner, "
+            "or set MLSERVER_ENV_CACHE_DIR to a cache this user may read"
+        ) from None
     # An entry is ours only with one of its own files beside it (a start takes `.use` and `.lock`
     # before it creates the directory): a bare 8-hex-digit name in a cache directory pointed at a
     # shared place (/tmp, the models folder) belongs to someone else and is never removed.

@@ -29,7 +29,10 @@ def info(message: str) -> None:
 
 def out(text: str) -> None:
     """A line of the command's output on stdout, flushed. Written to a full disk (`unpack > file`)
-    it failed with an OSError traceback: one line instead, and nothing left for exit's flush."""
+    it failed with an OSError traceback: one line instead, and nothing left for exit's flush.
+    Closed (`unpack >&-`: Python sets sys.stdout to None) it was lost without a word, and exit 0."""
+    if sys.stdout is None:
+        raise OutputError("standard output is closed, so this output is lost; run it with stdout open")
     try:
         print(text, flush=True)
     except BrokenPipeError:

@@ -316,6 +316,14 @@ def test_cache_dir_not_writable_by_this_user(shared_tmp: Path) -> None:
     assert Path(proc.stdout.splitlines()[-1]).parent == own
 
 
+def test_gc_on_a_cache_it_cannot_list_is_one_line(shared_tmp: Path) -> None:
+    """Another user's cache (mode 0700): gc printed a PermissionError traceback."""
+    cache = shared_tmp / "cache"
+    cache.mkdir(mode=0o700)
+    proc = as_nobody("gc", "--dry-run", MLSERVER_ENV_CACHE_DIR=str(cache))
+    refused(proc, 2, f"cache directory {cache} cannot be listed by uid 65534", "MLSERVER_ENV_CACHE_DIR")
+
+
 @pytest.mark.parametrize("case", ["damaged", "umask 077"])
 def test_entry_of_another_uid_that_needs_unpacking_again_is_one_line(shared_tmp: Path, case: str) -> None:
     """A shared cache (a volume with fsGroup, OpenShift's group 0): another uid's start made the

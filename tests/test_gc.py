@@ -233,6 +233,19 @@ def test_output_to_a_full_disk_is_one_line(tarballs: list[Path], tmp_path: Path)
         assert "cannot write to standard output: No space left on device" in error_line(proc), (args, proc.stderr)
 
 
+def test_closed_stdout_is_one_line_not_a_silent_success(tarballs: list[Path], tmp_path: Path) -> None:
+    """`unpack >&-`: the prefix, stdout's last line by contract, was lost and the exit 0."""
+    cache = tmp_path / "cache"
+    env = entry_env(MLSERVER_ENV_TARBALL=tarballs[0], MLSERVER_ENV_CACHE_DIR=cache)
+    for args in (["unpack"], ["unpack"], ["gc", "--dry-run"]):  # cold, then a warm hit
+        proc = subprocess.run(
+            ["sh", "-c", '"$@" >&-', "sh", *ENTRYPOINT, *args],
+            env=env, stderr=subprocess.PIPE, text=True, timeout=120, cwd=REPO,
+        )  # fmt: skip
+        assert proc.returncode == 1, (args, proc.stderr)
+        assert "standard output is closed" in error_line(proc), (args, proc.stderr)
+
+
 def test_a_cache_dir_that_is_a_file_is_one_line(tmp_path: Path) -> None:
     """MLSERVER_ENV_CACHE_DIR naming a file (a typo, /dev/null): gc printed NotADirectoryError's
     traceback and exited 1."""
