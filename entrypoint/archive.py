@@ -478,7 +478,7 @@ class TarReader:
                 name = long_name
             else:
                 name = _nts(header[0:100])
-                if header[257:265] == b"ustar\x0000" and header[345] != 0:
+                if header[345] != 0 and header[257:263] == b"ustar\0":  # any version, as GNU tar and tarfile
                     name = _nts(header[345:500]) + "/" + name
             if "size" in fields:
                 try:

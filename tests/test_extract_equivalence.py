@@ -81,3 +81,16 @@ def test_a_file_member_named_with_a_slash_is_a_directory(flag: bytes, tmp_path: 
     tar = _header("share/old/", 0, flag) + _file("share/old/f", b"in") + end_of_archive()
     ours, theirs = _trees(tar, tmp_path / "t")
     assert ours == theirs and ours["share/old"] == ("dir", None)
+
+
+@pytest.mark.parametrize("version", [b"00", b"\0\0", b"  "], ids=["posix", "nul", "spaces"])
+def test_a_ustar_prefix_is_read_whatever_the_version_field(version: bytes, tmp_path: Path) -> None:
+    """GNU tar and tarfile join the prefix field (345-500) to the name whenever the magic is
+    "ustar\\0", whatever the two version bytes after it; requiring "00" put such a member at its
+    name alone, outside the directory its archive gave it, without a word."""
+    h = bytearray(_header("n", 1, b"0"))
+    h[257:265] = b"ustar\0" + version
+    h[345 : 345 + 9] = b"share/doc"
+    tar = fix_checksum(bytes(h)) + b"x" + bytes(511) + end_of_archive()
+    ours, theirs = _trees(tar, tmp_path / "t")
+    assert ours == theirs and ours["share/doc/n"][0] == "file"
