@@ -99,7 +99,7 @@ def _v7_checksum_ok(block: bytes) -> bool:
         stored = int(block[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
     except ValueError:
         return False
-    return stored == sum(block[:148]) + 256 + sum(block[156:512])
+    return stored in (sum(block[:148]) + 256 + sum(block[156:512]), _signed_header_sum(block))
 
 
 class Prefetcher:
@@ -282,6 +282,13 @@ def _header_sum(block: bytes) -> int:
     return (adler32(block[:148]) & 0xFFFF) + (adler32(block[156:412]) & 0xFFFF) + (adler32(block[412:]) & 0xFFFF) + 253
 
 
+def _signed_header_sum(block: bytes) -> int:
+    """The same sum with the bytes taken as signed chars, as some old tars (Sun, early GNU)
+    wrote it; GNU tar and tarfile accept either. Only computed when the unsigned sum differs."""
+    high = sum(1 for b in block[:148] if b & 0x80) + sum(1 for b in block[156:512] if b & 0x80)
+    return sum(block[:148]) + 256 + sum(block[156:512]) - 256 * high
+
+
 # The pax header conda-pack (Python's tarfile) writes before nearly every member: the mtime alone.
 _PAX_MTIME_ONLY = re.compile(rb"(\d{2}) mtime=(\d{1,20})(?:\.(\d{1,20}))?\n")
 
@@ -446,7 +453,7 @@ class TarReader:
             if header == ZERO_BLOCK:
                 self._end()
                 return
-            if _number(header[148:156]) != _header_sum(header):
+            if (stored := _number(header[148:156])) != _header_sum(header) and stored != _signed_header_sum(header):
                 raise ArchiveError("bad tar header checksum (corrupt archive)")
             flag = header[156:157]
             size = _number(header[124:136])

@@ -94,3 +94,17 @@ def test_a_ustar_prefix_is_read_whatever_the_version_field(version: bytes, tmp_p
     tar = fix_checksum(bytes(h)) + b"x" + bytes(511) + end_of_archive()
     ours, theirs = _trees(tar, tmp_path / "t")
     assert ours == theirs and ours["share/doc/n"][0] == "file"
+
+
+def test_a_checksum_summed_as_signed_bytes_is_accepted(tmp_path: Path) -> None:
+    """Some old tars (Sun, early GNU) summed the header as signed chars, which differs once a name
+    holds a byte over 0x7f; GNU tar and tarfile accept either sum, the start refused the archive
+    as corrupt."""
+    h = bytearray(_header("café/é", 1, b"0"))
+    h[148:156] = b" " * 8
+    signed = sum(b - 256 if b > 127 else b for b in h)
+    assert signed != sum(h)
+    h[148:156] = b"%06o\0 " % signed
+    tar = bytes(h) + b"x" + bytes(511) + end_of_archive()
+    ours, theirs = _trees(tar, tmp_path / "t")
+    assert ours == theirs and ours["café/é"][0] == "file"
