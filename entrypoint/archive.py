@@ -309,12 +309,12 @@ def _pax_records(data: bytes) -> dict[str, str]:
     pos = 0
     while pos < len(data) and data[pos] != 0:
         space = data.find(b" ", pos, pos + 20)
-        try:
-            length = int(data[pos:space])
-        except ValueError:
-            raise ArchiveError("malformed pax header (corrupt archive)") from None
+        # Decimal digits only (int() also takes "+13", "1_3"), and a record within the header: GNU
+        # tar refuses both, tarfile ignores the record, so reading it would unpack another tree.
+        digits = data[pos:space] if space > pos else b""
+        length = int(digits) if digits.isdigit() else 0
         record = data[space + 1 : pos + length]
-        if length <= 0 or space < 0 or not record.endswith(b"\n") or b"=" not in record:
+        if length <= 0 or pos + length > len(data) or not record.endswith(b"\n") or b"=" not in record:
             raise ArchiveError("malformed pax header (corrupt archive)")
         key, value = record[:-1].split(b"=", 1)
         if key in _PAX_KEYS_BYTES or key.startswith(_SPARSE_BYTES):

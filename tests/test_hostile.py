@@ -699,6 +699,19 @@ def test_pax_records_keep_only_what_is_read() -> None:
     assert _pax_records(pax[512:].rstrip(b"\0")) == {"path": "lib/a", "GNU.sparse.major": "1"}
 
 
+@pytest.mark.parametrize(
+    "body", [b"+13 path=abc\n", b"1_3 path=abc\n", b"99 path=abc\n"], ids=["sign", "underscore", "past-end"]
+)
+def test_pax_record_length_is_plain_decimal_within_the_header(body: bytes) -> None:
+    """A record length int() takes but the format does not ("+13", "1_3"), or one past the header's
+    end: GNU tar refuses the archive, tarfile skips the record and names the member from its
+    ustar header; reading the record unpacked it under another name than either."""
+    tar = raw_header("././@PaxHeader", b"%011o\0" % len(body), b"x") + body.ljust(512, b"\0")
+    tar += raw_header("a", b"%011o\0" % 0) + end_of_archive()
+    with pytest.raises(ArchiveError, match="malformed pax header"):
+        list(archive.members(io.BytesIO(tar)))
+
+
 def test_metadata_total_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     """Metadata that comes one header per member stays under the in-a-row bound; the archive's
     total is bounded too (lowered here: the real bound is 256 MiB)."""
