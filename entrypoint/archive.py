@@ -481,7 +481,7 @@ class TarReader:
             fields = {**global_pax, **pax} if global_pax else pax
             if "path" in fields:
                 name = fields["path"]
-            elif long_name:
+            elif long_name is not None:  # even empty: GNU tar and tarfile do not fall back on the ustar name
                 name = long_name
             else:
                 name = _nts(header[0:100])
@@ -517,7 +517,10 @@ class TarReader:
             # both hide inside a file's data.
             if kind is other:
                 self.remaining, self.padding = size, -size % BLOCK
-            linkname = fields["linkpath"] if "linkpath" in fields else long_link or _nts(header[157:257])
+            if "linkpath" in fields:
+                linkname = fields["linkpath"]
+            else:
+                linkname = long_link if long_link is not None else _nts(header[157:257])
             pax, pax_mtime_ns, long_name, long_link = _NO_RECORDS, None, None, None
             describe = SPECIAL.get(flag, f"member of unknown type {flag!r}")
             yield Member(name, kind, mode, 0, mtime_ns, linkname=linkname, describe=describe)

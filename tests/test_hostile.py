@@ -45,7 +45,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import entry_env, error_line, run_entrypoint
 
-from entrypoint import archive
+from entrypoint import archive, extract
 from entrypoint.archive import _header_sum, _pax_mtime_ns, _pax_mtime_only, _pax_records
 from entrypoint.errors import ArchiveError
 from entrypoint.extract import MAX_DEPTH, normalize
@@ -710,6 +710,20 @@ def test_pax_record_length_is_plain_decimal_within_the_header(body: bytes) -> No
     tar += raw_header("a", b"%011o\0" % 0) + end_of_archive()
     with pytest.raises(ArchiveError, match="malformed pax header"):
         list(archive.members(io.BytesIO(tar)))
+
+
+@pytest.mark.parametrize("flag,kind", [(b"L", b"0"), (b"K", b"2")], ids=["long-name", "long-link"])
+def test_an_empty_gnu_long_name_is_not_replaced_by_the_ustar_one(flag: bytes, kind: bytes, tmp_path: Path) -> None:
+    """A GNU long name or link record holding nothing names the next member (or its target) "":
+    GNU tar and tarfile fail on it; the reader took the ustar field instead, unpacking a member
+    neither of them would."""
+    tar = raw_header("././@LongLink", b"%011o\0" % 1, flag) + bytes(512)
+    member = bytearray(raw_header("decoy", b"%011o\0" % 0, kind))
+    member[157:162] = b"decoy"
+    tar += fix_checksum(bytes(member)) + end_of_archive()
+    with pytest.raises(ArchiveError, match=r"root|empty"):
+        extract.extract(archive.members(io.BytesIO(tar)), tmp_path, extract.Limits(100, 1 << 20))
+    assert not list(tmp_path.iterdir())
 
 
 def test_metadata_total_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
