@@ -27,6 +27,11 @@ MAX_DEPTH = 128  # path components of a member; real environments stay under 20
 DISK_BLOCK = 4096  # what a file or directory occupies is rounded up to this (ext4, xfs, tmpfs)
 SYMLINK_MAX = 4095  # bytes a symlink's target may hold on Linux (PATH_MAX, its NUL excluded)
 MANIFEST_LINE = 128  # bytes the cache's manifest spends per member, generously
+# Memory the extractor may spend on the directories and symlinks it keeps (a path each, ~100 bytes
+# of Python objects besides its characters): the seed environment needs 0.2 MiB, while 20,000
+# directories named with 3,800 characters each (a 100 kB tar.zst) took a start to 123 MiB.
+MAX_KEPT_PATHS = 6 << 20
+KEPT_PATH_COST = 100
 # Module names for the kinds: an Enum attribute costs ~0.2 µs on Python 3.11, several times a member.
 _FILE, _DIR, _SYMLINK, _OTHER = Kind.FILE, Kind.DIR, Kind.SYMLINK, Kind.OTHER
 
@@ -105,12 +110,23 @@ class Extractor:
         # Every directory this run created, by relative path: parents are only ever these, so no
         # write goes through a symlink or a file. Nothing is kept per file (the filesystem already
         # knows them: O_EXCL and EEXIST find duplicates), so memory grows with the directories
-        # only, not with the files (300,000 files would otherwise cost ~20 MB).
+        # (and symlinks) only, up to MAX_KEPT_PATHS, not with the files (300,000 files would
+        # otherwise cost ~20 MB).
         self.dirs: set[str] = {""}
         self.symlinks: list[str] = []
         self.stats = Stats()
         self._declared = 0  # bytes of file members seen, written or not
         self._count = 0
+        self._kept = 0  # memory held by `dirs` and `symlinks`, as KEPT_PATH_COST + characters a path
+
+    def _keep(self, rel: str, name: str) -> None:
+        """Count a kept directory or symlink path against MAX_KEPT_PATHS (the 64 MiB promise)."""
+        self._kept += KEPT_PATH_COST + len(rel)
+        if self._kept > MAX_KEPT_PATHS:
+            raise ArchiveError(
+                f"member {name[:200]}: more than {MAX_KEPT_PATHS >> 20} MiB of directory and symlink paths, "
+                "far beyond any environment (corrupt or hostile archive)"
+            )
 
     def _path(self, rel: str) -> str:
         return f"{self.dest}/{rel}"
@@ -125,6 +141,7 @@ class Extractor:
             os.mkdir(self._path(parent), 0o755)
         except FileExistsError:  # not one of our directories: a file or symlink of this archive
             raise ArchiveError(f"member {name}: would be written through the {self._kind(parent)} {parent}") from None
+        self._keep(parent, name)
         self.dirs.add(parent)
         self.stats.dirs += 1
         self.stats.disk_bytes += DISK_BLOCK + MANIFEST_LINE
@@ -152,11 +169,13 @@ class Extractor:
             if kind is _FILE:
                 self._write_file(m, path)
             elif kind is _DIR:
+                self._keep(rel, m.name)
                 os.mkdir(path, 0o755)
                 self.dirs.add(rel)
                 self.stats.dirs += 1
             elif kind is _SYMLINK:
                 self._check_link_target(m, rel)
+                self._keep(rel, m.name)
                 os.symlink(m.linkname, path)
                 self.symlinks.append(rel)
                 self.stats.symlinks += 1
