@@ -165,6 +165,9 @@ QUICK_END = "--\n"  # the manifest lists what quick mode checks first, then the 
 MANIFEST_END = "==\n"  # its last line: a manifest cut short (or emptied) must not pass for a complete one
 QUICK_LINES = 2048  # quick mode's budget: ~15 ms of stats, whatever the environment's size
 QUICK_DEPTH = 4  # directories this shallow are always checked: prefix, lib/, site-packages/<pkg>/
+# Longer lines never make the quick section (real paths stay under 200 characters): held in
+# memory by the thousand, lines of 4,000 characters would cost tens of MiB.
+QUICK_LINE_MAX = 512
 
 
 def write_manifest(entry: Entry) -> None:
@@ -181,10 +184,11 @@ def write_manifest(entry: Entry) -> None:
     added or removed changes site-packages' mtime), bin/ and the shared libraries always, then as
     many deeper directories as fit, then an even sample of the other files.
 
-    Memory does not grow with the number of files or directories (bin/ and the shared libraries
-    aside): every line that cannot make the quick section goes to an anonymous temporary file as
-    the tree is walked (300,000 files held as lines cost ~30 MB, half the memory budget), copied
-    after the quick section.
+    Memory does not grow with the number of files or directories: every line that cannot make
+    the quick section (past QUICK_LINES, or longer than QUICK_LINE_MAX) goes to an anonymous
+    temporary file as the tree is walked (300,000 files held as lines cost ~30 MB, half the memory
+    budget), copied after the quick section. bin/ and the shared libraries are capped too: 60,000
+    files named "*.so" took a start to 93 MiB, and every warm start to 60,000 stats.
     """
     import tempfile  # the cold path only
 
@@ -196,7 +200,11 @@ def write_manifest(entry: Entry) -> None:
     with tempfile.TemporaryFile(dir=entry.root, prefix=f".{entry.name}.manifest.", suffix=".tmp") as spill:
         while stack:
             d, depth = stack.pop()
-            (must if depth <= QUICK_DEPTH else deep_dirs).append(f"-1\t{os.stat(d).st_mtime_ns}\t{_escape(d[base:])}\n")
+            line = f"-1\t{os.stat(d).st_mtime_ns}\t{_escape(d[base:])}\n"
+            if len(line) > QUICK_LINE_MAX:
+                spill.write(line.encode("utf-8", "surrogateescape"))
+            else:
+                (must if depth <= QUICK_DEPTH and len(must) < QUICK_LINES else deep_dirs).append(line)
             if len(deep_dirs) >= 2 * QUICK_LINES:  # only the shallowest can make the quick section
                 deep_dirs.sort(key=_depth)
                 for line in deep_dirs[QUICK_LINES:]:
@@ -211,7 +219,9 @@ def write_manifest(entry: Entry) -> None:
                         st = e.stat(follow_symlinks=False)
                         rel = e.path[base:]
                         line = f"{st.st_size}\t{st.st_mtime_ns}\t{_escape(rel)}\n"
-                        if rel.startswith("bin/") or ".so" in rel:
+                        if len(line) > QUICK_LINE_MAX:
+                            spill.write(line.encode("utf-8", "surrogateescape"))
+                        elif (rel.startswith("bin/") or ".so" in rel) and len(must) < QUICK_LINES:
                             must.append(line)
                         else:
                             for other in sample.add(line):
