@@ -10,16 +10,17 @@ the environment is used.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import posixpath
-import shutil
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from entrypoint.archive import CHUNK, Kind, Member
+from entrypoint.cache import remove_tree
 from entrypoint.errors import ArchiveError, ConfigError
 
 O_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -280,7 +281,8 @@ def extract(members: Iterable[Member], dest: Path, limits: Limits) -> Stats:
 
 def no_space_error(dest: Path, needed: int, members: int) -> ConfigError:
     out_of_inodes = os.statvfs(dest.parent).f_favail == 0  # before the removal frees them again
-    shutil.rmtree(dest, ignore_errors=True)  # so the free space reported is what a retry gets
+    with contextlib.suppress(OSError):  # so the free space reported is what a retry gets
+        remove_tree(str(dest))
     st = os.statvfs(dest.parent)
     free = st.f_bavail * st.f_frsize
     if out_of_inodes:
