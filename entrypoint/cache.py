@@ -339,15 +339,41 @@ def verify(entry: Entry, full: bool) -> str | None:
     of bin/, the shared libraries and a sample of other files. Full mode stats every file (~100 ms
     for 15,000 files here), so it also catches any truncated file.
     """
+    if full:
+        return _verify_full(entry)
     try:
-        raw = entry.manifest.read_bytes() if full else _quick_section(entry.manifest)
+        raw = _quick_section(entry.manifest)
     except OSError:
         return "its manifest is missing"
     text = raw.decode("utf-8", "surrogateescape")
     if not _complete(text, full):
         return "its manifest is damaged"
+    return _check_lines(entry, text.removesuffix("\n").split("\n"))  # not splitlines(): a name may hold \r, \x1c…
+
+
+def _verify_full(entry: Entry) -> str | None:
+    """Full mode, reading the manifest a line at a time, twice (whole first, then checked): read
+    and split at once, the manifest of 200,000 files took a warm start to 55 MiB, of the 2,000,000
+    members allowed to hundreds. Binary lines end at b"\n" only, as the manifest's do."""
+    try:
+        with open(entry.manifest, "rb") as f:
+            first = f.readline()
+            quick_end = last = False
+            quick_end_line, end_line = QUICK_END.encode(), MANIFEST_END.encode()
+            for line in f:
+                quick_end = quick_end or line == quick_end_line
+                last = line == end_line
+            if not (quick_end and last and _complete(first.decode("utf-8", "surrogateescape"), False)):
+                return "its manifest is damaged"
+            f.seek(0)
+            return _check_lines(entry, (line[:-1].decode("utf-8", "surrogateescape") for line in f))
+    except OSError:
+        return "its manifest is missing"
+
+
+def _check_lines(entry: Entry, lines: Iterable[str]) -> str | None:
     prefix = str(entry.prefix)
-    for line in text.removesuffix("\n").split("\n"):  # not splitlines(): a name may hold \r, \x1c, \u2028…
+    for line in lines:
         if line in (QUICK_END[:-1], MANIFEST_END[:-1]):
             continue
         try:
