@@ -87,6 +87,13 @@ def too_many_bytes(limit: int, member: str) -> str:
     )
 
 
+def too_many_paths(member: str) -> str:
+    return (
+        f"member {member[:200]}: more than {MAX_KEPT_PATHS >> 20} MiB of directory and symlink paths, far beyond "
+        "any environment (corrupt or hostile archive); pack the environment again with conda-pack"
+    )
+
+
 def check_symlink(name: str, rel: str, target: str) -> None:
     """Refuse a symlink member whose target is empty, absolute or lexically outside the environment
     (`inspect` applies the same rule without writing)."""
@@ -124,10 +131,7 @@ class Extractor:
         """Count a kept directory or symlink path against MAX_KEPT_PATHS (the 64 MiB promise)."""
         self._kept += KEPT_PATH_COST + len(rel)
         if self._kept > MAX_KEPT_PATHS:
-            raise ArchiveError(
-                f"member {name[:200]}: more than {MAX_KEPT_PATHS >> 20} MiB of directory and symlink paths, "
-                "far beyond any environment (corrupt or hostile archive)"
-            )
+            raise ArchiveError(too_many_paths(name))
 
     def _path(self, rel: str) -> str:
         return f"{self.dest}/{rel}"

@@ -25,7 +25,15 @@ from entrypoint.activate import MACHO, NOT_EXECUTABLE, _describe, _elf_target, _
 from entrypoint.archive import Kind, Member
 from entrypoint.cache import Entry
 from entrypoint.errors import ArchiveError, ConfigError, EntrypointError, EnvError
-from entrypoint.extract import check_symlink, normalize, too_many_bytes, too_many_members
+from entrypoint.extract import (
+    KEPT_PATH_COST,
+    MAX_KEPT_PATHS,
+    check_symlink,
+    normalize,
+    too_many_bytes,
+    too_many_members,
+    too_many_paths,
+)
 from entrypoint.settings import Settings
 from entrypoint.source import Tarball, locate, sha256_file
 
@@ -108,6 +116,7 @@ class _Scan:
         self.name_max = name_max  # of the cache's filesystem
         self.path_room = path_room  # bytes left for a member's name after the entry's prefix
         self.stopped_at: str | None = None  # the member over a limit: a start stops there, so does the scan
+        self.kept = 0  # the extractor's count of the directory and symlink paths it keeps (its memory bound)
 
     def refuse(self, message: str) -> None:
         if len(self.unsafe) < UNSAFE_KEPT:
@@ -131,10 +140,12 @@ class _Scan:
             report.directories += 1
         elif m.kind is Kind.SYMLINK:
             report.symlinks += 1
-            self.links[rel] = posixpath.normpath(posixpath.join(posixpath.dirname(rel), link))
+            if rel.startswith("bin/"):  # what `resolve` follows; others would only cost memory
+                self.links[rel] = posixpath.normpath(posixpath.join(posixpath.dirname(rel), link))
         elif m.kind is Kind.HARDLINK:
             report.hardlinks += 1
-            self.links[rel] = link
+            if rel.startswith("bin/"):
+                self.links[rel] = link
         else:
             report.files += 1
             report.unpacked_bytes += m.size
@@ -163,15 +174,19 @@ class _Scan:
             missing.append(parent)
             parent = parent.rpartition("/")[0]
         self.dirs.update(missing)
+        self.kept += sum(KEPT_PATH_COST + len(d) for d in missing)
         if rel in self.symlinks or (rel in self.dirs and m.kind is not Kind.DIR):
             what = "symlink" if rel in self.symlinks else "directory"
             self.refuse(f"member {m.name}: duplicate name (already a {what})")
         elif m.kind is Kind.DIR:
-            self.dirs.add(rel)
+            if rel not in self.dirs:
+                self.kept += KEPT_PATH_COST + len(rel)
+                self.dirs.add(rel)
         elif m.kind is Kind.SYMLINK:
             try:
                 check_symlink(m.name, rel, link)
                 self.symlinks[rel] = link
+                self.kept += KEPT_PATH_COST + len(rel)
             except ArchiveError as exc:
                 self.refuse(str(exc))
         elif m.kind is Kind.HARDLINK and (
@@ -271,6 +286,9 @@ def inspect_tarball(path: Path, settings: Settings) -> Report:
                     scan.stopped_at = m.name
                     break
                 scan.add(m, report)
+                if scan.kept > MAX_KEPT_PATHS:  # the extractor refuses the archive here (extract.too_many_paths)
+                    scan.stopped_at = m.name
+                    break
         except archive.CORRUPT as exc:
             raise ArchiveError(f"{path}: corrupt or truncated archive ({exc}); pack it again") from None
     _judge(report, scan, settings)
@@ -297,7 +315,9 @@ def _judge(report: Report, scan: _Scan, settings: Settings) -> None:
     for unsafe in [*scan.unsafe, *scan.escaping()][:UNSAFE_KEPT]:
         report.problem(f"the entrypoint would refuse {unsafe}", ArchiveError)
     if scan.stopped_at is not None:
-        if scan.members >= settings.max_members:  # the extractor's words
+        if scan.kept > MAX_KEPT_PATHS:  # the extractor's words
+            report.problem(too_many_paths(scan.stopped_at), ArchiveError)
+        elif scan.members >= settings.max_members:
             report.problem(too_many_members(settings.max_members), ArchiveError)
         else:
             report.problem(too_many_bytes(settings.max_unpacked_bytes, scan.stopped_at), ArchiveError)

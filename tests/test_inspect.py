@@ -221,6 +221,30 @@ def test_over_a_limit_is_exit_3_and_stops_reading_there(tmp_path: Path) -> None:
     assert "more than 10 members" in error_line(proc) and "more than 10 members" in error_line(start)
 
 
+def test_directory_paths_past_the_extractors_bound_are_refused_as_a_start_does(tmp_path: Path) -> None:
+    """20,000 directories named with 3,800 characters (a 100 kB tar.zst): a start refuses them past
+    its bound on what it keeps; inspect held them all (118 MiB) and said only "no bin/python"."""
+    deep = "/".join(["d" * 250] * 15)
+    tar = io.BytesIO()
+    with tarfile.open(fileobj=tar, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for i in range(3000):
+            t.addfile(_dir_info(f"{deep}/{i:06d}"))
+    tarball = tmp_path / "dirs.tar"
+    tarball.write_bytes(tar.getvalue())
+    env = entry_env(MLSERVER_ENV_TARBALL=tarball, MLSERVER_ENV_CACHE_DIR=tmp_path / "c")
+    start = run_entrypoint(["unpack"], env)
+    proc = run_entrypoint(["inspect"], env)
+    assert start.returncode == proc.returncode == 3, (start.stderr, proc.stderr)
+    assert "MiB of directory and symlink paths" in error_line(start)
+    assert "MiB of directory and symlink paths" in error_line(proc)
+
+
+def _dir_info(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode = tarfile.DIRTYPE, 0o755
+    return info
+
+
 @pytest.mark.parametrize("args", [["a", "b"], ["--yaml", "x.tar.gz"]])
 def test_bad_arguments_are_refused(args: list[str], tmp_path: Path) -> None:
     proc = run_entrypoint(["inspect", *args], entry_env(MLSERVER_ENV_CACHE_DIR=tmp_path))
