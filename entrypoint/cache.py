@@ -265,6 +265,8 @@ def write_manifest(entry: Entry) -> None:
                         else:
                             for other in sample.add(line):
                                 spill.write(other.encode("utf-8", "surrogateescape"))
+            if depth == 0:  # bin/ walked first (last on the stack): past QUICK_LINES shared libraries,
+                stack.sort(key=lambda item: item[0] == f"{d}/bin")  # the interpreter still makes the quick section
         deep_dirs.sort(key=_depth)  # shallowest first: they cover the most files
         room = max(0, QUICK_LINES - len(must))
         quick = [*must, *deep_dirs[:room]]

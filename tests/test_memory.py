@@ -121,6 +121,29 @@ def test_manifest_of_many_shared_libraries_or_long_names_is_bounded(
     assert cache.verify(entry, full=False) is None and cache.verify(entry, full=True) is None
 
 
+def test_the_interpreter_makes_the_quick_section_past_its_budget_of_shared_libraries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With more shared libraries than the quick section holds, bin/ still makes it (walked first):
+    a deleted or truncated bin/python is what a warm start must not miss."""
+    monkeypatch.setattr(cache, "QUICK_LINES", 64)
+    entry = cache.Entry(tmp_path / "c", "e" * 64)
+    for top in (f"pkg{i}" for i in range(100)):  # bin/ would be walked among the first few by chance only
+        (entry.prefix / top).mkdir(parents=True)
+        for i in range(10):
+            (entry.prefix / top / f"lib{i}.so").write_bytes(b"x")
+    (entry.prefix / "bin").mkdir()
+    for name in ("python", "python3.8", "mlserver"):
+        (entry.prefix / "bin" / name).write_bytes(b"x")
+    cache.write_manifest(entry)
+    quick = entry.manifest.read_text().partition("\n" + cache.QUICK_END)[0]
+    assert len(quick.splitlines()) <= cache.QUICK_LINES
+    for name in ("python", "python3.8", "mlserver"):
+        assert f"\tbin/{name}\n" in quick + "\n", quick
+    (entry.prefix / "bin" / "python").write_bytes(b"")
+    assert cache.verify(entry, full=False) is not None
+
+
 def inspect_peak(root: Path, files: int) -> tuple[int, inspection._Scan]:
     many = [M(f"lib/pkg{i % DIRS}/m{i}.py", data=b"x = 1\n") for i in range(files)]
     # Plain tar: read in this thread, so no decompressed chunks queue up ahead (up to 4 MiB, by timing).
