@@ -470,6 +470,10 @@ class TarReader:
                         f"more than {MAX_META_HEADERS} tar metadata headers in a row (corrupt or hostile archive)"
                     )
                 data = self._meta(size)
+                if (flag == b"x" and (pax is not _NO_RECORDS or pax_mtime_ns is not None)) or (
+                    (flag == b"L" and long_name is not None) or (flag == b"K" and long_link is not None)
+                ):  # GNU tar reads the last, tarfile the first: a tarfile-based check would see another name
+                    raise ArchiveError(f"two {flag.decode()!r} headers for one member (corrupt or hostile archive)")
                 if flag == b"x":
                     pax_mtime_ns = _pax_mtime_only(data)
                     pax = _NO_RECORDS if pax_mtime_ns is not None else _pax_records(data)

@@ -120,8 +120,8 @@ def fix_checksum(header: bytes) -> bytes:
     return bytes(h)
 
 
-def pax_header(records: dict[str, str], name: str = "././@PaxHeader") -> bytes:
-    """A pax extended header block ('x') carrying `records`, with its data, padded."""
+def pax_header(records: dict[str, str], name: str = "././@PaxHeader", typeflag: bytes = b"x") -> bytes:
+    """A pax extended header block ('x', or 'g' for a global one) carrying `records`, with its data, padded."""
     body = b""
     for key, value in records.items():
         rec = f" {key}={value}\n".encode()
@@ -129,7 +129,7 @@ def pax_header(records: dict[str, str], name: str = "././@PaxHeader") -> bytes:
         while len(str(length)) + len(rec) != length:
             length = len(str(length)) + len(rec)
         body += str(length).encode() + rec
-    head = raw_header(name, b"%011o\0" % len(body), b"x")
+    head = raw_header(name, b"%011o\0" % len(body), typeflag)
     return head + body + b"\0" * (-len(body) % BLOCK)
 
 

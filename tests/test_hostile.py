@@ -684,7 +684,7 @@ def test_metadata_headers_cannot_flood_the_reader(site: Site) -> None:
     """Pax headers cost no member and no unpacked byte: a few-kB tar.zst of them would otherwise
     keep a start busy for minutes."""
     base = tar_bytes(tiny_env(), end=False)
-    flood = b"".join(pax_header({"comment": "x"}) for _ in range(100_000))
+    flood = b"".join(pax_header({"comment": "x"}, typeflag=b"g") for _ in range(100_000))
     path = write_raw(
         site.root / "flood.tar.zst", base + flood + raw_header("lib/f", b"%011o\0" % 0) + end_of_archive(), "tar.zst"
     )
@@ -722,6 +722,26 @@ def test_an_empty_gnu_long_name_is_not_replaced_by_the_ustar_one(flag: bytes, ki
     member[157:162] = b"decoy"
     tar += fix_checksum(bytes(member)) + end_of_archive()
     with pytest.raises(ArchiveError, match=r"root|empty"):
+        extract.extract(archive.members(io.BytesIO(tar)), tmp_path, extract.Limits(100, 1 << 20))
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("flag", [b"x", b"L", b"K"])
+def test_two_extended_headers_for_one_member_are_refused(flag: bytes, tmp_path: Path) -> None:
+    """Two pax headers (or two GNU long names, or links) before one member: GNU tar takes the last,
+    tarfile the first, so a tarfile-based check of the archive would see another name than the one
+    unpacked. No tar writes that; it is refused."""
+
+    def meta(value: str) -> bytes:
+        if flag == b"x":
+            return pax_header({"path": value})
+        data = value.encode() + b"\0"
+        return raw_header("././@LongLink", b"%011o\0" % len(data), flag) + data.ljust(512, b"\0")
+
+    member = bytearray(raw_header("lib/plain", b"%011o\0" % 0, b"0" if flag != b"K" else b"2"))
+    member[157:162] = b"other"
+    tar = meta("lib/seen") + meta("lib/unpacked") + fix_checksum(bytes(member)) + end_of_archive()
+    with pytest.raises(ArchiveError, match=f"two '{flag.decode()}' headers for one member"):
         extract.extract(archive.members(io.BytesIO(tar)), tmp_path, extract.Limits(100, 1 << 20))
     assert not list(tmp_path.iterdir())
 
