@@ -119,18 +119,23 @@ while True:
     assert _session_processes(proc.pid) == []
 
 
+def _started(code: str, env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], list[str]]:
+    """Run `python3 -c code` under the entrypoint until it prints a line starting with "started"; its words."""
+    proc = _start(["python3", "-c", code], env, log)
+    deadline = time.monotonic() + 30
+    while not (lines := [line for line in log.read_text().splitlines() if line.split()[:1] == ["started"]]):
+        assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+        time.sleep(0.05)
+    return proc, lines[0].split()
+
+
 def test_a_command_ignoring_sigterm_is_killed_with_its_group_after_the_grace(tmp_path: Path) -> None:
     code = (
         "import signal, subprocess, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
         "[subprocess.Popen(['sleep', '300']) for _ in range(2)]; print('started', flush=True); time.sleep(300)"
     )
-    env = _no_env(tmp_path, MLSERVER_ENV_INIT="always", MLSERVER_ENV_STOP_GRACE="1.5")
     log = tmp_path / "log"
-    proc = _start(["python3", "-c", code], env, log)
-    deadline = time.monotonic() + 30
-    while "started" not in log.read_text().splitlines():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    proc, _ = _started(code, _no_env(tmp_path, MLSERVER_ENV_INIT="always", MLSERVER_ENV_STOP_GRACE="1.5"), log)
     took = _stop_and_time(proc)
     text = log.read_text()
     assert proc.returncode == 128 + signal.SIGKILL, text
@@ -146,14 +151,10 @@ def test_a_stopped_command_gets_the_stop_signal_at_once(tmp_path: Path) -> None:
         "import os, signal, sys, time; signal.signal(signal.SIGTERM, lambda n, f: sys.exit(42)); "
         "print('started', os.getpid(), flush=True); time.sleep(300)"
     )
-    env = _no_env(tmp_path, MLSERVER_ENV_INIT="always", MLSERVER_ENV_STOP_GRACE="20")
     log = tmp_path / "log"
-    proc = _start(["python3", "-c", code], env, log)
+    proc, started = _started(code, _no_env(tmp_path, MLSERVER_ENV_INIT="always", MLSERVER_ENV_STOP_GRACE="20"), log)
+    child = int(started[1])
     deadline = time.monotonic() + 30
-    while not (started := [line for line in log.read_text().splitlines() if line.startswith("started")]):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    child = int(started[0].split()[1])
     os.kill(child, signal.SIGSTOP)
     while Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
         assert time.monotonic() < deadline
