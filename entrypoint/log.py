@@ -64,6 +64,8 @@ class Progress:
     line per step, not a bar); it checks the clock only every 64 members, so it costs nothing.
     """
 
+    QUIET_FOR = 2.0  # seconds: a quick unpack shows no progress at all
+
     def __init__(self, label: str, total: int, position: Callable[[], int]) -> None:
         self._label = label
         self._total = max(total, 1)
@@ -79,7 +81,7 @@ class Progress:
         if self._count & 63:
             return
         now = time.monotonic()
-        if now - self._start < 2 or (self._tty and now - self._last < 0.2):
+        if now - self._start < self.QUIET_FOR or (self._tty and now - self._last < 0.2):
             return  # quick unpacks stay quiet
         percent = min(100, self._position() * 100 // self._total)
         if self._tty:
