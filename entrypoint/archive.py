@@ -99,7 +99,7 @@ def _v7_checksum_ok(block: bytes) -> bool:
         stored = int(block[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
     except ValueError:
         return False
-    return stored in (sum(block[:148]) + 256 + sum(block[156:512]), _signed_header_sum(block))
+    return stored in (_header_sum(block), _signed_header_sum(block))
 
 
 class Prefetcher:
@@ -290,7 +290,7 @@ def _signed_header_sum(block: bytes) -> int:
     """The same sum with the bytes taken as signed chars, as some old tars (Sun, early GNU)
     wrote it; GNU tar and tarfile accept either. Only computed when the unsigned sum differs."""
     high = sum(1 for b in block[:148] if b & 0x80) + sum(1 for b in block[156:512] if b & 0x80)
-    return sum(block[:148]) + 256 + sum(block[156:512]) - 256 * high
+    return _header_sum(block) - 256 * high
 
 
 # The pax header conda-pack (Python's tarfile) writes before nearly every member: the mtime alone.

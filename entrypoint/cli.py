@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         log.info("error: interrupted; nothing was cached")
         code = 130
     except BrokenPipeError:  # `gc | head -1`: the reader had enough; end as a tool killed by SIGPIPE would
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second complaint at exit's flush
+        log.silence_stdout()
         code = 128 + 13
     except Exception as exc:
         error = _reported(exc)

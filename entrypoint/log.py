@@ -38,8 +38,13 @@ def out(text: str) -> None:
     except BrokenPipeError:
         raise  # the reader had enough: cli ends quietly, as a tool killed by SIGPIPE would
     except OSError as exc:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        silence_stdout()
         raise OutputError(f"cannot write to standard output: {exc.strerror}; check where it goes") from None
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null once it failed, so exit's flush of what is left adds no second complaint."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def elapsed_ms() -> float:
