@@ -230,6 +230,48 @@ def test_init_container_unpack_then_warm_server_as_another_uid(
     report(f"after an init container's unpack, the server (uid 4242) was ready in {took:.1f} s")
 
 
+def test_http_url_tarball_works_in_the_image_as_it_is(
+    podman: Podman, image: str, models: Path, names: list[str]
+) -> None:
+    """MLSERVER_ENV_TARBALL=http(s)://… needs nothing added to the image (fsspec; aiohttp comes with
+    MLServer); the second start knows the object by its Last-Modified and size, without a download.
+    s3:// needs s3fs, which the image leaves out: one line saying so."""
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            str(models),
+            str(port := free_port()),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        volume = _name(names, "vol", "url-envs")
+        podman("volume", "create", volume)
+        args = [
+            "--network", "host", "-v", f"{models}:/mnt/models:ro", "-v", f"{volume}:/opt/envs",
+            "-e", f"MLSERVER_ENV_TARBALL=http://127.0.0.1:{port}/old-sklearn.tar.gz",
+        ]  # fmt: skip
+        unpack = podman("run", "--rm", *args, image, "unpack", check=False)
+        assert unpack.returncode == 0 and "extract:" in unpack.stderr, unpack.stderr
+        expected = _predict_in_container(podman, args, "/mnt/models/model.joblib")
+        assert expected["sklearn"] == "0.24.2" and expected["python"] == [3, 8]
+    finally:
+        server.terminate()
+        requests_seen = server.communicate(timeout=30)[1]
+    assert requests_seen.count('"GET /old-sklearn.tar.gz') == 1, requests_seen  # the second start read no byte
+
+    s3 = podman("run", "--rm", "-e", "MLSERVER_ENV_TARBALL=s3://envs/old-sklearn.tar.gz", image, "unpack", check=False)
+    lines = [line for line in s3.stderr.splitlines() if not line.startswith("time=")]  # podman's own lines
+    assert s3.returncode == 2 and len(lines) == 1 and "s3fs" in lines[0], s3.stderr
+
+
 def test_kubernetes_manifest_runs_under_podman_kube_play(
     podman: Podman, image: str, models: Path, names: list[str], tmp_path: Path
 ) -> None:
