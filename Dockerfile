@@ -38,12 +38,14 @@ RUN useradd --no-log-init --uid 1000 --gid 0 --home-dir /home/mlserver --create-
 
 # MLSERVER_ENV_CACHE_DIR is short on purpose: the environment's prefix becomes
 # /opt/envs/<8 hex digits>, and conda-unpack cannot write a longer prefix than the packed one
-# into binary files. MLServer 1.7 writes its Prometheus files to ./.metrics unless told
-# otherwise: under /tmp they work with a read-only root filesystem (with a tmpfs at /tmp).
+# into binary files. MLServer 1.7 writes its Prometheus files to ./.metrics and (from 1.3 on)
+# creates ./.envs at start unless told otherwise: under /tmp both work with a read-only root
+# filesystem (with a tmpfs at /tmp). MLServer 1.1 reads neither variable and needs neither.
 ENV PATH=/opt/mlserver/bin:$PATH \
     MLSERVER_ENV_CACHE_DIR=/opt/envs \
     MLSERVER_MODELS_DIR=/mnt/models \
     MLSERVER_METRICS_DIR=/tmp/mlserver-metrics \
+    MLSERVER_ENVIRONMENTS_DIR=/tmp/mlserver-envs \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 

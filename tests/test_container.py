@@ -321,7 +321,8 @@ def test_no_tarball_serves_with_the_images_own_mlserver(
     podman: Podman, image: str, tmp_path: Path, names: list[str]
 ) -> None:
     """Without MLSERVER_ENV_TARBALL (and no environment.tar.gz) the image's MLServer serves a
-    model trained with the image's own scikit-learn."""
+    model trained with the image's own scikit-learn, with the README's read-only root filesystem
+    (MLServer 1.7 creates its environments folder at start, ./.envs unless the image moves it)."""
     folder = tmp_path / "models"
     folder.mkdir()
     folder.chmod(0o777)  # the container's uid 1000 writes the model here
@@ -336,7 +337,8 @@ def test_no_tarball_serves_with_the_images_own_mlserver(
 
     ctr = _name(names, "ctr", "own")
     port = free_port()
-    run_detached(podman, ctr, [*mounts, "-p", f"127.0.0.1:{port}:8080"])
+    read_only = ["--read-only", "--read-only-tmpfs=false", "--tmpfs", "/tmp:rw,mode=1777"]  # Docker's --read-only
+    run_detached(podman, ctr, [*read_only, "-v", f"{folder}:/mnt/models:ro", "-p", f"127.0.0.1:{port}:8080"])
     url = f"http://127.0.0.1:{port}"
     took = podman.wait_ready(ctr, url)
     pixels, predicted = expected["pixels"], expected["predicted"]
