@@ -117,6 +117,11 @@ def _dispatch(args: list[str]) -> int:
 
 def unpack() -> int:
     """Prepare the environment (for init containers and scripts); its prefix is stdout's last line."""
+    from entrypoint import supervise
+
+    # Not used here, but refused as a cold `unpack` (the settings model) and the server's start
+    # refuse them: an init container must not pass on values its pod's server then fails on.
+    supervise.options(os.environ)
     hit = _warm(())
     if hit is not None:
         log.out(str(hit.entry.prefix))

@@ -524,6 +524,18 @@ def test_a_bad_setting_is_refused_on_a_cache_hit_too(tmp_path: Path) -> None:
     assert proc.returncode == 0 and "locate:" in proc.stderr and "cache hit" in proc.stderr, proc.stderr
 
 
+def test_warm_unpack_refuses_what_a_cold_one_and_the_server_refuse(tmp_path: Path) -> None:
+    """An init container's `unpack` on a warm cache took MLSERVER_ENV_INIT=bogus and STOP_GRACE=abc
+    (exit 0) that a cold `unpack` and every server start refuse: the init step passed, then the
+    pod's server failed on the same variables."""
+    tarball = write_tar(tmp_path / "env.tar.gz", tiny_env())
+    assert start(tarball, tmp_path / "c").returncode == 0
+    for name, value in (("INIT", "bogus"), ("STOP_GRACE", "abc")):
+        refused(start(tarball, tmp_path / "c", **{f"MLSERVER_ENV_{name}": value}), 2, f"MLSERVER_ENV_{name}")
+    proc = start(tarball, tmp_path / "c", MLSERVER_ENV_INIT="never", MLSERVER_ENV_STOP_GRACE="3")
+    assert proc.returncode == 0 and ", cache hit " in proc.stderr, proc.stderr  # still the pydantic-free path
+
+
 def test_an_infinite_timeout_or_age_is_refused(tmp_path: Path) -> None:
     """MLSERVER_ENV_REMOTE_TIMEOUT=inf was taken, and aiohttp's unarmable timer came back from
     fsspec as "not found (no such object); check the URL" for a URL that was there;
