@@ -210,7 +210,9 @@ QUICK_LINE_MAX = 512
 
 
 def write_manifest(entry: Entry) -> None:
-    """Record size and mtime of every directory (size -1) and regular file of the entry.
+    """Record size, permission bits and mtime of every directory (size -1) and regular file of the
+    entry, as `SIZE:MODE<tab>MTIME<tab>PATH` lines. The bits because a mode change keeps size and
+    mtime: a `chmod -x` of the interpreter was served, and every start then failed on it.
 
     Except Python's bytecode caches (`__pycache__`): Python rewrites a .pyc whose source's time
     differs from the one it recorded (a zip keeps times to 2 s only, so about half of a zipped
@@ -239,7 +241,7 @@ def write_manifest(entry: Entry) -> None:
     with tempfile.TemporaryFile(dir=entry.root, prefix=f".{entry.name}.manifest.", suffix=".tmp") as spill:
         while stack:
             d, depth = stack.pop()
-            line = f"-1\t{os.stat(d).st_mtime_ns}\t{_escape(d[base:])}\n"
+            line = _line(-1, os.stat(d), d[base:])
             if len(line) > QUICK_LINE_MAX:
                 spill.write(line.encode("utf-8", "surrogateescape"))
             else:
@@ -257,7 +259,7 @@ def write_manifest(entry: Entry) -> None:
                     elif e.is_file(follow_symlinks=False):
                         st = e.stat(follow_symlinks=False)
                         rel = e.path[base:]
-                        line = f"{st.st_size}\t{st.st_mtime_ns}\t{_escape(rel)}\n"
+                        line = _line(st.st_size, st, rel)
                         if len(line) > QUICK_LINE_MAX:
                             spill.write(line.encode("utf-8", "surrogateescape"))
                         elif (rel.startswith("bin/") or ".so" in rel) and len(must) < QUICK_LINES:
@@ -275,6 +277,14 @@ def write_manifest(entry: Entry) -> None:
         spill.write(MANIFEST_END.encode())
         spill.seek(0)
         _write_atomic(entry.manifest, _chain(head.encode("utf-8", "surrogateescape"), spill))
+
+
+def _line(size: int, st: os.stat_result, rel: str) -> str:
+    """One manifest line. Verification holds a permission bit taken away (`chmod -x`) for damage,
+    but not one added: Kubernetes adds group read/write (and setgid to directories) to a volume's
+    whole tree at each mount when the pod sets an fsGroup, which would unpack every entry again
+    at every start."""
+    return f"{size}:{st.st_mode & 0o7777:o}\t{st.st_mtime_ns}\t{_escape(rel)}\n"
 
 
 def _escape(rel: str) -> str:
@@ -379,16 +389,21 @@ def _check_lines(entry: Entry, lines: Iterable[str]) -> str | None:
         if line in (QUICK_END[:-1], MANIFEST_END[:-1]):
             continue
         try:
-            size_s, mtime_s, rel = line.split("\t", 2)
+            size_mode, mtime_s, rel = line.split("\t", 2)
         except ValueError:
             return "its manifest is damaged"
+        size_s, _, mode_s = size_mode.partition(":")  # no mode: written before modes were recorded
         rel = _unescape(rel)
         try:
             st = os.stat(f"{prefix}/{rel}" if rel else prefix, follow_symlinks=False)
         except OSError:
             return f"{rel or '.'} is missing"
         try:
-            changed = st.st_mtime_ns != int(mtime_s) or (size_s[:1] != "-" and st.st_size != int(size_s))
+            changed = (
+                st.st_mtime_ns != int(mtime_s)
+                or (size_s[:1] != "-" and st.st_size != int(size_s))
+                or (mode_s != "" and int(mode_s, 8) & ~st.st_mode & 0o7777 != 0)  # see _line
+            )
         except ValueError:
             return "its manifest is damaged"
         if changed:
@@ -401,7 +416,7 @@ def _complete(text: str, full: bool) -> bool:
     prefix's own line and, read whole, ends with MANIFEST_END (quick mode reads no further than its
     QUICK_END line, which `_quick_section` requires)."""
     first = text.partition("\n")[0].split("\t")
-    if len(first) != 3 or first[0] != "-1" or first[2] != "":
+    if len(first) != 3 or first[0].partition(":")[0] != "-1" or first[2] != "":
         return False
     return not full or (text.endswith(f"\n{MANIFEST_END}") and f"\n{QUICK_END}" in text)
 

@@ -657,6 +657,10 @@ def test_damage_found_by_quick_check_is_unpacked_again(
         ("the interpreter truncated", lambda: os.truncate(prefix / "bin" / "python3.11", 100), "bin/python3.11"),
         ("a shared library truncated", lambda: os.truncate(prefix / "lib" / "libtiny.so.1", 10), "libtiny.so.1"),
         ("a file of the quick sample truncated", lambda: os.truncate(prefix / quick[-1], 1), quick[-1]),
+        # A mode change keeps size and mtime: the entry was served, and every start then failed
+        # with "bin/python is not executable; pack the environment again" (the tarball was fine).
+        ("the interpreter's execute bits cleared", lambda: (prefix / "bin" / "python3.11").chmod(0o644), "python3.11"),
+        ("a directory's mode changed", lambda: (prefix / "lib").chmod(0o700), "lib was changed"),
         ("the whole directory gone", lambda: shutil.rmtree(prefix), "is missing"),
         ("the manifest gone", lambda: (cache / f"{prefix.name}.manifest").unlink(), "manifest is missing"),
     ]
@@ -666,10 +670,36 @@ def test_damage_found_by_quick_check_is_unpacked_again(
         assert unpacked_again(proc, why), f"{what}: {proc.stderr}"
         assert content_tree(prefix) == tree, what
 
+    # Bits added are no damage: a pod's fsGroup makes Kubernetes add group rw (setgid to
+    # directories) to the whole volume at each mount.
+    for path in (prefix / "bin" / "python3.11", prefix / "lib", prefix):
+        path.chmod(path.stat().st_mode | (0o2070 if path.is_dir() else 0o060))
+    for verify in ("quick", "full"):
+        assert "extract:" not in restart(tarball, cache, verify).stderr
+
     # A marker that is not the entry's own (damaged, or another tarball's) is not trusted either.
     (cache / f"{prefix.name}.ready").write_text("{not json")
     proc = restart(tarball, cache)
     assert "mlserver-entrypoint: extract:" in proc.stderr and content_tree(prefix) == tree
+
+
+def test_a_manifest_without_modes_still_verifies(
+    tiny_cached: tuple[Path, Path, Path, dict[str, tuple[object, ...]]],
+) -> None:
+    """Entries published before manifests recorded permission bits (`SIZE:MODE`) stay cache hits in
+    both modes: a new image on an old cache volume must not unpack every entry again under the
+    servers running from them."""
+    tarball, cache, prefix, _ = tiny_cached
+    manifest = cache / f"{prefix.name}.manifest"
+    text = manifest.read_text()
+    assert text.startswith("-1:755\t")
+    old = "".join(re.sub(r"^(-?[0-9]+):[0-7]+\t", r"\1\t", line) for line in text.splitlines(keepends=True))
+    assert old != text and old.startswith("-1\t")
+    manifest.write_text(old)
+    for verify in ("quick", "full"):
+        assert "extract:" not in restart(tarball, cache, verify).stderr
+    os.truncate(prefix / "bin" / "python3.11", 100)  # sizes are still checked there
+    assert unpacked_again(restart(tarball, cache), "bin/python3.11")
 
 
 def test_python_rewriting_its_bytecode_is_no_damage(tmp_path: Path) -> None:
