@@ -280,10 +280,7 @@ def write_manifest(entry: Entry) -> None:
 
 
 def _line(size: int, st: os.stat_result, rel: str) -> str:
-    """One manifest line. Verification holds a permission bit taken away (`chmod -x`) for damage,
-    but not one added: Kubernetes adds group read/write (and setgid to directories) to a volume's
-    whole tree at each mount when the pod sets an fsGroup, which would unpack every entry again
-    at every start."""
+    """One manifest line: `SIZE:MODE<tab>MTIME<tab>PATH` (what _check_lines compares)."""
     return f"{size}:{st.st_mode & 0o7777:o}\t{st.st_mtime_ns}\t{_escape(rel)}\n"
 
 
@@ -398,11 +395,14 @@ def _check_lines(entry: Entry, lines: Iterable[str]) -> str | None:
             st = os.stat(f"{prefix}/{rel}" if rel else prefix, follow_symlinks=False)
         except OSError:
             return f"{rel or '.'} is missing"
+        # A permission bit taken away (`chmod -x`) is damage, one added is not: Kubernetes adds group
+        # read/write (setgid to directories) to a volume's whole tree at each mount when the pod
+        # sets an fsGroup, which equality would turn into an unpack at every start.
         try:
             changed = (
                 st.st_mtime_ns != int(mtime_s)
                 or (size_s[:1] != "-" and st.st_size != int(size_s))
-                or (mode_s != "" and int(mode_s, 8) & ~st.st_mode & 0o7777 != 0)  # see _line
+                or (mode_s != "" and int(mode_s, 8) & ~st.st_mode & 0o7777 != 0)
             )
         except ValueError:
             return "its manifest is damaged"
