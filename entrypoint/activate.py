@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import sys
@@ -155,4 +156,36 @@ def exec_command(argv: Sequence[str], env: Mapping[str, str]) -> NoReturn:
     """Replace this process, so the server gets signals directly and keeps our PID."""
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(argv[0], list(argv), dict(env))
+    try:
+        os.execve(argv[0], list(argv), dict(env))
+    except OSError as exc:
+        raise CommandNotRunnable(exec_failure(argv[0], exc)) from None
+
+
+def exec_failure(program: str, exc: OSError) -> str:
+    """Why the kernel would not start a program that exists, and what to do: a script whose #!
+    names a missing interpreter (a pip script packed with its build machine's path) fails with
+    ENOENT, which without this reads as if the program itself were missing."""
+    head = b""
+    try:
+        with open(program, "rb") as f:
+            head = f.read(256)
+    except OSError:
+        pass
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELIBBAD) and head.startswith(b"#!"):
+        line = head[2:].split(b"\n", 1)[0].decode("utf-8", "replace").strip()
+        return (
+            f"cannot run {program}: its #! line names {line.split()[0] if line else 'nothing'}, which cannot be "
+            f"run here ({exc.strerror}); fix the script's first line, or run it as `python {program}`"
+        )
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELIBBAD):
+        return (
+            f"cannot run {program}: the loader or a library it was built to start with is missing here "
+            f"({exc.strerror}); build it for this machine, or pack it in the environment"
+        )
+    if exc.errno == errno.ENOEXEC:
+        return (
+            f"cannot run {program}: not a program this machine can start ({exc.strerror}); give a script a "
+            "#! line, or build the program for this machine"
+        )
+    return f"cannot run {program}: {exc.strerror}"

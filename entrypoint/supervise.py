@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 
 from entrypoint import log
+from entrypoint.activate import exec_failure
 from entrypoint.constants import DEFAULT_INIT, DEFAULT_STOP_GRACE, ENV_PREFIX, INIT_MODES, InitMode
 from entrypoint.errors import ConfigError
 
@@ -115,8 +116,9 @@ def _spawn(argv: Sequence[str], env: Mapping[str, str], mask: Iterable[int]) -> 
             reset_signals()
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.execve(argv[0], list(argv), dict(env))
-        except OSError as exc:
-            os.write(2, f"{log.PROG}: error: cannot run {argv[0]}: {exc.strerror}\n".encode())
+        except OSError as exc:  # the program exists (resolve_command found it): 126, as a shell says
+            os.write(2, f"{log.PROG}: error: {exec_failure(argv[0], exc)}\n".encode())
+            os._exit(126)
         finally:
             os._exit(127)
     with contextlib.suppress(OSError):  # the child does the same; whichever runs first wins

@@ -581,6 +581,23 @@ def test_a_command_path_that_cannot_be_run_exits_126(tmp_path: Path) -> None:
     refused(start("", tmp_path / "c", str(tmp_path)), 126, "is a directory")
 
 
+@pytest.mark.parametrize("init", ["never", "always"])
+def test_a_program_the_kernel_will_not_start_is_one_line_126(tmp_path: Path, init: str) -> None:
+    """A pip script whose #! names its build machine's interpreter, and an executable without a
+    #! line: one line naming the cause, exit 126 as a shell's, by exec and under the init alike."""
+    script = tmp_path / "pip"
+    script.write_text("#!/opt/builder/envs/old-sklearn/bin/python3.8\nprint(1)\n")
+    garbage = tmp_path / "blob"
+    garbage.write_bytes(b"\x00\x01 not a program\n")
+    for path in (script, garbage):
+        path.chmod(0o755)
+    refused(
+        start("", tmp_path / "c", str(script), MLSERVER_ENV_INIT=init), 126,
+        f"cannot run {script}: its #! line names /opt/builder/envs/old-sklearn/bin/python3.8", "first line",
+    )  # fmt: skip
+    refused(start("", tmp_path / "c", str(garbage), MLSERVER_ENV_INIT=init), 126, "not a program", "#! line")
+
+
 def test_a_models_dir_the_command_does_not_serve_is_warned_about(tmp_path: Path) -> None:
     """The image's CMD serves /mnt/models; MLSERVER_MODELS_DIR set alone moved only where the
     tarball is looked for (MLServer's own images serve it): the user is told, and how to fix it."""
