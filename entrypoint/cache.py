@@ -19,6 +19,7 @@ import errno
 import functools
 import json
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -207,6 +208,12 @@ QUICK_DEPTH = 4  # directories this shallow are always checked: prefix, lib/, si
 # Longer lines never make the quick section (real paths stay under 200 characters): held in
 # memory by the thousand, lines of 4,000 characters would cost tens of MiB.
 QUICK_LINE_MAX = 512
+# Permission bits that may appear on an entry after unpacking without it being damaged: what a
+# pod's fsGroup adds (kubelet: rw for owner and group, plus x and setgid on directories), a
+# `chmod g=u` as images for arbitrary uids do, read or search for others. Not world-write, setuid,
+# nor setgid on a file: extraction drops them, and they would let others change what runs.
+TOLERATED_FILE_BITS = 0o775
+TOLERATED_DIR_BITS = 0o3775
 
 
 def write_manifest(entry: Entry) -> None:
@@ -389,20 +396,28 @@ def _check_lines(entry: Entry, lines: Iterable[str]) -> str | None:
             size_mode, mtime_s, rel = line.split("\t", 2)
         except ValueError:
             return "its manifest is damaged"
-        size_s, _, mode_s = size_mode.partition(":")  # no mode: written before modes were recorded
+        size_s, _, mode_s = size_mode.partition(":")
         rel = _unescape(rel)
         try:
             st = os.stat(f"{prefix}/{rel}" if rel else prefix, follow_symlinks=False)
         except OSError:
             return f"{rel or '.'} is missing"
-        # A permission bit taken away (`chmod -x`) is damage, one added is not: Kubernetes adds group
-        # read/write (setgid to directories) to a volume's whole tree at each mount when the pod
-        # sets an fsGroup, which equality would turn into an unpack at every start.
+        # A permission bit taken away (`chmod -x`) is damage, an owner or group bit added is not:
+        # Kubernetes adds group read/write (setgid and x to directories) to a volume's whole tree at
+        # each mount when the pod sets an fsGroup, which equality would turn into an unpack at every
+        # start. World-write, setuid and a setgid file are damage (TOLERATED_*_BITS).
+        directory = size_s[:1] == "-"
+        bits = st.st_mode & 0o7777
         try:
+            recorded = int(mode_s, 8) if mode_s else bits  # no mode: written before modes were recorded
             changed = (
                 st.st_mtime_ns != int(mtime_s)
-                or (size_s[:1] != "-" and st.st_size != int(size_s))
-                or (mode_s != "" and int(mode_s, 8) & ~st.st_mode & 0o7777 != 0)
+                or (not directory and st.st_size != int(size_s))
+                or recorded & ~bits != 0  # taken away
+                or bits & ~recorded & ~(TOLERATED_DIR_BITS if directory else TOLERATED_FILE_BITS) != 0  # added
+                # the type too: a symlink in place of a directory or file (its own mode bits are all
+                # set) would otherwise pass, and lead anywhere
+                or stat.S_IFMT(st.st_mode) != (stat.S_IFDIR if directory else stat.S_IFREG)
             )
         except ValueError:
             return "its manifest is damaged"

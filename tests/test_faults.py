@@ -651,6 +651,8 @@ def test_damage_found_by_quick_check_is_unpacked_again(
     tarball, cache, prefix, tree = tiny_cached
     quick, rest = manifest_sections(cache, prefix)
     deep = next(rel for rel in rest if rel.endswith(".py"))
+    outside = cache.parent / "outside"
+    outside.mkdir()
 
     damages: list[tuple[str, Callable[[], object], str]] = [
         ("a file deleted anywhere (its directory changes)", lambda: (prefix / deep).unlink(), "was changed"),
@@ -663,12 +665,20 @@ def test_damage_found_by_quick_check_is_unpacked_again(
         ("a directory's mode changed", lambda: (prefix / "lib").chmod(0o700), "lib was changed"),
         ("the whole directory gone", lambda: shutil.rmtree(prefix), "is missing"),
         ("the manifest gone", lambda: (cache / f"{prefix.name}.manifest").unlink(), "manifest is missing"),
+        # Bits extraction never makes, that let others change what runs (fsGroup adds neither).
+        ("the interpreter made setuid", lambda: (prefix / "bin" / "python3.11").chmod(0o4755), "python3.11"),
+        ("a file made world-writable", lambda: (prefix / quick[-1]).chmod(0o666), quick[-1]),
+        # A symlink's own mode bits are all set: bits alone would pass it, and it leads anywhere.
+        ("lib/ moved out and symlinked, times put back", lambda: _symlinked_away(prefix, "lib", outside), "lib was"),
+        ("the entry moved out and symlinked, time put back", lambda: _symlinked_away(cache, prefix.name, outside), "."),
     ]
     for what, damage, why in damages:
         damage()
         proc = restart(tarball, cache)
         assert unpacked_again(proc, why), f"{what}: {proc.stderr}"
         assert content_tree(prefix) == tree, what
+        assert prefix.is_dir() and not prefix.is_symlink(), what
+    assert content_tree(outside / "lib") == {k[4:]: v for k, v in tree.items() if k.startswith("lib/")}  # untouched
 
     # Bits added are no damage: a pod's fsGroup makes Kubernetes add group rw (setgid to
     # directories) to the whole volume at each mount.
@@ -681,6 +691,19 @@ def test_damage_found_by_quick_check_is_unpacked_again(
     (cache / f"{prefix.name}.ready").write_text("{not json")
     proc = restart(tarball, cache)
     assert "mlserver-entrypoint: extract:" in proc.stderr and content_tree(prefix) == tree
+
+
+def _symlinked_away(parent: Path, name: str, outside: Path) -> None:
+    """Move parent/name out of the cache and put a symlink in its place, with the mtimes the
+    manifest recorded put back (the symlink's own, and its parent's)."""
+    path = parent / name
+    times = path.stat().st_mtime_ns, parent.stat().st_mtime_ns
+    target = outside / name
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.move(path, target)
+    path.symlink_to(target)
+    os.utime(path, ns=(times[0], times[0]), follow_symlinks=False)
+    os.utime(parent, ns=(times[1], times[1]))
 
 
 def test_a_manifest_without_modes_still_verifies(
