@@ -35,7 +35,7 @@ from entrypoint.extract import (
     too_many_paths,
 )
 from entrypoint.settings import Settings
-from entrypoint.source import Tarball, locate, sha256_file
+from entrypoint.source import Tarball, locate, pin_mismatch, sha256_file
 
 NAME_MAX = 255  # bytes in one path component on ext4, xfs, tmpfs (the cache's usual filesystems)
 PATH_MAX = 4096  # bytes in a path the kernel accepts, its terminating NUL included
@@ -312,6 +312,8 @@ def _judge(report: Report, scan: _Scan, settings: Settings) -> None:
     entry = Entry(settings.cache_dir, report.sha256)
     report.cache_prefix = str(entry.prefix)
     report.cached = entry.marker.exists()
+    if settings.tarball_sha256 is not None and settings.tarball_sha256 != report.sha256:  # a start's first check
+        report.problem(pin_mismatch(report.sha256, settings.tarball_sha256, "a start refuses it"), ConfigError)
     for unsafe in [*scan.unsafe, *scan.escaping()][:UNSAFE_KEPT]:
         report.problem(f"the entrypoint would refuse {unsafe}", ArchiveError)
     if scan.stopped_at is not None:

@@ -200,10 +200,15 @@ def _unchanged(tarball: Tarball) -> bool:
 
 def _check_pin(tarball: Tarball, key: str, pin: str | None) -> None:
     if pin is not None and key != pin:
-        raise ConfigError(
-            f"{tarball.display}: SHA-256 is {key}, but MLSERVER_ENV_TARBALL_SHA256 pins {pin}; "
-            "nothing was extracted; use the pinned tarball or update the pin"
-        )
+        raise ConfigError(f"{tarball.display}: {pin_mismatch(key, pin, 'nothing was extracted')}")
+
+
+def pin_mismatch(digest: str, pin: str, outcome: str) -> str:
+    """What a start says of a tarball its pin refuses (`inspect` says the same)."""
+    return (
+        f"SHA-256 is {digest}, but MLSERVER_ENV_TARBALL_SHA256 pins {pin}; {outcome}; use the pinned tarball "
+        "or update the pin"
+    )
 
 
 def _remember(memo: Path, record: dict[str, object]) -> None:

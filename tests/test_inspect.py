@@ -4,6 +4,7 @@ itself, and what a real start does with the same archive (issue 7)."""
 from __future__ import annotations
 
 import ast
+import hashlib
 import io
 import json
 import os
@@ -85,6 +86,25 @@ def test_inspect_without_argument_reads_the_configured_tarball(small_tarball: Pa
     )
     env["MLSERVER_ENV_RELOCATE"] = "conda-unpack"  # as a start would: the packed script, when told so
     assert "relocation:    by running its bin/conda-unpack" in run_entrypoint(["inspect"], env).stdout
+
+
+def test_a_pin_the_tarball_does_not_match_is_reported_as_a_start_refuses_it(
+    small_tarball: Path, tmp_path: Path
+) -> None:
+    """A CI job gating on `inspect` with the image's settings must fail where the start would."""
+    env = entry_env(
+        MLSERVER_ENV_TARBALL=small_tarball, MLSERVER_ENV_CACHE_DIR=tmp_path, MLSERVER_ENV_TARBALL_SHA256="a" * 64
+    )
+    proc = run_entrypoint(["inspect"], env)
+    assert proc.returncode == 2 and "this image:    will NOT work" in proc.stdout, proc.stdout
+    assert "MLSERVER_ENV_TARBALL_SHA256 pins aaaa" in error_line(proc)
+    start = run_entrypoint(["unpack"], env)
+    assert start.returncode == 2 and error_line(proc).split("this image: ")[1].split("; a start")[0] in error_line(
+        start
+    )
+    env["MLSERVER_ENV_TARBALL_SHA256"] = hashlib.sha256(small_tarball.read_bytes()).hexdigest()
+    proc = run_entrypoint(["inspect"], env)
+    assert proc.returncode == 4 and "pins" not in proc.stdout  # the pin holds: only the missing mlserver is left
 
 
 def _patched(
