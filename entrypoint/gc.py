@@ -294,6 +294,8 @@ def main(args: list[str], settings: Settings) -> int:
         name, _, value = arg.partition("=")
         if name in ("--max-bytes", "--max-age") and not value:
             value = next(it, "")
+            if not value:
+                raise ConfigError(f"{name} needs a value, e.g. {name} {'20GiB' if name == '--max-bytes' else '7'}")
         if name == "--max-bytes":
             max_bytes = parse_bytes(value)
         elif name == "--max-age":

@@ -115,7 +115,11 @@ def load_settings() -> Settings:
         err = exc.errors()[0]
         field = str(err["loc"][0]) if err["loc"] else "?"
         var = "MLSERVER_MODELS_DIR" if field == "models_dir" else f"MLSERVER_ENV_{field.upper()}"
-        raise ConfigError(f"{var}: {err['msg']}; fix the value or unset it") from None
+        # pydantic's words, less the prefix it puts before a validator's own ("Value error, must be…")
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if field == "cache_max_bytes":
+            msg += " (write e.g. 20GiB, 500MB or a number of bytes)"
+        raise ConfigError(f"{var}: {msg}; fix the value or unset it") from None
 
 
 def _warn_unknown(environ: Mapping[str, str]) -> None:

@@ -139,6 +139,9 @@ def test_bad_arguments_are_refused(tmp_path: Path) -> None:
     for args in (["--max-bytes", "lots"], ["--max-age", "old"], ["--max-age", "-1"], ["--force"]):
         proc = run_entrypoint(["gc", *args], entry_env(MLSERVER_ENV_CACHE_DIR=tmp_path))
         assert proc.returncode == 2 and proc.stderr.startswith("mlserver-entrypoint: error:"), proc.stderr
+    for flag in ("--max-bytes", "--max-age"):  # the value left out: said so, not "--max-bytes : not a size"
+        proc = run_entrypoint(["gc", flag], entry_env(MLSERVER_ENV_CACHE_DIR=tmp_path))
+        assert proc.returncode == 2 and f"error: {flag} needs a value, e.g. {flag} " in proc.stderr, proc.stderr
 
 
 def test_gc_removes_key_memos_a_killed_start_left_half_written(tmp_path: Path) -> None:
