@@ -88,12 +88,17 @@ class Progress:
         now = time.monotonic()
         if now - self._start < self.QUIET_FOR or (self._tty and now - self._last < 0.2):
             return  # quick unpacks stay quiet
-        percent = min(100, self._position() * 100 // self._total)
+        # Of the archive read: the decompressing thread reads ahead of the members written, so 100%
+        # came while hundreds were still to go. The count is of members (files, directories,
+        # symlinks); the phase's own line ends with the files written.
+        percent = min(99, self._position() * 100 // self._total)
         if self._tty:
-            print(f"\r{PROG}: {self._label}: {percent:3d}% ({self._count} files)", end="", file=sys.stderr, flush=True)
+            print(
+                f"\r{PROG}: {self._label}: {percent:3d}% ({self._count} members)", end="", file=sys.stderr, flush=True
+            )
             self._drawn = True
         elif percent >= self._next_step:
-            info(f"{self._label}: {percent}% ({self._count} files)")
+            info(f"{self._label}: {percent}% ({self._count} members)")
             self._next_step = (percent // 10 + 1) * 10
         self._last = now
 
