@@ -147,6 +147,11 @@ def resolve_command(argv: Sequence[str], env: Mapping[str, str], prefix: Path | 
                 f"environment in {prefix} has no mlserver; add `mlserver` and its runtime (e.g. "
                 "`mlserver-sklearn`) to the environment's pip dependencies and pack it again"
             )
+        if argv[0] == "mlserver":  # no environment: the usual cause is a tarball not configured
+            raise CommandNotFound(
+                "command not found: mlserver is not on PATH and no environment is configured; set "
+                "MLSERVER_ENV_TARBALL to an environment with mlserver (README, Settings), or install mlserver"
+            )
         where = f"in the environment ({prefix}/bin), nor on PATH" if prefix is not None else "on PATH"
         raise CommandNotFound(f"command not found: {argv[0]} is not {where}; check its spelling")
     return [program, *argv[1:]]

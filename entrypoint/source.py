@@ -71,7 +71,12 @@ def locate(settings: Settings) -> Tarball | RemoteTarball | None:
     finally:
         os.close(fd)
     if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(f"{label.format(path)}: not a regular file; point it at the .tar.gz itself")
+        fix = (
+            "point it at the .tar.gz itself"
+            if settings.tarball is not None
+            else ("remove it, or set MLSERVER_ENV_TARBALL to the archive (empty: no environment)")
+        )
+        raise ConfigError(f"{label.format(path)}: not a regular file; {fix}")
     return Tarball(Path(os.path.abspath(path)), st.st_size, file_identity(st))
 
 

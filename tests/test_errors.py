@@ -167,6 +167,7 @@ def test_environment_tar_gz_in_models_dir_that_is_no_file_is_an_error(tmp_path: 
             assert proc.returncode == 2 and "ran" not in proc.stdout, proc.stderr
             line = error_line(proc)
             assert f"{models / 'environment.tar.gz'} (MLSERVER_ENV_TARBALL unset): {why}" in line, line
+            assert "point it at" not in line  # it: the variable is unset
 
 
 def test_error_after_progress_on_a_terminal_starts_its_own_line(tmp_path: Path) -> None:
@@ -592,6 +593,9 @@ def test_a_command_found_nowhere_exits_127(tmp_path: Path) -> None:
     line = refused(start(tarball, tmp_path / "c", "no-such-command"), 127, "command not found", "no-such-command")
     assert str(tmp_path / "c") in line  # where it was looked for
     refused(start("", tmp_path / "c", "no-such-command"), 127, "not on PATH")
+    # mlserver itself with no environment: the likely fix is the tarball, not the spelling
+    proc = start("", tmp_path / "c", "mlserver", "start", str(tmp_path), PATH="/usr/bin:/bin")
+    refused(proc, 127, "mlserver is not on PATH and no environment is configured", "set MLSERVER_ENV_TARBALL")
 
 
 def test_a_command_path_that_cannot_be_run_exits_126(tmp_path: Path) -> None:
