@@ -167,6 +167,11 @@ def _warm(require: tuple[str, ...]) -> Hit | None:
 def run(command: list[str]) -> int:
     """Prepare the environment if there is one, activate it and exec the command."""
     require = ("mlserver",) if (command or ["mlserver"])[0] == "mlserver" else ()
+    if (serves := _served_folder(command)) is not None and "MLSERVER_MODELS_DIR" not in os.environ:
+        # `mlserver start /models` with /models/environment.tar.gz beside the model: that folder is
+        # the models dir (MLServer's images set the variable and the command alike); the server
+        # sees the variable too, as there
+        os.environ["MLSERVER_MODELS_DIR"] = serves
     hit = _warm(require)
     if hit is not None:
         launch(command or _default_command(hit.models_dir), hit.entry.prefix)
@@ -184,6 +189,11 @@ def run(command: list[str]) -> int:
     launch(command or _default_command(settings.models_dir), prepared.prefix)
 
 
+def _served_folder(command: list[str]) -> str | None:
+    """The folder a `mlserver start FOLDER` command serves."""
+    return command[2] if command[:2] == ["mlserver", "start"] and len(command) == 3 else None
+
+
 def _default_command(models_dir: Path) -> list[str]:
     return ["mlserver", "start", str(models_dir)]
 
@@ -193,11 +203,12 @@ def _warn_other_models_dir(command: list[str]) -> None:
     $MLSERVER_MODELS_DIR. Whoever sets only the variable would get another folder served than
     the one their environment.tar.gz was looked for in, with no word why."""
     wanted = os.environ.get("MLSERVER_MODELS_DIR", "")
-    serves = command[2] if command[:2] == ["mlserver", "start"] and len(command) == 3 else None
-    if wanted and serves is not None and os.path.normpath(serves) != os.path.normpath(wanted):
+    serves = _served_folder(command)
+    if wanted and serves is not None and os.path.realpath(serves) != os.path.realpath(wanted):
         log.info(
             f"warning: serving {serves}, the command's folder, not MLSERVER_MODELS_DIR={wanted}; "
-            f"to serve that one, give the command `mlserver start {wanted}` (or mount it at {serves})"
+            f"to serve that one, give the command `mlserver start {wanted}` (or mount it at {serves}); to serve "
+            f"{serves} (and find its environment.tar.gz), set MLSERVER_MODELS_DIR={serves} too"
         )
 
 

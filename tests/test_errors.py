@@ -639,6 +639,23 @@ def test_a_models_dir_the_command_does_not_serve_is_warned_about(tmp_path: Path)
     for command in (["mlserver", "start", f"{models}/"], []):  # its folder, or the default command: no warning
         proc = run_entrypoint(command, env)
         assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
+    models.mkdir()  # the same folder named relatively (from the repository, where it runs): no warning either
+    proc = run_entrypoint(["mlserver", "start", os.path.relpath(models, REPO)], env)
+    assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
+
+
+def test_the_folder_a_command_serves_is_the_models_dir_when_the_variable_is_unset(tmp_path: Path) -> None:
+    """`mlserver-entrypoint mlserver start /models` with /models/environment.tar.gz: the start said
+    "no environment tarball configured" and ran the command without it (in the image, its own
+    mlserver would have served the model with other libraries)."""
+    mlserver = M("bin/mlserver", data=b'#!/bin/sh\necho "served $2 in $CONDA_PREFIX"\n', mode=0o755)
+    models = tmp_path / "models"
+    models.mkdir()
+    write_tar(models / "environment.tar.gz", [*tiny_env(), mlserver])
+    env = entry_env(MLSERVER_ENV_CACHE_DIR=tmp_path / "c")
+    proc = run_entrypoint(["mlserver", "start", str(models)], env)
+    assert proc.returncode == 0 and proc.stdout.startswith(f"served {models} in {tmp_path / 'c'}/"), proc.stderr
+    assert "warning" not in proc.stderr
 
 
 def test_an_entry_seen_at_another_path_is_not_served(tmp_path: Path) -> None:
