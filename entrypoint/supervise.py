@@ -22,7 +22,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from entrypoint import log
 from entrypoint.activate import exec_failure
@@ -42,6 +42,7 @@ STOPPING = (signal.SIGTERM, signal.SIGINT)
 # Dispositions CPython sets to "ignore" at start-up; an ignored signal stays ignored across exec.
 PYTHON_IGNORES = (signal.SIGPIPE, signal.SIGXFSZ)
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_PDEATHSIG = 1
 LEFTOVER_WAIT = 2.0  # seconds to reap the group's leftovers after they got SIGKILL
 
 
@@ -81,24 +82,28 @@ def run(argv: Sequence[str], env: Mapping[str, str], grace: float) -> int:
     # Blocked before the fork, so no signal is lost between the fork and the wait loop (and a
     # blocked signal is delivered even to PID 1, which the kernel spares unhandled ones).
     previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, waited)
-    if os.getpid() != 1:
-        _become_subreaper()
+    prctl = None if os.getpid() == 1 else _become_subreaper()
     sys.stdout.flush()
     sys.stderr.flush()
     terminal = _owns_terminal()
-    child = _spawn(argv, env, previous_mask)
+    child = _spawn(argv, env, previous_mask, prctl)
     code = _wait(child, waited, grace, terminal)
     _end_leftovers(child)
     return code
 
 
-def _become_subreaper() -> None:
-    """Orphans of the command are re-parented to us rather than to the real init, so we reap them."""
+def _become_subreaper() -> Callable[..., int] | None:
+    """Orphans of the command are re-parented to us rather than to the real init, so we reap them.
+    Returns libc's prctl, for the child."""
     import ctypes  # not at the top: the warm path imports this module, ctypes costs it ~5 ms
 
     libc = ctypes.CDLL(None, use_errno=True)  # the process's own symbols, libc's among them
-    with contextlib.suppress(AttributeError):
-        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    try:
+        prctl: Callable[..., int] = libc.prctl
+    except AttributeError:
+        return None
+    prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    return prctl
 
 
 def _owns_terminal() -> bool:
@@ -108,10 +113,15 @@ def _owns_terminal() -> bool:
         return False
 
 
-def _spawn(argv: Sequence[str], env: Mapping[str, str], mask: Iterable[int]) -> int:
+def _spawn(argv: Sequence[str], env: Mapping[str, str], mask: Iterable[int], prctl: Callable[..., int] | None) -> int:
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # the child: its own group, default signal state, then exec; never returns
         try:
+            if prctl is not None:  # not PID 1: a kill -9 of this init must not leave the server running
+                prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)  # (a container's PID 1 ends them all)
+                if os.getppid() != parent:  # it died before the prctl
+                    os._exit(128 + signal.SIGTERM)
             os.setpgid(0, 0)
             reset_signals()
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)

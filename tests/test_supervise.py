@@ -144,6 +144,28 @@ def test_a_command_ignoring_sigterm_is_killed_with_its_group_after_the_grace(tmp
     assert _session_processes(proc.pid) == []
 
 
+def test_a_kill_9_of_the_init_outside_a_container_stops_the_command(tmp_path: Path) -> None:
+    """Not PID 1 (`make serve`, MLSERVER_ENV_INIT=always): the server was left running, holding its
+    ports, when the init was SIGKILLed. It gets a SIGTERM then (PR_SET_PDEATHSIG), as on a stop."""
+    code = (
+        "import os, signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); "
+        "print('started', os.getpid(), flush=True); time.sleep(300)"
+    )
+    proc, words = _started(code, _no_env(tmp_path, MLSERVER_ENV_INIT="always"), tmp_path / "log")
+    child = int(words[1])
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(child, os.WNOHANG)  # not ours: reaped by whoever adopted it
+        time.sleep(0.05)
+    alive = _session_processes(proc.pid)
+    if alive:
+        os.killpg(proc.pid, signal.SIGKILL)
+    assert alive == [], alive
+
+
 def test_a_stopped_command_gets_the_stop_signal_at_once(tmp_path: Path) -> None:
     """A command stopped by SIGSTOP (a debugger, Ctrl-Z) is continued after the forwarded SIGTERM,
     so it handles it now rather than being SIGKILLed when the grace ends."""
