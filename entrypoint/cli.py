@@ -204,6 +204,8 @@ def _warn_other_models_dir(command: list[str]) -> None:
     the one their environment.tar.gz was looked for in, with no word why."""
     wanted = os.environ.get("MLSERVER_MODELS_DIR", "")
     serves = _served_folder(command)
+    if serves is not None and not os.path.isdir(serves):  # mlserver 1.x serves no model then, and reports ready
+        log.info(f"warning: the models folder {serves} does not exist: no model will be served; mount it there")
     if wanted and serves is not None and os.path.realpath(serves) != os.path.realpath(wanted):
         log.info(
             f"warning: serving {serves}, the command's folder, not MLSERVER_MODELS_DIR={wanted}; "
@@ -222,6 +224,11 @@ def launch(command: list[str], prefix: Path | None) -> NoReturn:
     else:
         env = activated_environ(prefix, os.environ)
         env["PYTHONDONTWRITEBYTECODE"] = "1"  # the entry is shared and may be read-only: never write into it
+        if os.environ.get("PYTHONPATH"):  # dropped: said, or a custom runtime found only through it fails unexplained
+            log.info(
+                "warning: PYTHONPATH is not passed to the environment (another Python's modules would shadow its "
+                "own); put a custom runtime's code in its model's folder (MLServer imports from there) or pack it"
+            )
     _warn_other_models_dir(command)
     argv = resolve_command(command, env, prefix)
     Stopped.honour()  # the last moment a stop can still keep the command from running

@@ -631,6 +631,7 @@ def test_a_models_dir_the_command_does_not_serve_is_warned_about(tmp_path: Path)
     (bin_dir / "mlserver").write_text('#!/bin/sh\necho "serving $2"\n')
     (bin_dir / "mlserver").chmod(0o755)
     models = tmp_path / "models"
+    models.mkdir()
     env = entry_env(MLSERVER_ENV_TARBALL="", MLSERVER_MODELS_DIR=models, PATH=f"{bin_dir}:{os.environ['PATH']}")
     proc = run_entrypoint(["mlserver", "start", "/mnt/models"], env)
     assert proc.returncode == 0 and proc.stdout == "serving /mnt/models\n", proc.stderr
@@ -639,8 +640,21 @@ def test_a_models_dir_the_command_does_not_serve_is_warned_about(tmp_path: Path)
     for command in (["mlserver", "start", f"{models}/"], []):  # its folder, or the default command: no warning
         proc = run_entrypoint(command, env)
         assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
-    models.mkdir()  # the same folder named relatively (from the repository, where it runs): no warning either
+    # the same folder named relatively (from the repository, where it runs): no warning either
     proc = run_entrypoint(["mlserver", "start", os.path.relpath(models, REPO)], env)
+    assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
+
+
+def test_what_the_server_will_miss_is_warned_about(tmp_path: Path) -> None:
+    """mlserver 1.1 reports ready without a models folder, and a custom runtime found only
+    through PYTHONPATH (which the environment does not get) failed with pydantic's words."""
+    mlserver = M("bin/mlserver", data=b'#!/bin/sh\necho "path=$PYTHONPATH"\n', mode=0o755)
+    tarball = write_tar(tmp_path / "env.tar.gz", [*tiny_env(), mlserver])
+    proc = start(tarball, tmp_path / "c", "mlserver", "start", str(tmp_path / "nowhere"), PYTHONPATH=str(tmp_path))
+    assert proc.returncode == 0 and proc.stdout == "path=\n", proc.stderr
+    assert f"warning: the models folder {tmp_path / 'nowhere'} does not exist" in proc.stderr
+    assert "warning: PYTHONPATH is not passed to the environment" in proc.stderr
+    proc = start(tarball, tmp_path / "c", "mlserver", "start", str(tmp_path))
     assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
 
 
