@@ -66,6 +66,13 @@ def build_prefix(src: Path, prefix: Path, version: str, requirements: Path) -> P
     python = prefix / "bin" / f"python{version}"
     # pyenv links libpython through an absolute RUNPATH; make the interpreter relocatable.
     run("patchelf", "--set-rpath", "$ORIGIN/../lib", python)
+    # The copied build's own scripts (pip, pydoc, idle, 2to3) name pyenv's interpreter in their #!
+    # line: point them at the prefix's, as conda's would, so conda-pack makes them relocatable.
+    for script in (prefix / "bin").iterdir():
+        if script.is_file() and not script.is_symlink() and (head := script.read_bytes()[:256]).startswith(b"#!"):
+            old = f"#!{src}/bin/".encode()
+            if head.startswith(old):
+                script.write_bytes(f"#!{prefix}/bin/".encode() + script.read_bytes()[len(old) :])
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PIP_REQUIRE_VIRTUALENV"))}
     run(
         python,

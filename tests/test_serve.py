@@ -71,6 +71,9 @@ def test_commands_run_inside_the_environment(seed: Example, cache_dir: Path) -> 
 
     version_out = run_entrypoint(["mlserver", "--version"], env)
     assert version_out.returncode == 0 and "1.1.0" in version_out.stdout
+    # The example's own pip too: its #! named the build machine's interpreter (another pip, other packages)
+    pip = run_entrypoint(["pip", "--version"], env)
+    assert pip.returncode == 0 and f"from {sys_prefix}/lib/python3.8/site-packages/pip" in pip.stdout, pip.stdout
 
 
 def test_second_tarball_gets_its_own_entry(seed: Example, cache_dir: Path, tmp_path: Path) -> None:
