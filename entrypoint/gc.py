@@ -19,6 +19,7 @@ import fcntl
 import json
 import os
 import re
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -226,29 +227,77 @@ def collect(root: Path, max_bytes: int | None, max_age_days: float | None, dry_r
     return out
 
 
+# The names source._remember gives the files of `.keys/`: a memo (two zlib checksums, cache.key_memo)
+# and its temporary (`<memo>.<pid>.<random>.tmp`; `<memo>.<pid>.tmp` before the random part). gc
+# removes nothing else there: a cache directory pointed at a shared place may hold someone else's `.keys`.
+MEMO = re.compile(r"[0-9a-f]{16}")
+MEMO_TMP = re.compile(r"[0-9a-f]{16}\.[0-9]+(?:\.[0-9a-f]{16})?\.tmp")
+MEMO_MAX = 1 << 16  # a memo holds a path, an identity and a key: a few hundred bytes
+
+
+def keys_dir(root: Path) -> int | None:
+    """`<root>/.keys` opened as a directory, never through a symlink; None (with a warning) if it is
+    a symlink or not a directory: it is then not the cache's own, and nothing is written or removed
+    in it. None also if it is missing or cannot be opened."""
+    path = root / ".keys"
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            log.info(
+                f"warning: {path} is a symbolic link or not a directory, so not the cache's own: tarball keys are "
+                f"neither remembered nor swept there (each start hashes the tarball again); remove it (rm {path})"
+            )
+        return None
+
+
 def _sweep_key_memos(root: Path) -> None:
     """Drop the remembered keys (source.content_key) that no longer lead anywhere: temporaries a
     start was killed while writing, and memos whose entry is gone. Each holds a path and a key, so
     without this `.keys/` grows by one file per tarball path ever used. A minute's grace: a start
-    writes its memo just before it creates the entry's files. Losing a memo costs one re-hash."""
+    writes its memo just before it creates the entry's files. Losing a memo costs one re-hash.
+
+    Only regular files named as source._remember names them (MEMO, MEMO_TMP), through a descriptor
+    of `.keys` opened without following a symlink (keys_dir)."""
     try:
         ours = {m.group(1) for n in os.listdir(root) if (m := NAME.fullmatch(n)) and m.group(2)}
-        memos = list(os.scandir(root / ".keys"))
     except OSError:
         return
-    now = time.time()
-    for memo in memos:
-        with contextlib.suppress(OSError):
-            if now - memo.stat(follow_symlinks=False).st_mtime <= 60:
-                continue
-            if not memo.name.endswith(".tmp"):
-                try:
-                    key = json.loads(Path(memo.path).read_bytes())["sha256"]
-                except (ValueError, KeyError, TypeError):
-                    key = None  # unreadable: worthless
-                if isinstance(key, str) and key[: cache.KEY_CHARS] in ours:
+    dfd = keys_dir(root)
+    if dfd is None:
+        return
+    try:
+        now = time.time()
+        with os.scandir(dfd) as it:
+            names = [e.name for e in it if MEMO.fullmatch(e.name) or MEMO_TMP.fullmatch(e.name)]
+        for name in names:
+            with contextlib.suppress(OSError):
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                if not stat.S_ISREG(st.st_mode) or now - st.st_mtime <= 60:
                     continue
-            os.unlink(memo.path)
+                if MEMO.fullmatch(name):
+                    key = _memo_key(dfd, name)
+                    if key is not None and key[: cache.KEY_CHARS] in ours:
+                        continue
+                os.unlink(name, dir_fd=dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def _memo_key(dfd: int, name: str) -> str | None:
+    """The key a memo holds; None if it is unreadable, oversized or not a memo (worthless)."""
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+    try:
+        data = os.read(fd, MEMO_MAX + 1)
+    finally:
+        os.close(fd)
+    try:
+        key = json.loads(data)["sha256"] if len(data) <= MEMO_MAX else None
+    except (ValueError, KeyError, TypeError):
+        return None
+    return key if isinstance(key, str) else None
 
 
 def _remove(entry: Entry) -> None:

@@ -1,0 +1,105 @@
+"""A cache directory holding what the cache never makes there (a shared place's own files, planted
+symlinks, directories or FIFOs at the cache's names): nothing outside the cache is written or
+removed, and what cannot be repaired safely is one line (exit 2), never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from support import entry_env, run_entrypoint
+
+OLD = time.time() - 86400 * 30
+
+
+def unpack(tarball: Path, cache: Path, **settings: str) -> tuple[int, str, str]:
+    proc = run_entrypoint(["unpack"], entry_env(MLSERVER_ENV_TARBALL=tarball, MLSERVER_ENV_CACHE_DIR=cache, **settings))
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def gc(cache: Path, *args: str) -> tuple[int, str, str]:
+    proc = run_entrypoint(["gc", *args], entry_env(MLSERVER_ENV_CACHE_DIR=cache))
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def canary(tmp_path: Path) -> Path:
+    """A directory outside the cache with an old file in it, which nothing may change."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "id_ed25519").write_text("k\n")
+    os.utime(outside / "id_ed25519", (OLD, OLD))
+    return outside
+
+
+def untouched(outside: Path) -> bool:
+    files = sorted(p.name for p in outside.iterdir())
+    f = outside / "id_ed25519"
+    return files == ["id_ed25519"] and f.read_text() == "k\n" and abs(f.stat().st_mtime - OLD) < 1
+
+
+def test_gc_removes_nothing_in_keys_it_did_not_name(tmp_path: Path) -> None:
+    """A cache directory pointed at a shared place whose `.keys` is someone else's: only names
+    the memo writer produces (16 hex digits, and their temporaries) are gc's to remove."""
+    keys = tmp_path / "shared" / ".keys"
+    keys.mkdir(parents=True)
+    for name in ("id_ed25519", "0a1b2c3d4e5f6a7b.bak", "notes.tmp", "0A1B2C3D4E5F6A7B"):
+        (keys / name).write_text("k\n")
+        os.utime(keys / name, (OLD, OLD))
+    ours = keys / "0a1b2c3d4e5f6a7b"
+    ours.write_text("{not json")
+    os.utime(ours, (OLD, OLD))
+    code, _, err = gc(tmp_path / "shared")
+    assert code == 0, err
+    left = sorted(p.name for p in keys.iterdir())
+    assert left == ["0A1B2C3D4E5F6A7B", "0a1b2c3d4e5f6a7b.bak", "id_ed25519", "notes.tmp"]  # the garbage memo went
+
+
+def test_symlinked_keys_is_never_written_or_swept(small_tarball: Path, tmp_path: Path) -> None:
+    """`.keys` a symlink to a directory outside: neither a start (which sweeps with a size bound
+    set) nor gc deletes old files there, and no memo is written there; a warning says so."""
+    outside = canary(tmp_path)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / ".keys").symlink_to(outside)
+    code, _, err = unpack(small_tarball, cache, MLSERVER_ENV_CACHE_MAX_BYTES="100GB")
+    assert code == 0, err
+    assert "is a symbolic link or not a directory" in err
+    code, _, err = gc(cache)
+    assert code == 0, err
+    assert f"{cache / '.keys'} is a symbolic link" in err
+    assert untouched(outside)
+    code, _, err = unpack(small_tarball, cache)  # still works, hashing again
+    assert code == 0 and "cache hit" in err, err
+
+
+def test_keys_that_is_a_file_is_left_alone(small_tarball: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / ".keys").write_text("mine")
+    code, _, err = unpack(small_tarball, cache)
+    assert code == 0 and "is a symbolic link or not a directory" in err, err  # was silent
+    code, _, err = gc(cache)
+    assert code == 0, err
+    assert (cache / ".keys").read_text() == "mine"
+
+
+def test_memo_temporary_is_created_exclusively_never_through_a_symlink(small_tarball: Path, tmp_path: Path) -> None:
+    """As a container's PID 1 the old temporary `<memo>.1.tmp` was predictable: a symlink planted
+    under that name had its target truncated and rewritten. Every name a pid could give is planted."""
+    outside = canary(tmp_path)
+    cache = tmp_path / "cache"
+    keys = cache / ".keys"
+    keys.mkdir(parents=True)
+    import zlib
+
+    raw = str(small_tarball.resolve()).encode()
+    memo = f"{zlib.crc32(raw):08x}{zlib.adler32(raw):08x}"
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text()) if os.path.exists("/proc/sys/kernel/pid_max") else 4096
+    for pid in range(1, min(pid_max, 1 << 16)):
+        (keys / f"{memo}.{pid}.tmp").symlink_to(outside / "id_ed25519")
+    code, _, err = unpack(small_tarball, cache)
+    assert code == 0, err
+    assert untouched(outside)
+    assert json.loads((keys / memo).read_text())["path"] == str(small_tarball.resolve())
