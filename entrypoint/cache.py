@@ -55,6 +55,28 @@ class Entry(NamedTuple):  # not a dataclass: importing dataclasses costs the war
         return self.root / f"{self.name}.manifest"
 
 
+def not_ours(path: Path, what: str) -> ConfigError:
+    """`path`, one of the cache's own names, holds what the cache never makes there (a symlink, a
+    directory, a FIFO): nothing is followed, written or removed through it; the user removes it."""
+    return ConfigError(
+        f"{path} is {what}, which the cache never makes there; nothing was written through it: "
+        f"remove it (rm -r '{path}') and try again"
+    )
+
+
+def kind(st: os.stat_result) -> str:
+    """What a file is, for not_ours: `a directory`, `a symbolic link`…"""
+    import stat
+
+    if stat.S_ISDIR(st.st_mode):
+        return "a directory"
+    if stat.S_ISLNK(st.st_mode):
+        return "a symbolic link"
+    if stat.S_ISFIFO(st.st_mode):
+        return "a FIFO"
+    return "not a regular file"
+
+
 def file_identity(st: os.stat_result) -> tuple[int, ...]:
     """What changes whenever a file's bytes can have changed (ctime: no user can set it back)."""
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)

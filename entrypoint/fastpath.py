@@ -74,7 +74,10 @@ def lookup(environ: Mapping[str, str], require: tuple[str, ...]) -> Hit | None:
     if key is None or (pin is not None and key != pin):
         return None
     entry = Entry(cache_dir, key)
-    gc.hold(entry)  # before the marker is read: from here no gc removes it until the server exits
+    try:
+        gc.hold(entry)  # before the marker is read: from here no gc removes it until the server exits
+    except EntrypointError:
+        return None  # the full path says what is wrong, in one line
     record = cache.read_marker(entry)
     if record is None or not cache.unpacked_here(entry, record) or cache.verify(entry, full=verify == "full"):
         return None

@@ -59,25 +59,43 @@ def hold(entry: Entry) -> None:
             except OSError:
                 return
             continue
-        except OSError:
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise cache.not_ours(path, "a symbolic link") from None
             try:
                 fd = _open(path, create=False)
-            except OSError:
+            except OSError as again:
+                if again.errno == errno.ELOOP:
+                    raise cache.not_ours(path, "a symbolic link") from None
                 return  # read-only cache without the file: nobody can gc it from here either
+        _regular(fd, path)
         fcntl.flock(fd, fcntl.LOCK_SH)
         if _names(fd, path):
             os.set_inheritable(fd, True)
             with contextlib.suppress(OSError):
-                os.utime(fd)  # "last used": now
+                os.utime(fd)  # "last used": now, through the descriptor
             _held[path] = fd
             return
         os.close(fd)  # gc removed the file we locked; lock the new one
 
 
+# Never through a symlink planted at the name (O_CREAT would create its target, utime touch it),
+# and never blocking on a FIFO there.
+_USE_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
 def _open(path: Path, create: bool) -> int:
     if create:
-        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        return os.open(path, os.O_RDWR | os.O_CREAT | _USE_FLAGS, 0o644)
+    return os.open(path, os.O_RDONLY | _USE_FLAGS)
+
+
+def _regular(fd: int, path: Path) -> None:
+    """Refuse (closing `fd`) a `.use` that is not a regular file: a directory or a FIFO there opens."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise cache.not_ours(path, cache.kind(st))
 
 
 def _names(fd: int, path: Path) -> bool:
@@ -93,7 +111,7 @@ def _exclusive(entry: Entry, create: bool) -> Iterator[bool]:
     """Hold the entry's exclusive lock, if no process uses it; yields whether it was taken."""
     path = use_file(entry)
     try:  # a dry run only looks: reading is enough to lock, also on a cache mounted read-only
-        fd = os.open(path, (os.O_RDWR | os.O_CREAT if create else os.O_RDONLY) | os.O_CLOEXEC, 0o644)
+        fd = _open(path, create)
     except FileNotFoundError:
         yield True  # dry run: no start ever held it (a start creates the file before anything else)
         return
@@ -102,12 +120,15 @@ def _exclusive(entry: Entry, create: bool) -> Iterator[bool]:
             f"cannot lock {path} (uid {os.getuid()} may not write it); run gc as the cache's owner"
         ) from None
     except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EISDIR):
+            raise cache.not_ours(path, "a symbolic link" if exc.errno == errno.ELOOP else "a directory") from None
         if exc.errno != errno.EROFS:
             raise
         raise ConfigError(
             f"cache directory {entry.root} is read-only here: gc can remove nothing; run it where the cache "
             "is mounted writable (or add --dry-run to list what it would remove)"
         ) from None
+    _regular(fd, path)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -9,6 +9,7 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 from support import entry_env, run_entrypoint
 
 OLD = time.time() - 86400 * 30
@@ -103,3 +104,55 @@ def test_memo_temporary_is_created_exclusively_never_through_a_symlink(small_tar
     assert code == 0, err
     assert untouched(outside)
     assert json.loads((keys / memo).read_text())["path"] == str(small_tarball.resolve())
+
+
+def key8(tarball: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(tarball.read_bytes()).hexdigest()[:8]
+
+
+@pytest.mark.parametrize("target", ["dangling", "existing"])
+def test_a_symlink_planted_as_use_is_never_followed(small_tarball: Path, tmp_path: Path, target: str) -> None:
+    """`<key8>.use` a symlink: O_CREAT created a dangling one's target outside the cache, and the
+    start's utime (last used) changed an existing target's mtime. Now one line, nothing followed,
+    by a cold start, a warm one and gc alike."""
+    outside = canary(tmp_path)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    use = cache / f"{key8(small_tarball)}.use"
+    pointed = outside / ("created" if target == "dangling" else "id_ed25519")
+
+    def plant() -> None:
+        use.unlink(missing_ok=True)
+        use.symlink_to(pointed)
+
+    plant()
+    code, _, err = unpack(small_tarball, cache)
+    assert code == 2 and f"{use} is a symbolic link" in error_line(err), err
+    assert untouched(outside)
+    use.unlink()
+    code, _, err = unpack(small_tarball, cache)  # unpacked
+    assert code == 0, err
+    plant()
+    code, _, err = unpack(small_tarball, cache)  # warm: the fast path declines, the full path says why
+    assert code == 2 and f"{use} is a symbolic link" in error_line(err), err
+    code, _, err = gc(cache, "--max-age", "0")
+    assert code == 2 and f"{use} is a symbolic link" in error_line(err), err
+    assert untouched(outside)
+
+
+def test_a_directory_as_use_is_one_line(small_tarball: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    use = cache / f"{key8(small_tarball)}.use"
+    use.mkdir(parents=True)
+    code, _, err = unpack(small_tarball, cache)
+    assert code == 2 and f"{use} is a directory" in error_line(err), err
+    code, _, err = gc(cache, "--max-age", "0")
+    assert code == 2 and f"{use} is a directory" in error_line(err), err
+
+
+def error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.startswith("mlserver-entrypoint: error:")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
