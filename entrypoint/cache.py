@@ -19,6 +19,7 @@ import errno
 import functools
 import json
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -66,8 +67,6 @@ def not_ours(path: Path, what: str) -> ConfigError:
 
 def kind(st: os.stat_result) -> str:
     """What a file is, for not_ours: `a directory`, `a symbolic link`…"""
-    import stat
-
     if stat.S_ISDIR(st.st_mode):
         return "a directory"
     if stat.S_ISLNK(st.st_mode):
@@ -162,15 +161,50 @@ def discard(entry: Entry) -> None:
 
     Also the temporaries of its marker and manifest (`_write_atomic`) that a start killed while
     publishing left behind: only the holder of the entry's unpack lock (or gc's exclusive lock)
-    calls this, so no live process is writing them."""
-    for path in (entry.marker, entry.manifest, *entry.root.glob(f".{entry.name}.*.tmp")):
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+    calls this, so no live process is writing them.
+
+    What the cache never makes at these names is not followed: a non-directory at the entry's
+    path (a FIFO, a symlink) is unlinked, an empty directory at a temporary's name removed; a
+    directory at the marker's or the manifest's name, or anything that cannot be removed (an
+    immutable file), is one line (ConfigError) naming it."""
+    for path in (entry.marker, entry.manifest):
+        remove_file(path)
+    for path in entry.root.glob(f".{entry.name}.*.tmp"):
+        remove_file(path, empty_dir_too=True)
     _fsync_dir(entry.root)
-    if entry.prefix.is_symlink() or entry.prefix.is_file():
-        entry.prefix.unlink()
-    elif entry.prefix.exists():
-        remove_tree(str(entry.prefix))
+    try:
+        st = os.lstat(entry.prefix)
+    except FileNotFoundError:
+        return
+    try:
+        if stat.S_ISDIR(st.st_mode):
+            remove_tree(str(entry.prefix))
+        else:
+            entry.prefix.unlink()
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename and exc.filename != str(entry.prefix) else ""
+        raise ConfigError(
+            f"cannot remove the cache entry {entry.prefix} to unpack it again ({exc.strerror}{where}); remove it "
+            f"by hand (rm -rf '{entry.prefix}', after chattr -i of any immutable file) and try again"
+        ) from None
+
+
+def remove_file(path: Path, empty_dir_too: bool = False) -> None:
+    """Unlink one of the cache's own files (never following a symlink there); a directory in its
+    place is one line, or, if `empty_dir_too` (a stale temporary's name), removed when empty."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        if empty_dir_too:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+                return
+        if os.path.isdir(path):
+            raise not_ours(path, "a directory") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot remove {path} ({exc.strerror}); remove it by hand and try again") from None
 
 
 _DIR_OPEN = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -325,8 +325,7 @@ def _remove(entry: Entry) -> None:
     """Under the exclusive lock: marker first (cache.discard), then data, then the lock files."""
     cache.discard(entry)
     for path in (entry.lock, use_file(entry)):
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        cache.remove_file(path)
 
 
 def at_start(settings: Settings) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -156,3 +157,78 @@ def error_line(stderr: str) -> str:
     lines = [line for line in stderr.splitlines() if line.startswith("mlserver-entrypoint: error:")]
     assert len(lines) == 1 and "Traceback" not in stderr, stderr
     return lines[0]
+
+
+def _plant(case: str, cache: Path, k: str, outside: Path) -> None:
+    if case == "ready is a directory":
+        (cache / f"{k}.ready").mkdir()
+    elif case == "manifest is a directory":
+        (cache / f"{k}.manifest").unlink()
+        (cache / f"{k}.manifest").mkdir()
+    elif case in ("stale temporary directory", "temporary directory with files"):
+        (cache / f".{k}.ready.99.tmp").mkdir()
+        if case == "temporary directory with files":
+            (cache / f".{k}.ready.99.tmp" / "x").write_text("x")
+    elif case == "lock is a directory":
+        (cache / f"{k}.lock").mkdir()
+    elif case == "lock is a symlink":
+        (cache / f"{k}.lock").symlink_to(outside / "created")
+    elif case == "FIFO at the entry":
+        os.mkfifo(cache / k)
+
+
+HOSTILE = {  # case: (unpacked first, what the start says: None is a repair and a success)
+    "ready is a directory": (False, "{k}.ready is a directory"),
+    "manifest is a directory": (True, "{k}.manifest is a directory"),
+    "stale temporary directory": (False, None),
+    "temporary directory with files": (False, ".{k}.ready.99.tmp is a directory"),
+    "lock is a directory": (False, "{k}.lock is a directory"),
+    "lock is a symlink": (False, "{k}.lock is a symbolic link"),
+    "FIFO at the entry": (False, None),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_what_the_cache_never_makes_at_its_names_is_one_line_or_repaired(
+    small_tarball: Path, tmp_path: Path, case: str
+) -> None:
+    """Each was a traceback (exit 1), and the cache stayed stuck for every later start."""
+    outside = canary(tmp_path)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    k = key8(small_tarball)
+    first, says = HOSTILE[case]
+    if first:
+        assert unpack(small_tarball, cache)[0] == 0
+    _plant(case, cache, k, outside)
+    code, out, err = unpack(small_tarball, cache)
+    if says is None:
+        assert code == 0 and Path(out.splitlines()[-1]) == cache / k, err
+        assert not (cache / f".{k}.ready.99.tmp").exists()
+    else:
+        line = error_line(err)
+        assert code == 2 and str(cache / says.format(k=k)) in line and "remove it" in line, err
+    assert untouched(outside)
+
+
+def test_an_entry_that_cannot_be_removed_is_one_line(small_tarball: Path, tmp_path: Path) -> None:
+    """A damaged entry holding an immutable file: PermissionError's traceback, at every start."""
+    cache = tmp_path / "cache"
+    assert unpack(small_tarball, cache)[0] == 0
+    k = key8(small_tarball)
+    stuck = cache / k / "stuck"
+    stuck.write_text("")  # damage: the quick check sees the prefix's mtime changed
+    if subprocess.run(["chattr", "+i", str(stuck)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not possible here")
+    try:
+        code, _, err = unpack(small_tarball, cache)
+        line = error_line(err)
+        assert code == 2 and f"cannot remove the cache entry {cache / k}" in line and "chattr -i" in line, err
+    finally:
+        subprocess.run(["chattr", "-i", str(stuck)], check=True)
+
+
+def test_gc_with_a_directory_as_a_marker_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "11111111.ready").mkdir()
+    code, _, err = gc(tmp_path)
+    assert code == 2 and f"{tmp_path / '11111111.ready'} is a directory" in error_line(err), err
