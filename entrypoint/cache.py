@@ -498,9 +498,11 @@ def publish(entry: Entry, record: dict[str, object]) -> None:
 
 
 def _write_atomic(path: Path, data: bytes | Iterable[bytes]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Created exclusively under a name no one can guess, never through a symlink planted there.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(8).hex()}.tmp")
     try:
-        with open(tmp, "wb", buffering=1 << 16) as out:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with open(fd, "wb", buffering=1 << 16) as out:
             for chunk in [data] if isinstance(data, bytes) else data:
                 out.write(chunk)  # a full disk raises ENOSPC here, possibly after a short write
             out.flush()

@@ -232,3 +232,17 @@ def test_gc_with_a_directory_as_a_marker_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "11111111.ready").mkdir()
     code, _, err = gc(tmp_path)
     assert code == 2 and f"{tmp_path / '11111111.ready'} is a directory" in error_line(err), err
+
+
+def test_marker_temporary_is_never_written_through_a_symlink(tmp_path: Path) -> None:
+    """`.<key8>.ready.<pid>.tmp` was opened by a predictable name, following a symlink there
+    (planted while an unpack runs, after its discard): its target was truncated and rewritten."""
+    from entrypoint import cache
+
+    outside = canary(tmp_path)
+    root = tmp_path / "cache"
+    root.mkdir()
+    marker = root / "0123abcd.ready"
+    (root / f".{marker.name}.{os.getpid()}.tmp").symlink_to(outside / "id_ed25519")
+    cache._write_atomic(marker, b"{}")
+    assert marker.read_bytes() == b"{}" and untouched(outside)
