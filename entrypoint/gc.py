@@ -187,7 +187,8 @@ def scan(root: Path) -> list[Item]:
 
 def _marker(entry: Entry) -> dict[str, object] | None:
     try:
-        record = json.loads(entry.marker.read_bytes())
+        data = cache.read_small(entry.marker, cache.MARKER_MAX)  # bigger: damage, the entry is incomplete
+        record = json.loads(data) if data is not None else None
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) else None
