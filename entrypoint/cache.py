@@ -99,10 +99,10 @@ def key_memo(root: Path, tarball: Path) -> Path:
 MARKER_MAX = 1 << 16
 
 
-def read_small(path: Path, limit: int) -> bytes | None:
+def read_small(path: Path | str, limit: int, dir_fd: int | None = None, flags: int = 0) -> bytes | None:
     """A small file of the cache's whole, or None if it is bigger than `limit`, or not a regular
     file (a FIFO there must not block the start, a directory is not a marker)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | flags, dir_fd=dir_fd)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
@@ -114,6 +114,26 @@ def read_small(path: Path, limit: int) -> bytes | None:
     finally:
         os.close(fd)
     return b"".join(chunks) if size <= limit else None
+
+
+MEMO_MAX = 1 << 16  # a memo holds a path, an identity and a key: a few hundred bytes
+
+
+def read_memo(root: Path, tarball: Path) -> bytes | None:
+    """The memo of `tarball`'s key (key_memo), read only from a `.keys` that is the cache's own
+    directory, never through a symlink there or at the memo's name (it is then neither written
+    nor swept: source._remember, gc.keys_dir); None if there is none or it is oversized."""
+    memo = key_memo(root, tarball)
+    try:
+        dfd = os.open(memo.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return read_small(memo.name, MEMO_MAX, dir_fd=dfd, flags=os.O_NOFOLLOW)
+    except OSError:
+        return None
+    finally:
+        os.close(dfd)
 
 
 def read_marker(entry: Entry) -> dict[str, object] | None:

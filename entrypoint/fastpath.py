@@ -149,7 +149,7 @@ def _remembered_key(tarball: Path, cache_dir: Path) -> str | None:
     """The SHA-256 remembered for this very file version (see source.content_key), if any."""
     try:
         st = os.stat(tarball)
-        saved = json.loads(cache.key_memo(cache_dir, tarball).read_bytes())
+        saved = json.loads(cache.read_memo(cache_dir, tarball) or b"")
     except (OSError, ValueError):
         return None
     if not isinstance(saved, dict) or saved.get("identity") != list(cache.file_identity(st)):

@@ -254,7 +254,6 @@ def collect(root: Path, max_bytes: int | None, max_age_days: float | None, dry_r
 # removes nothing else there: a cache directory pointed at a shared place may hold someone else's `.keys`.
 MEMO = re.compile(r"[0-9a-f]{16}")
 MEMO_TMP = re.compile(r"[0-9a-f]{16}\.[0-9]+(?:\.[0-9a-f]{16})?\.tmp")
-MEMO_MAX = 1 << 16  # a memo holds a path, an identity and a key: a few hundred bytes
 
 
 def keys_dir(root: Path) -> int | None:
@@ -310,13 +309,9 @@ def _sweep_key_memos(root: Path) -> None:
 
 def _memo_key(dfd: int, name: str) -> str | None:
     """The key a memo holds; None if it is unreadable, oversized or not a memo (worthless)."""
-    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
     try:
-        data = os.read(fd, MEMO_MAX + 1)
-    finally:
-        os.close(fd)
-    try:
-        key = json.loads(data)["sha256"] if len(data) <= MEMO_MAX else None
+        data = cache.read_small(name, cache.MEMO_MAX, dir_fd=dfd, flags=os.O_NOFOLLOW)
+        key = json.loads(data)["sha256"] if data is not None else None
     except (ValueError, KeyError, TypeError):
         return None
     return key if isinstance(key, str) else None

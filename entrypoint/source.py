@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from entrypoint.cache import file_identity, key_memo
+from entrypoint.cache import file_identity, key_memo, read_memo
 from entrypoint.constants import DEFAULT_TARBALL_NAME
 from entrypoint.errors import ArchiveError, ConfigError
 
@@ -153,7 +153,7 @@ def content_key(tarball: Tarball | RemoteTarball, cache_dir: Path, pin: str | No
         return remote.content_key(tarball, pin)
     memo = key_memo(cache_dir, tarball.path)
     try:
-        saved = json.loads(memo.read_text())
+        saved = json.loads(read_memo(cache_dir, tarball.path) or b"")
         if saved["identity"] == list(tarball.identity):
             key = str(saved["sha256"])
             _check_pin(tarball, key, pin)

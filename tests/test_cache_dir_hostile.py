@@ -283,3 +283,37 @@ def test_a_bloated_marker_is_damage_not_read_whole(small_tarball: Path, tmp_path
     code, _, err = unpack(small_tarball, cache)
     assert code == 0 and "extract:" in err and "cache hit" not in err, err
     assert marker.stat().st_size < 4096
+
+
+def _memo_name(tarball: Path) -> str:
+    import zlib
+
+    raw = str(tarball.resolve()).encode()
+    return f"{zlib.crc32(raw):08x}{zlib.adler32(raw):08x}"
+
+
+def test_memos_are_not_read_through_a_symlinked_keys(small_tarball: Path, tmp_path: Path) -> None:
+    """A `.keys` symlink is not the cache's own: a memo there named another content's key, and the
+    start unpacked this tarball under that key's name."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    st = small_tarball.resolve().stat()
+    identity = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    (outside / _memo_name(small_tarball)).write_text(json.dumps({"identity": identity, "sha256": "ab" * 32}))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / ".keys").symlink_to(outside)
+    for _ in range(2):  # cold, then warm
+        code, out, err = unpack(small_tarball, cache)
+        assert code == 0 and Path(out.splitlines()[-1]) == cache / key8(small_tarball), err
+    assert not (cache / "abababab").exists()
+
+
+def test_a_bloated_memo_is_not_read(small_tarball: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    assert unpack(small_tarball, cache)[0] == 0
+    memo = cache / ".keys" / _memo_name(small_tarball)
+    memo.write_text(json.dumps({**json.loads(memo.read_text()), "padding": "x" * (1 << 20)}))
+    code, _, err = unpack(small_tarball, cache)
+    assert code == 0 and "key hashed" in err, err
+    assert memo.stat().st_size < 4096  # written again
