@@ -7,6 +7,13 @@ and conda-unpack cannot write a prefix longer than the packed one into binary fi
     <key8>.lock      held while the entry is being made (flock: released if the process dies)
     <key8>.ready     JSON written last, atomically, after the data is durable: "this entry is complete"
     <key8>.manifest  size and mtime of every file and directory, to check the entry cheaply at start
+    <key8>.use       held (shared) by every process using the entry; its mtime is "last used" (gc.py)
+    .keys/<16 hex>   a tarball path's remembered SHA-256 (key_memo; only ever read, written and swept
+                     in a real directory, never through a symlink)
+
+Every one of these is a regular file (or, for <key8>, a directory) the cache made: a symlink,
+directory or FIFO in its place is never followed, but removed where nothing can be lost, or
+refused in one line naming it (not_ours).
 
 An entry without `.ready` is never used: a start killed at any moment leaves at most a partial
 directory, which the next start removes under the lock before extracting again.
