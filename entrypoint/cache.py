@@ -7,6 +7,13 @@ and conda-unpack cannot write a prefix longer than the packed one into binary fi
     <key8>.lock      held while the entry is being made (flock: released if the process dies)
     <key8>.ready     JSON written last, atomically, after the data is durable: "this entry is complete"
     <key8>.manifest  size and mtime of every file and directory, to check the entry cheaply at start
+    <key8>.use       held (shared) by every process using the entry; its mtime is "last used" (gc.py)
+    .keys/<16 hex>   a tarball path's remembered SHA-256 (key_memo; only ever read, written and swept
+                     in a real directory, never through a symlink)
+
+Every one of these is a regular file (or, for <key8>, a directory) the cache made: a symlink,
+directory or FIFO in its place is never followed, but removed where nothing can be lost, or
+refused in one line naming it (not_ours).
 
 An entry without `.ready` is never used: a start killed at any moment leaves at most a partial
 directory, which the next start removes under the lock before extracting again.
@@ -56,6 +63,26 @@ class Entry(NamedTuple):  # not a dataclass: importing dataclasses costs the war
         return self.root / f"{self.name}.manifest"
 
 
+def not_ours(path: Path, what: str) -> ConfigError:
+    """`path`, one of the cache's own names, holds what the cache never makes there (a symlink, a
+    directory, a FIFO): nothing is followed, written or removed through it; the user removes it."""
+    return ConfigError(
+        f"{path} is {what}, which the cache never makes there; nothing was written through it: "
+        f"remove it (rm -r '{path}') and try again"
+    )
+
+
+def kind(st: os.stat_result) -> str:
+    """What a file is, for not_ours: `a directory`, `a symbolic link`…"""
+    if stat.S_ISDIR(st.st_mode):
+        return "a directory"
+    if stat.S_ISLNK(st.st_mode):
+        return "a symbolic link"
+    if stat.S_ISFIFO(st.st_mode):
+        return "a FIFO"
+    return "not a regular file"
+
+
 def file_identity(st: os.stat_result) -> tuple[int, ...]:
     """What changes whenever a file's bytes can have changed (ctime: no user can set it back)."""
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
@@ -74,10 +101,53 @@ def key_memo(root: Path, tarball: Path) -> Path:
     return root / ".keys" / f"{zlib.crc32(raw):08x}{zlib.adler32(raw):08x}"
 
 
+# A marker holds a key, two paths (or a URL) and a few numbers: a few KB at most, JSON-escaped. One
+# bigger is damage (the entry is unpacked again), never read whole: 300 MB took a start to 600 MB.
+MARKER_MAX = 1 << 16
+
+
+def read_small(path: Path | str, limit: int, dir_fd: int | None = None, flags: int = 0) -> bytes | None:
+    """A small file of the cache's whole, or None if it is bigger than `limit`, or not a regular
+    file (a FIFO there must not block the start, a directory is not a marker)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | flags, dir_fd=dir_fd)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit and (chunk := os.read(fd, limit + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks) if size <= limit else None
+
+
+MEMO_MAX = 1 << 16  # a memo holds a path, an identity and a key: a few hundred bytes
+
+
+def read_memo(root: Path, tarball: Path) -> bytes | None:
+    """The memo of `tarball`'s key (key_memo), read only from a `.keys` that is the cache's own
+    directory, never through a symlink there or at the memo's name (it is then neither written
+    nor swept: source._remember, gc.keys_dir); None if there is none or it is oversized."""
+    memo = key_memo(root, tarball)
+    try:
+        dfd = os.open(memo.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return read_small(memo.name, MEMO_MAX, dir_fd=dfd, flags=os.O_NOFOLLOW)
+    except OSError:
+        return None
+    finally:
+        os.close(dfd)
+
+
 def read_marker(entry: Entry) -> dict[str, object] | None:
     """The entry's completion record, if it is complete and for this very tarball content."""
     try:
-        record = json.loads(entry.marker.read_bytes())
+        data = read_small(entry.marker, MARKER_MAX)
+        record = json.loads(data) if data is not None else None
     except (OSError, ValueError):
         return None
     if not isinstance(record, dict) or record.get("sha256") != entry.key:
@@ -141,15 +211,50 @@ def discard(entry: Entry) -> None:
 
     Also the temporaries of its marker and manifest (`_write_atomic`) that a start killed while
     publishing left behind: only the holder of the entry's unpack lock (or gc's exclusive lock)
-    calls this, so no live process is writing them."""
-    for path in (entry.marker, entry.manifest, *entry.root.glob(f".{entry.name}.*.tmp")):
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+    calls this, so no live process is writing them.
+
+    What the cache never makes at these names is not followed: a non-directory at the entry's
+    path (a FIFO, a symlink) is unlinked, an empty directory at a temporary's name removed; a
+    directory at the marker's or the manifest's name, or anything that cannot be removed (an
+    immutable file), is one line (ConfigError) naming it."""
+    for path in (entry.marker, entry.manifest):
+        remove_file(path)
+    for path in entry.root.glob(f".{entry.name}.*.tmp"):
+        remove_file(path, empty_dir_too=True)
     _fsync_dir(entry.root)
-    if entry.prefix.is_symlink() or entry.prefix.is_file():
-        entry.prefix.unlink()
-    elif entry.prefix.exists():
-        remove_tree(str(entry.prefix))
+    try:
+        st = os.lstat(entry.prefix)
+    except FileNotFoundError:
+        return
+    try:
+        if stat.S_ISDIR(st.st_mode):
+            remove_tree(str(entry.prefix))
+        else:
+            entry.prefix.unlink()
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename and exc.filename != str(entry.prefix) else ""
+        raise ConfigError(
+            f"cannot remove the cache entry {entry.prefix} to unpack it again ({exc.strerror}{where}); remove it "
+            f"by hand (rm -rf '{entry.prefix}', after chattr -i of any immutable file) and try again"
+        ) from None
+
+
+def remove_file(path: Path, empty_dir_too: bool = False) -> None:
+    """Unlink one of the cache's own files (never following a symlink there); a directory in its
+    place is one line, or, if `empty_dir_too` (a stale temporary's name), removed when empty."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        if empty_dir_too:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+                return
+        if os.path.isdir(path):
+            raise not_ours(path, "a directory") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot remove {path} ({exc.strerror}); remove it by hand and try again") from None
 
 
 _DIR_OPEN = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -436,17 +541,32 @@ def _complete(text: str, full: bool) -> bool:
     return not full or (text.endswith(f"\n{MANIFEST_END}") and f"\n{QUICK_END}" in text)
 
 
+# Quick lines are at most QUICK_LINE_MAX characters, of up to 4 bytes each in UTF-8: a quick section
+# longer than this is no manifest's.
+QUICK_MAX = QUICK_LINES * QUICK_LINE_MAX * 4
+
+
 def _quick_section(manifest: Path) -> bytes:
     """The manifest's lines before the QUICK_END line, read no further: the rest can be 10 MB.
-    Empty if there is no such line: the manifest was cut short."""
-    data = b"\n"
-    with open(manifest, "rb") as f:
-        while (end := data.find(b"\n" + QUICK_END.encode())) < 0:
+    Empty if there is no such line (the manifest was cut short) within QUICK_MAX bytes.
+
+    Linear and bounded: each block is searched once (with the few bytes before it a match may
+    start in), and no more than QUICK_MAX is held (100 MB of garbage took 86 s and 232 MB)."""
+    mark = b"\n" + QUICK_END.encode()
+    fd = os.open(manifest, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO must not block
+    with open(fd, "rb", buffering=0) as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise IsADirectoryError(errno.EISDIR, "not a regular file", str(manifest))
+        data = bytearray(b"\n")
+        while len(data) <= QUICK_MAX + 1:
             block = f.read(1 << 18)
             if not block:
                 return b""
+            start = max(0, len(data) - len(mark) + 1)
             data += block
-    return data[1 : end + 1]
+            if (end := data.find(mark, start)) >= 0:
+                return bytes(data[1 : end + 1])
+    return b""
 
 
 def publish(entry: Entry, record: dict[str, object]) -> None:
@@ -457,9 +577,11 @@ def publish(entry: Entry, record: dict[str, object]) -> None:
 
 
 def _write_atomic(path: Path, data: bytes | Iterable[bytes]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Created exclusively under a name no one can guess, never through a symlink planted there.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(8).hex()}.tmp")
     try:
-        with open(tmp, "wb", buffering=1 << 16) as out:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with open(fd, "wb", buffering=1 << 16) as out:
             for chunk in [data] if isinstance(data, bytes) else data:
                 out.write(chunk)  # a full disk raises ENOSPC here, possibly after a short write
             out.flush()

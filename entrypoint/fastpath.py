@@ -74,7 +74,10 @@ def lookup(environ: Mapping[str, str], require: tuple[str, ...]) -> Hit | None:
     if key is None or (pin is not None and key != pin):
         return None
     entry = Entry(cache_dir, key)
-    gc.hold(entry)  # before the marker is read: from here no gc removes it until the server exits
+    try:
+        gc.hold(entry)  # before the marker is read: from here no gc removes it until the server exits
+    except EntrypointError:
+        return None  # the full path says what is wrong, in one line
     record = cache.read_marker(entry)
     if record is None or not cache.unpacked_here(entry, record) or cache.verify(entry, full=verify == "full"):
         return None
@@ -146,7 +149,7 @@ def _remembered_key(tarball: Path, cache_dir: Path) -> str | None:
     """The SHA-256 remembered for this very file version (see source.content_key), if any."""
     try:
         st = os.stat(tarball)
-        saved = json.loads(cache.key_memo(cache_dir, tarball).read_bytes())
+        saved = json.loads(cache.read_memo(cache_dir, tarball) or b"")
     except (OSError, ValueError):
         return None
     if not isinstance(saved, dict) or saved.get("identity") != list(cache.file_identity(st)):

@@ -19,6 +19,7 @@ import fcntl
 import json
 import os
 import re
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,25 +59,43 @@ def hold(entry: Entry) -> None:
             except OSError:
                 return
             continue
-        except OSError:
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise cache.not_ours(path, "a symbolic link") from None
             try:
                 fd = _open(path, create=False)
-            except OSError:
+            except OSError as again:
+                if again.errno == errno.ELOOP:
+                    raise cache.not_ours(path, "a symbolic link") from None
                 return  # read-only cache without the file: nobody can gc it from here either
+        _regular(fd, path)
         fcntl.flock(fd, fcntl.LOCK_SH)
         if _names(fd, path):
             os.set_inheritable(fd, True)
             with contextlib.suppress(OSError):
-                os.utime(fd)  # "last used": now
+                os.utime(fd)  # "last used": now, through the descriptor
             _held[path] = fd
             return
         os.close(fd)  # gc removed the file we locked; lock the new one
 
 
+# Never through a symlink planted at the name (O_CREAT would create its target, utime touch it),
+# and never blocking on a FIFO there.
+_USE_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
 def _open(path: Path, create: bool) -> int:
     if create:
-        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        return os.open(path, os.O_RDWR | os.O_CREAT | _USE_FLAGS, 0o644)
+    return os.open(path, os.O_RDONLY | _USE_FLAGS)
+
+
+def _regular(fd: int, path: Path) -> None:
+    """Refuse (closing `fd`) a `.use` that is not a regular file: a directory or a FIFO there opens."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise cache.not_ours(path, cache.kind(st))
 
 
 def _names(fd: int, path: Path) -> bool:
@@ -92,7 +111,7 @@ def _exclusive(entry: Entry, create: bool) -> Iterator[bool]:
     """Hold the entry's exclusive lock, if no process uses it; yields whether it was taken."""
     path = use_file(entry)
     try:  # a dry run only looks: reading is enough to lock, also on a cache mounted read-only
-        fd = os.open(path, (os.O_RDWR | os.O_CREAT if create else os.O_RDONLY) | os.O_CLOEXEC, 0o644)
+        fd = _open(path, create)
     except FileNotFoundError:
         yield True  # dry run: no start ever held it (a start creates the file before anything else)
         return
@@ -101,12 +120,15 @@ def _exclusive(entry: Entry, create: bool) -> Iterator[bool]:
             f"cannot lock {path} (uid {os.getuid()} may not write it); run gc as the cache's owner"
         ) from None
     except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EISDIR):
+            raise cache.not_ours(path, "a symbolic link" if exc.errno == errno.ELOOP else "a directory") from None
         if exc.errno != errno.EROFS:
             raise
         raise ConfigError(
             f"cache directory {entry.root} is read-only here: gc can remove nothing; run it where the cache "
             "is mounted writable (or add --dry-run to list what it would remove)"
         ) from None
+    _regular(fd, path)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -165,7 +187,8 @@ def scan(root: Path) -> list[Item]:
 
 def _marker(entry: Entry) -> dict[str, object] | None:
     try:
-        record = json.loads(entry.marker.read_bytes())
+        data = cache.read_small(entry.marker, cache.MARKER_MAX)  # bigger: damage, the entry is incomplete
+        record = json.loads(data) if data is not None else None
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) else None
@@ -226,37 +249,79 @@ def collect(root: Path, max_bytes: int | None, max_age_days: float | None, dry_r
     return out
 
 
+# The names source._remember gives the files of `.keys/`: a memo (two zlib checksums, cache.key_memo)
+# and its temporary (`<memo>.<pid>.<random>.tmp`; `<memo>.<pid>.tmp` before the random part). gc
+# removes nothing else there: a cache directory pointed at a shared place may hold someone else's `.keys`.
+MEMO = re.compile(r"[0-9a-f]{16}")
+MEMO_TMP = re.compile(r"[0-9a-f]{16}\.[0-9]+(?:\.[0-9a-f]{16})?\.tmp")
+
+
+def keys_dir(root: Path) -> int | None:
+    """`<root>/.keys` opened as a directory, never through a symlink; None (with a warning) if it is
+    a symlink or not a directory: it is then not the cache's own, and nothing is written or removed
+    in it. None also if it is missing or cannot be opened."""
+    path = root / ".keys"
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            log.info(
+                f"warning: {path} is a symbolic link or not a directory, so not the cache's own: tarball keys are "
+                f"neither remembered nor swept there (each start hashes the tarball again); remove it (rm {path})"
+            )
+        return None
+
+
 def _sweep_key_memos(root: Path) -> None:
     """Drop the remembered keys (source.content_key) that no longer lead anywhere: temporaries a
     start was killed while writing, and memos whose entry is gone. Each holds a path and a key, so
     without this `.keys/` grows by one file per tarball path ever used. A minute's grace: a start
-    writes its memo just before it creates the entry's files. Losing a memo costs one re-hash."""
+    writes its memo just before it creates the entry's files. Losing a memo costs one re-hash.
+
+    Only regular files named as source._remember names them (MEMO, MEMO_TMP), through a descriptor
+    of `.keys` opened without following a symlink (keys_dir)."""
     try:
         ours = {m.group(1) for n in os.listdir(root) if (m := NAME.fullmatch(n)) and m.group(2)}
-        memos = list(os.scandir(root / ".keys"))
     except OSError:
         return
-    now = time.time()
-    for memo in memos:
-        with contextlib.suppress(OSError):
-            if now - memo.stat(follow_symlinks=False).st_mtime <= 60:
-                continue
-            if not memo.name.endswith(".tmp"):
-                try:
-                    key = json.loads(Path(memo.path).read_bytes())["sha256"]
-                except (ValueError, KeyError, TypeError):
-                    key = None  # unreadable: worthless
-                if isinstance(key, str) and key[: cache.KEY_CHARS] in ours:
+    dfd = keys_dir(root)
+    if dfd is None:
+        return
+    try:
+        now = time.time()
+        with os.scandir(dfd) as it:
+            names = [e.name for e in it if MEMO.fullmatch(e.name) or MEMO_TMP.fullmatch(e.name)]
+        for name in names:
+            with contextlib.suppress(OSError):
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                if not stat.S_ISREG(st.st_mode) or now - st.st_mtime <= 60:
                     continue
-            os.unlink(memo.path)
+                if MEMO.fullmatch(name):
+                    key = _memo_key(dfd, name)
+                    if key is not None and key[: cache.KEY_CHARS] in ours:
+                        continue
+                os.unlink(name, dir_fd=dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def _memo_key(dfd: int, name: str) -> str | None:
+    """The key a memo holds; None if it is unreadable, oversized or not a memo (worthless)."""
+    try:
+        data = cache.read_small(name, cache.MEMO_MAX, dir_fd=dfd, flags=os.O_NOFOLLOW)
+        key = json.loads(data)["sha256"] if data is not None else None
+    except (ValueError, KeyError, TypeError):
+        return None
+    return key if isinstance(key, str) else None
 
 
 def _remove(entry: Entry) -> None:
     """Under the exclusive lock: marker first (cache.discard), then data, then the lock files."""
     cache.discard(entry)
     for path in (entry.lock, use_file(entry)):
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        cache.remove_file(path)
 
 
 def at_start(settings: Settings) -> None:

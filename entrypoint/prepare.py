@@ -6,6 +6,7 @@ import contextlib
 import errno
 import os
 import signal
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,24 +62,22 @@ def prepare(settings: Settings, tarball: Tarball | RemoteTarball, require: tuple
     from filelock import FileLock, Timeout  # only the cold path needs it
 
     lock = FileLock(entry.lock, timeout=settings.lock_timeout)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        log.info(f"waiting for another process unpacking {tarball.display} (lock {entry.lock})")
+    with _lock_errors(entry, problem):
+        _check_lock_file(entry)
         try:
-            lock.acquire()
+            lock.acquire(timeout=0)
         except Timeout:
-            # Not "remove the lock file": the kernel drops a lock when its holder dies, so a held one
-            # is a live unpack (here or in another container on the volume), which a second would corrupt.
-            raise ConfigError(
-                f"another process is still unpacking {tarball.display} into {entry.prefix} after "
-                f"{settings.lock_timeout:g} s (MLSERVER_ENV_LOCK_TIMEOUT); start again once it is done, "
-                "or raise the setting"
-            ) from None
-        except PermissionError:
-            raise _foreign_entry(entry, problem) from None
-    except PermissionError:
-        raise _foreign_entry(entry, problem) from None
+            log.info(f"waiting for another process unpacking {tarball.display} (lock {entry.lock})")
+            try:
+                lock.acquire()
+            except Timeout:
+                # Not "remove the lock file": the kernel drops a lock when its holder dies, so a held one
+                # is a live unpack (here or in another container on the volume), which a second would corrupt.
+                raise ConfigError(
+                    f"another process is still unpacking {tarball.display} into {entry.prefix} after "
+                    f"{settings.lock_timeout:g} s (MLSERVER_ENV_LOCK_TIMEOUT); start again once it is done, "
+                    "or raise the setting"
+                ) from None
     try:
         problem = _usable(entry, settings, require)  # someone may have finished while we waited
         if problem is None:
@@ -103,6 +102,31 @@ def _usable(entry: Entry, settings: Settings, require: tuple[str, ...]) -> str |
             if not os.access(entry.prefix / "bin" / program, os.X_OK):
                 _missing_program(entry.prefix, program)
     return problem
+
+
+@contextlib.contextmanager
+def _lock_errors(entry: Entry, problem: str) -> Iterator[None]:
+    """Taking the unpack lock: another uid's lock file, or what the cache never makes at its name
+    (a directory; a symlink, which filelock opens with O_NOFOLLOW: ELOOP), is one line."""
+    try:
+        yield
+    except PermissionError:
+        raise _foreign_entry(entry, problem) from None
+    except OSError as exc:
+        if exc.errno in (errno.EISDIR, errno.ELOOP):
+            what = "a directory" if exc.errno == errno.EISDIR else "a symbolic link"
+            raise cache.not_ours(entry.lock, what) from None
+        raise ConfigError(f"cannot lock {entry.lock} ({exc.strerror}); remove it and try again") from None
+
+
+def _check_lock_file(entry: Entry) -> None:
+    """The lock file, if there, must be a regular file: never a symlink to follow, a FIFO to block on."""
+    try:
+        st = os.lstat(entry.lock)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise cache.not_ours(entry.lock, cache.kind(st))
 
 
 def _foreign_entry(entry: Entry, problem: str) -> ConfigError:
@@ -248,6 +272,8 @@ def _abandon(entry: Entry) -> None:
         cache.discard(entry)
     except OSError as exc:
         log.info(f"could not remove partial entry {entry.prefix} ({exc.strerror}); the next start will")
+    except ConfigError as exc:  # after the error that ends the start, which it must not replace
+        log.info(f"could not remove partial entry {entry.prefix}: {exc}")
     finally:
         _restore_signals(previous)
 

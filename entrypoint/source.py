@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from entrypoint.cache import file_identity, key_memo
+from entrypoint.cache import file_identity, key_memo, read_memo
 from entrypoint.constants import DEFAULT_TARBALL_NAME
 from entrypoint.errors import ArchiveError, ConfigError
 
@@ -157,7 +158,7 @@ def content_key(tarball: Tarball | RemoteTarball, cache_dir: Path, pin: str | No
         return remote.content_key(tarball, pin)
     memo = key_memo(cache_dir, tarball.path)
     try:
-        saved = json.loads(memo.read_text())
+        saved = json.loads(read_memo(cache_dir, tarball.path) or b"")
         if saved["identity"] == list(tarball.identity):
             key = str(saved["sha256"])
             _check_pin(tarball, key, pin)
@@ -217,11 +218,35 @@ def pin_mismatch(digest: str, pin: str, outcome: str) -> str:
 
 
 def _remember(memo: Path, record: dict[str, object]) -> None:
-    """Best effort: a read-only cache just means hashing again next time."""
+    """Best effort: a read-only cache just means hashing again next time.
+
+    Written in `.keys` opened without following a symlink (gc.keys_dir: a `.keys` that is a symlink
+    or a file is not the cache's own, and gets nothing), to a temporary created exclusively, under
+    a name no one can guess (as a container's PID 1, the pid alone always is 1), never through a
+    symlink planted there; then renamed over the memo."""
+    from entrypoint import gc
+
     try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, memo)
-    except OSError:
+        memo.parent.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(memo.parent, 0o755)
+    except FileExistsError:
         pass
+    except OSError:
+        return
+    dfd = gc.keys_dir(memo.parent.parent)
+    if dfd is None:
+        return
+    tmp = f"{memo.name}.{os.getpid()}.{os.urandom(8).hex()}.tmp"  # gc.MEMO_TMP
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dfd)
+        try:
+            with open(fd, "wb", closefd=False) as out:
+                out.write(json.dumps(record).encode())
+        finally:
+            os.close(fd)
+        os.replace(tmp, memo.name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dfd)
+    finally:
+        os.close(dfd)
