@@ -759,7 +759,7 @@ class NeedsRandomAccess(ArchiveError):
     """A zip archive (its index is at its end) given as a forward-only stream."""
 
 
-class _Replay:
+class Replay:
     """A forward-only stream (a download) with the bytes read for format detection put back."""
 
     def __init__(self, head: bytes, rest: BinaryIO) -> None:
@@ -790,7 +790,7 @@ def members(raw: BinaryIO) -> Iterator[Member]:
     if raw.seekable():
         raw.seek(0)
     else:
-        raw = cast(BinaryIO, _Replay(head, raw))
+        raw = cast(BinaryIO, Replay(head, raw))
     fmt = detect_format(head)
     if fmt == "zip":
         if not raw.seekable():

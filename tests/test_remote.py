@@ -3,7 +3,8 @@
 The HTTP server below is real (loopback only) and counts what it is asked: a warm start must not
 GET the body again. Routes are /<behaviour>/<name>: ok, flaky (503 the first GETs), cut (closes
 the first GET half-way), stall (stops sending half-way), noval (no ETag nor Last-Modified),
-norange (ignores Range), moving (another ETag on HEAD than on GET), forbidden (403), gzipped
+norange (ignores Range), moving (another ETag on HEAD than on GET), twofaced (answers Range
+requests from the file `<name>.evil`, with the same ETag and size), forbidden (403), gzipped
 (sends `Content-Encoding: gzip`, as S3 does for an object uploaded with that metadata), loop
 (redirects to itself), bad (400); an unknown name is a 404.
 """
@@ -111,6 +112,8 @@ class Handler(BaseHTTPRequestHandler):
             return self._status(412)
         if behaviour == "moving" and not body:
             etag = '"replaced-since"'  # the object changes between the HEAD and the GET
+        if behaviour == "twofaced" and status == 206:
+            file = srv.files[f"{name}.evil"]  # same size, same ETag: only the bytes differ
         self.send_response(status)
         self.send_header("Content-Length", str(end - start))
         if status == 206:
@@ -363,7 +366,7 @@ def test_server_without_validators_needs_a_pin(http: Server, tiny: Path, tmp_pat
     assert pinned.returncode == 0, pinned.stderr
 
 
-def test_zip_is_read_with_range_requests(http: Server, tmp_path: Path) -> None:
+def test_zip_is_downloaded_once_and_unpacked_from_what_was_hashed(http: Server, tmp_path: Path) -> None:
     archive = tiny_env(tmp_path / "env.zip")
     http.files["env.zip"] = archive
     proc = unpack(f"{http.base}/ok/env.zip", tmp_path / "c", MLSERVER_ENV_TARBALL_SHA256=sha256(archive))
@@ -372,11 +375,34 @@ def test_zip_is_read_with_range_requests(http: Server, tmp_path: Path) -> None:
     with zipfile.ZipFile(archive) as zf:
         assert (prefix / "share" / "blob").read_bytes() == zf.read("share/blob")
     assert os.readlink(prefix / "bin" / "python") == "python3.11"
-    assert http.gets("/ok/env.zip") >= 3  # a streaming pass for the pin, then ranges (8 MiB blocks)
+    assert http.gets("/ok/env.zip") == 1  # one GET, hashed as it was spooled: no second pass, no ranges
+    assert not list((tmp_path / "c").glob(".*.tmp"))  # the spool is gone
 
-    refused = unpack(f"{http.base}/norange/env.zip", tmp_path / "c2")
-    assert refused.returncode == 2 and "range requests" in error_line(refused)
-    assert published(tmp_path / "c2") == []
+    # A server that ignores Range serves a zip too, and the unpinned digest is logged.
+    unpinned = unpack(f"{http.base}/norange/env.zip", tmp_path / "c2")
+    assert unpinned.returncode == 0 and f"SHA-256 {sha256(archive)}" in unpinned.stderr, unpinned.stderr
+    assert not list((tmp_path / "c2").glob(".*.tmp"))
+
+    wrong = unpack(f"{http.base}/ok/env.zip", tmp_path / "c3", MLSERVER_ENV_TARBALL_SHA256="0" * 64)
+    assert wrong.returncode == 2 and "nothing was published" in error_line(wrong)
+    assert published(tmp_path / "c3") == [] and not list((tmp_path / "c3").glob(".*.tmp"))
+
+
+def test_zip_pin_cannot_be_bypassed_by_range_answers(http: Server, tmp_path: Path) -> None:
+    """A server answering plain GETs with the pinned zip and Range GETs with another of the same
+    size and ETag: what is unpacked must be what was hashed, under the pin's key (which a local
+    copy shares)."""
+    good, evil = tiny_env(tmp_path / "good.zip"), tiny_env(tmp_path / "evil.zip")  # random blobs, same size
+    assert good.stat().st_size == evil.stat().st_size and sha256(good) != sha256(evil)
+    http.files["two.zip"], http.files["two.zip.evil"] = good, evil
+    url = f"{http.base}/twofaced/two.zip"
+    for cache, pin in ((tmp_path / "c", sha256(good)), (tmp_path / "c2", None)):
+        proc = unpack(url, cache, MLSERVER_ENV_TARBALL_SHA256=pin)
+        assert proc.returncode == 0, proc.stderr
+        assert f"SHA-256 {sha256(good)}" in proc.stderr, proc.stderr
+        prefix = Path(proc.stdout.splitlines()[-1])
+        with zipfile.ZipFile(good) as zf:
+            assert (prefix / "share" / "blob").read_bytes() == zf.read("share/blob")
 
 
 def test_seed_served_from_an_http_url(http: Server, seed: Example, tmp_path: Path) -> None:
