@@ -52,6 +52,8 @@ BLOCK = 8 << 20  # range-request size for object stores: bounds what is buffered
 VALIDATORS = ("ETag", "etag", "Last-Modified", "LastModified", "generation", "updated", "VersionId")
 TRANSIENT_STATUS = {408, 425, 429}  # and every 5xx
 BACKOFF_BASE, BACKOFF_MAX = 0.5, 30.0
+ZIP_MEMBER_OVERHEAD = 1024  # a zip's bytes besides the data, per member: two headers, the name twice, generously
+MAX_IDLE = 64 << 20  # bytes a download may take to give no tar at all: as archive.MAX_TRAILER bounds the padding
 
 _infos: dict[str, dict[str, Any]] = {}  # url -> fs.info, so the cold path does not ask twice
 
@@ -143,10 +145,11 @@ def _extract_once(tarball: RemoteTarball, info: dict[str, Any], entry: Entry, se
             if archive.detect_format(head) == "zip":
                 spool = _spool_zip(tarball, reader, head, entry, settings)
             else:
+                reader.produced()  # from here, bytes that give no tar are bounded
                 progress = log.Progress("extract", size, reader.tell) if size else None
                 try:
                     stats = extractor.extract(  # written back meanwhile by prepare's cache.BackgroundSync
-                        _ticking(archive.members(stream), progress),
+                        _ticking(archive.members(stream, reader.produced), progress),
                         entry.prefix,
                         limits,
                     )
@@ -186,6 +189,8 @@ def _spool_zip(tarball: RemoteTarball, reader: _Reader, head: bytes, entry: Entr
     from entrypoint import extract as extractor
 
     spool = entry.root / f".{entry.name}.download.{os.getpid()}.tmp"
+    # Of unknown size, bounded by what it may unpack to: a server that keeps sending must not fill the cache.
+    bound = settings.max_unpacked_bytes + settings.max_members * ZIP_MEMBER_OVERHEAD + MAX_IDLE
     try:
         fd = os.open(spool, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         with open(fd, "wb", buffering=0) as out:
@@ -195,6 +200,12 @@ def _spool_zip(tarball: RemoteTarball, reader: _Reader, head: bytes, entry: Entr
                 while view:  # a short write (rare): write the rest
                     view = view[out.write(view) or 0 :]
                 data = reader.read(CHUNK)
+                if reader.size is None and reader.pos > bound:
+                    raise ArchiveError(
+                        f"{tarball.display}: the zip download passed {bound} bytes, more than it may unpack to; "
+                        "raise MLSERVER_ENV_MAX_UNPACKED_BYTES if this environment is really that large, or check "
+                        "the server"
+                    )
         _check_pin(tarball, reader.finish(), settings.tarball_sha256, reader.pos)
         return spool
     except BaseException as exc:  # a stop signal's too: no spool outlives its attempt
@@ -336,6 +347,7 @@ class _Reader:
         self.size = size
         self._sha = hashlib.sha256()
         self.pos = 0
+        self._idle_from: int | None = None  # where the codec last gave output, once watched (`produced`)
 
     def readable(self) -> bool:
         return True
@@ -356,6 +368,7 @@ class _Reader:
                 break
             self._sha.update(data)
             self.pos += len(data)
+            self._check_bounds()
             parts.append(data)
             if n > 0:
                 n -= len(data)
@@ -363,6 +376,26 @@ class _Reader:
 
     def _read_some(self, n: int) -> bytes:
         return bytes(_call(self._tarball, lambda: self._f.read(n)))
+
+    def produced(self) -> None:
+        """The codec gave a chunk of tar (called in the thread that reads this). Valid compressed
+        data never takes MAX_IDLE bytes to give one; zero padding after a gzip member, or endless
+        empty members, give none at all, so they would never reach the extractor's own bound on
+        what follows the end-of-archive marker: the bytes read since the last chunk are bounded."""
+        self._idle_from = self.pos
+
+    def _check_bounds(self) -> None:
+        if self.size is not None and self.pos > self.size:
+            raise ArchiveError(
+                f"{self._tarball.display}: the server sent more than the {self.size} bytes it announced (a server "
+                "fault); check that it serves the object alone, or serve it from another server"
+            )
+        if self._idle_from is not None and self.pos - self._idle_from > MAX_IDLE:
+            raise ArchiveError(
+                f"{self._tarball.display}: more than {MAX_IDLE >> 20} MiB of the download gave no data (zero "
+                "padding or empty compressed streams after the archive: corrupt or hostile, or a server that "
+                "keeps sending); pack it again or check the server"
+            )
 
     def finish(self) -> str:
         """Read what the extractor left (end-of-archive padding, the compressor's trailer); the digest."""

@@ -4,13 +4,16 @@ The HTTP server below is real (loopback only) and counts what it is asked: a war
 GET the body again. Routes are /<behaviour>/<name>: ok, flaky (503 the first GETs), cut (closes
 the first GET half-way), stall (stops sending half-way), noval (no ETag nor Last-Modified),
 norange (ignores Range), moving (another ETag on HEAD than on GET), twofaced (answers Range
-requests from the file `<name>.evil`, with the same ETag and size), forbidden (403), gzipped
+requests from the file `<name>.evil`, with the same ETag and size), endless (the file, then zero
+bytes until the client hangs up, no Content-Length on HEAD nor GET), padded (the same, but HEAD
+announces the file's size), forbidden (403), gzipped
 (sends `Content-Encoding: gzip`, as S3 does for an object uploaded with that metadata), loop
 (redirects to itself), bad (400); an unknown name is a 404.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -101,6 +104,8 @@ class Handler(BaseHTTPRequestHandler):
             return self._status(404)
         if fail and behaviour == "flaky":
             return self._status(503)
+        if behaviour in ("endless", "padded"):
+            return self._endless(file, body, announce=behaviour == "padded")
         st = file.stat()
         etag = f'"{st.st_size:x}-{st.st_mtime_ns:x}"'
         start, end, status = 0, st.st_size, 200
@@ -143,6 +148,22 @@ class Handler(BaseHTTPRequestHandler):
                     return
                 self.wfile.write(chunk)
                 sent += len(chunk)
+
+    def _endless(self, file: Path, body: bool, announce: bool) -> None:
+        self.send_response(200)
+        if announce and not body:
+            self.send_header("Content-Length", str(file.stat().st_size))
+        self.send_header("ETag", '"endless"')
+        self.send_header("Connection", "close")  # no length: the body ends when the connection does
+        self.end_headers()
+        self.close_connection = True
+        if not body:
+            return
+        self.wfile.write(file.read_bytes())
+        zeros = bytes(1 << 20)
+        with contextlib.suppress(OSError):
+            for _ in range(4096):  # 4 GiB: "forever" for the test, yet a hang cannot outlive it by much
+                self.wfile.write(zeros)
 
     def _status(self, code: int) -> None:
         self.send_response(code)
@@ -356,6 +377,39 @@ def test_object_replaced_after_the_head_is_not_cached(http: Server, tiny: Path, 
     proc = unpack(f"{http.base}/moving/moving.tar.gz", tmp_path / "c")
     assert proc.returncode == 2 and "changed while it was being downloaded; start again" in error_line(proc)
     assert published(tmp_path / "c") == []
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "expected"),
+    [("endless", "more than 64 MiB of the download gave no data"), ("padded", "more than the")],
+)
+def test_endless_zeros_after_the_archive_are_refused(
+    http: Server, tiny: Path, tmp_path: Path, behaviour: str, expected: str
+) -> None:
+    """A valid .tar.gz, then zero bytes without end: a gzip reader skips them without a byte of
+    output, so only the count of downloaded bytes can stop it (the size HEAD announced, else 64 MiB
+    that give no tar); a pin is checked only at the end."""
+    http.files["endless.tar.gz"] = tiny
+    t0 = time.monotonic()
+    proc = unpack(f"{http.base}/{behaviour}/endless.tar.gz", tmp_path / "c", MLSERVER_ENV_TARBALL_SHA256=sha256(tiny))
+    assert proc.returncode == 3, proc.stderr
+    assert expected in error_line(proc)
+    assert time.monotonic() - t0 < 60
+    assert published(tmp_path / "c") == [] and not (tmp_path / "c" / sha256(tiny)[:8]).exists()
+
+
+def test_endless_zip_download_is_bounded(http: Server, tmp_path: Path) -> None:
+    """A zip is spooled to the cache: of unknown size, it may not grow past what it may unpack to."""
+    http.files["endless.zip"] = tiny_env(tmp_path / "env.zip")
+    proc = unpack(
+        f"{http.base}/endless/endless.zip",
+        tmp_path / "c",
+        MLSERVER_ENV_MAX_UNPACKED_BYTES="16000000",
+        MLSERVER_ENV_MAX_MEMBERS="100",
+    )
+    assert proc.returncode == 3, proc.stderr
+    assert "MLSERVER_ENV_MAX_UNPACKED_BYTES" in error_line(proc)
+    assert published(tmp_path / "c") == [] and list((tmp_path / "c").glob(".*.tmp")) == []
 
 
 def test_server_without_validators_needs_a_pin(http: Server, tiny: Path, tmp_path: Path) -> None:
