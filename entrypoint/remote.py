@@ -316,10 +316,23 @@ def _conditions(info: dict[str, Any]) -> dict[str, str]:
 
 
 def _check_same_object(tarball: RemoteTarball, f: Any, info: dict[str, Any]) -> None:
-    """s3fs pins its ranged reads to the ETag it saw at open; it must be the one the key came from."""
+    """The GET must be of the object whose HEAD the key came from, or it would be published under
+    that object's identity: s3fs pins its ranged reads to the ETag it saw at open; an http server
+    may ignore If-Match, so its answer's ETag (when both say one) and length must be HEAD's."""
     details = getattr(f, "details", None)
     if isinstance(details, dict) and "ETag" in details and "ETag" in info and details["ETag"] != info["ETag"]:
         raise ConfigError(f"{tarball.display} changed while starting; start again")
+    headers = getattr(getattr(f, "r", None), "headers", None)  # fsspec's HTTPStreamFile: the aiohttp response
+    if headers is None:
+        return
+    etag, length, size = headers.get("ETag"), headers.get("Content-Length"), info.get("size")
+    if etag and info.get("ETag") and etag != info["ETag"]:
+        changed = f"its ETag was {info['ETag']} on HEAD, {etag} on GET"
+    elif length is not None and length.isdigit() and size is not None and int(length) != size:
+        changed = f"its size was {size} bytes on HEAD, {length} on GET"
+    else:
+        return
+    raise ConfigError(f"{tarball.display} changed while starting ({changed}; the server ignored If-Match); start again")
 
 
 class _open:

@@ -4,7 +4,9 @@ The HTTP server below is real (loopback only) and counts what it is asked: a war
 GET the body again. Routes are /<behaviour>/<name>: ok, flaky (503 the first GETs), cut (closes
 the first GET half-way), stall (stops sending half-way), noval (no ETag nor Last-Modified),
 norange (ignores Range), moving (another ETag on HEAD than on GET), twofaced (answers Range
-requests from the file `<name>.evil`, with the same ETag and size), endless (the file, then zero
+requests from the file `<name>.evil`, with the same ETag and size), swapped (HEAD tells of
+`<name>` with ETag "a1", GET ignores If-Match and sends `<name>.b` with ETag "b2"; swapped-noetag:
+no ETag on that GET), endless (the file, then zero
 bytes until the client hangs up, no Content-Length on HEAD nor GET), padded (the same, but HEAD
 announces the file's size), forbidden (403), gzipped
 (sends `Content-Encoding: gzip`, as S3 does for an object uploaded with that metadata), loop
@@ -113,7 +115,16 @@ class Handler(BaseHTTPRequestHandler):
         if ranged.startswith("bytes=") and behaviour != "norange":
             first, _, last = ranged[6:].partition("-")
             start, end, status = int(first), min(int(last) + 1 if last else st.st_size, st.st_size), 206
-        if behaviour != "noval" and self.headers.get("If-Match") not in (None, etag):
+        if behaviour.startswith("swapped"):  # HEAD tells of <name>, GET sends <name>.b, ignoring If-Match
+            if body:
+                file = srv.files[f"{name}.b"]
+                st = file.stat()
+                start, end, etag = 0, st.st_size, '"b2"'
+            else:
+                etag = '"a1"'
+            if behaviour == "swapped-noetag" and body:
+                behaviour = "noval"
+        elif behaviour != "noval" and self.headers.get("If-Match") not in (None, etag):
             return self._status(412)
         if behaviour == "moving" and not body:
             etag = '"replaced-since"'  # the object changes between the HEAD and the GET
@@ -196,7 +207,7 @@ def published(cache: Path) -> list[str]:
 
 def tiny_env(path: Path) -> Path:
     """An environment the entrypoint accepts (a bin/python with this machine's ELF header) with an
-    8 MiB incompressible member, as .tar.gz or .zip: fault tests pay for the transfer, not an unpack."""
+    8 MiB incompressible member, as .tar.gz, .tar or .zip: fault tests pay for the transfer, not an unpack."""
     elf = Path(os.path.realpath(sys.executable)).read_bytes()[:4096]
     blob = os.urandom(8 << 20)
     if path.suffix == ".zip":
@@ -212,7 +223,8 @@ def tiny_env(path: Path) -> Path:
             zlink.external_attr = (stat.S_IFLNK | 0o777) << 16
             zf.writestr(zlink, "python3.11")
         return path
-    with tarfile.open(path, "w:gz", compresslevel=1) as tf:
+    options: dict[str, Any] = {"mode": "w"} if path.suffix == ".tar" else {"mode": "w:gz", "compresslevel": 1}
+    with tarfile.open(path, **options) as tf:
         for name, data, mode in (("bin/python3.11", elf, 0o755), ("share/blob", blob, 0o644)):
             tinfo = tarfile.TarInfo(name)
             tinfo.size, tinfo.mode = len(data), mode
@@ -410,6 +422,22 @@ def test_endless_zip_download_is_bounded(http: Server, tmp_path: Path) -> None:
     assert proc.returncode == 3, proc.stderr
     assert "MLSERVER_ENV_MAX_UNPACKED_BYTES" in error_line(proc)
     assert published(tmp_path / "c") == [] and list((tmp_path / "c").glob(".*.tmp")) == []
+
+
+@pytest.mark.parametrize("behaviour", ["swapped", "swapped-noetag"])
+def test_get_of_another_object_than_the_head_is_not_cached(http: Server, tmp_path: Path, behaviour: str) -> None:
+    """A server that ignores If-Match and answers the GET with another object (another ETag, or
+    no ETag but another size) than its HEAD described: never published under the HEAD's identity."""
+    # Valid environments both: of the same size (uncompressed, random blobs), or (no ETag) of another.
+    first = tiny_env(tmp_path / "first.tar")
+    other = tiny_env(tmp_path / ("other.tar" if behaviour == "swapped" else "other.tar.gz"))
+    assert (first.stat().st_size == other.stat().st_size) == (behaviour == "swapped")
+    http.files["swap.tar"], http.files["swap.tar.b"] = first, other
+    proc = unpack(f"{http.base}/{behaviour}/swap.tar", tmp_path / "c", MLSERVER_ENV_REMOTE_RETRIES="0")
+    assert proc.returncode == 2, proc.stderr
+    line = error_line(proc)
+    assert "changed while starting" in line and "start again" in line, line
+    assert published(tmp_path / "c") == [] and not any((tmp_path / "c").glob("*/bin"))
 
 
 def test_server_without_validators_needs_a_pin(http: Server, tiny: Path, tmp_path: Path) -> None:
