@@ -88,6 +88,11 @@ def locate(url: str, settings: Settings) -> RemoteTarball:
     except ValueError as exc:  # not shown: what it holds cannot be told from a password or a signature
         raise ConfigError(f"MLSERVER_ENV_TARBALL is not a valid URL ({exc}); check it") from None
     tarball = RemoteTarball(url, settings.remote_retries, settings.remote_timeout)
+    if tarball.scheme in ("http", "https") and any(c.isspace() or ord(c) < 0x20 or c == "\x7f" for c in url):
+        raise ConfigError(  # sent as written (presigned signatures): a server would see another URL, or none
+            f"MLSERVER_ENV_TARBALL={tarball.display!r}: the URL holds a space or a control character, which a URL "
+            "may not; percent-encode it (a space as %20)"
+        )
     if tarball.scheme not in SCHEMES:
         raise ConfigError(
             f"MLSERVER_ENV_TARBALL={tarball.display}: unsupported URL scheme {tarball.scheme}://; use "
@@ -142,7 +147,7 @@ def _extract_once(tarball: RemoteTarball, info: dict[str, Any], entry: Entry, se
             os.mkdir(entry.prefix, 0o755)
             head = reader.read(512)
             stream = cast(BinaryIO, archive.Replay(head, cast(BinaryIO, reader)))
-            if archive.detect_format(head) == "zip":
+            if _format(tarball, head) == "zip":
                 spool = _spool_zip(tarball, reader, head, entry, settings)
             else:
                 reader.produced()  # from here, bytes that give no tar are bounded
@@ -172,6 +177,23 @@ def _extract_once(tarball: RemoteTarball, info: dict[str, Any], entry: Entry, se
         if spool is not None:
             with contextlib.suppress(FileNotFoundError):
                 spool.unlink()
+
+
+def _format(tarball: RemoteTarball, head: bytes) -> str:
+    """The archive's format; a web page in its place (a login or error page answered with 200) is
+    a URL or credentials to fix, not an archive to pack again."""
+    from entrypoint import archive
+
+    try:
+        return archive.detect_format(head)
+    except ArchiveError as exc:
+        start = head.lstrip()[:512].lower()
+        if start.startswith((b"<!doctype html", b"<html", b"<head", b"<!--")) or b"<html" in start:
+            raise ConfigError(
+                f"{tarball.display}: the server sent an HTML page, not a tarball (a login, error or index page?); "
+                "check the URL and the credentials (a presigned URL may have expired)"
+            ) from None
+        raise ArchiveError(f"{tarball.display}: {exc}; check that the URL names the tarball") from None
 
 
 def _corrupt(tarball: RemoteTarball, exc: Exception) -> ArchiveError:
@@ -507,6 +529,21 @@ def _failure(exc: BaseException, tarball: RemoteTarball) -> Exception:
     message = _message(exc, tarball)
     if tarball.scheme not in ("http", "https") and message:  # object stores say which of bucket or key
         detail = f"{detail}: {message}" if detail else message
+    # Before the status: aiohttp reports a response it could not parse as an HTTP 400 of its own.
+    if "ClientPayloadError" not in names and (bad := next((e for e in chain if _is_parse_error(e)), None)):
+        lines = str(getattr(bad, "message", "") or "").strip().splitlines()
+        why = lines[0].rstrip(":") if lines else type(bad).__name__
+        return ConfigError(f"{where}: the server sent an invalid HTTP response ({why[:200]}); check the server")
+    redirect = next((e for e in chain if "UrlRedirectClientError" in type(e).__name__), None)
+    if redirect is not None:  # aiohttp's NonHttpUrl… (file://, ftp://) and InvalidUrl… (a bad port)
+        if "NonHttp" in type(redirect).__name__:
+            scheme = urlsplit(str(redirect).partition(" ")[0]).scheme or "non-http"
+            return ConfigError(
+                f"{where}: the server redirected to a {scheme}:// URL, which is not followed (only http:// and "
+                "https:// are); check the URL, or give the one it redirects to"
+            )
+        cause = _message(chain[-1], tarball) if chain[-1] is not redirect else ""
+        return ConfigError(f"{where}: the server redirected to an invalid URL ({cause or 'unparsable'}); check the URL")
     if status == 412 or "FileExpired" in names:
         return ConfigError(f"{tarball.display} changed while it was being downloaded; start again")
     if status is not None and (status >= 500 or status in TRANSIENT_STATUS):
@@ -528,6 +565,11 @@ def _failure(exc: BaseException, tarball: RemoteTarball) -> Exception:
         what = "check the URL" if tarball.scheme in ("http", "https") else "check the bucket and key"
         return ConfigError(f"{where}: not found ({detail or 'no such object'}); {what}")
     return ConfigError(f"{where}: cannot read it ({detail or message or type(exc).__name__})")
+
+
+def _is_parse_error(exc: BaseException) -> bool:
+    """aiohttp's HttpProcessingError (a header it cannot parse, such as `Content-Length: abc`)."""
+    return any(c.__name__ == "HttpProcessingError" for c in type(exc).__mro__)
 
 
 def _message(exc: BaseException, tarball: RemoteTarball) -> str:

@@ -10,7 +10,9 @@ no ETag on that GET), endless (the file, then zero
 bytes until the client hangs up, no Content-Length on HEAD nor GET), padded (the same, but HEAD
 announces the file's size), forbidden (403), gzipped
 (sends `Content-Encoding: gzip`, as S3 does for an object uploaded with that metadata), loop
-(redirects to itself), bad (400); an unknown name is a 404.
+(redirects to itself), bad (400), badlength and neglength (a 200 with `Content-Length: abc` or
+`-5`), html (a 200 with a web page), to-file, to-ftp and to-badport (redirect to a file:// or
+ftp:// URL, or one with an invalid port); an unknown name is a 404.
 """
 
 from __future__ import annotations
@@ -69,6 +71,13 @@ class Server(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
+REDIRECTS = {
+    "to-file": "file:///etc/passwd",
+    "to-ftp": "ftp://example.com/env.tar.gz",
+    "to-badport": "http://127.0.0.1:99999/env.tar.gz",
+}
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: Server
@@ -96,6 +105,24 @@ class Handler(BaseHTTPRequestHandler):
             return self._status(403)
         if behaviour == "bad":
             return self._status(400)
+        if behaviour in ("badlength", "neglength", "html"):
+            page = b"<!DOCTYPE html>\n<html><body>Sign in</body></html>\n"
+            self.send_response(200)
+            self.send_header("ETag", '"page"')
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", {"badlength": "abc", "neglength": "-5"}.get(behaviour, str(len(page))))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            if body:
+                self.wfile.write(page)
+            return
+        if behaviour.startswith("to-"):
+            self.send_response(302)
+            self.send_header("Location", REDIRECTS[behaviour])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if behaviour == "loop":
             self.send_response(302)
             self.send_header("Location", self.path)
@@ -358,6 +385,7 @@ def test_403_and_404_fail_at_once_with_one_line(http: Server, tmp_path: Path, ro
         ("https://user:pw@example.com:99999/env.tar.gz?X-Amz-Signature=secret", "out of range"),
         ("http://example.com:eighty/env.tar.gz", "eighty"),
         ("htps://example.com/env.tar.gz", "unsupported URL scheme htps://"),
+        ("https://example.com/my env.tar.gz?X-Amz-Signature=secret", "percent-encode it (a space as %20)"),
     ],
 )
 def test_malformed_url_is_one_line_without_network(tmp_path: Path, url: str, expected: str) -> None:
@@ -381,6 +409,28 @@ def test_failures_say_what_failed(http: Server, tmp_path: Path) -> None:
     loop = unpack(f"{http.base}/loop/env.tar.gz", tmp_path / "c")
     line = error_line(loop)
     assert loop.returncode == 2 and "redirects" in line and "not found" not in line, line
+    assert published(tmp_path / "c") == []
+
+
+@pytest.mark.parametrize(
+    ("route", "code", "expected"),
+    [
+        ("badlength", 2, "the server sent an invalid HTTP response (Invalid character in Content-Length)"),
+        ("neglength", 2, "the server sent an invalid HTTP response"),
+        ("to-file", 2, "the server redirected to a file:// URL, which is not followed"),
+        ("to-ftp", 2, "the server redirected to a ftp:// URL, which is not followed"),
+        ("to-badport", 2, "the server redirected to an invalid URL (Port out of range"),
+        ("html", 2, "the server sent an HTML page, not a tarball"),
+    ],
+)
+def test_bad_answers_say_what_came(http: Server, tmp_path: Path, route: str, code: int, expected: str) -> None:
+    """What the server sent, not "HTTP 400" for a 200 aiohttp could not parse, not "not found" for
+    a redirect to a place that cannot be followed, not "not an archive" for a login page."""
+    proc = unpack(f"{http.base}/{route}/env.tar.gz", tmp_path / "c", MLSERVER_ENV_REMOTE_RETRIES="0")
+    assert proc.returncode == code, proc.stderr
+    line = error_line(proc)
+    assert expected in line and "not found" not in line and "HTTP 400" not in line, line
+    assert "check" in line and "retrying" not in proc.stderr and "/etc/passwd" not in line
     assert published(tmp_path / "c") == []
 
 
