@@ -170,7 +170,8 @@ def _extract_once(tarball: RemoteTarball, info: dict[str, Any], entry: Entry, se
         assert spool is not None
         with open(spool, "rb") as local:
             try:
-                return extractor.extract(archive.members(local), entry.prefix, limits)
+                held = -(-os.fstat(local.fileno()).st_size // extractor.DISK_BLOCK) * extractor.DISK_BLOCK
+                return extractor.extract(archive.members(local), entry.prefix, limits, held)
             except archive.CORRUPT as exc:
                 raise _corrupt(tarball, exc) from None
     finally:
