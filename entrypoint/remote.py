@@ -355,7 +355,8 @@ def _check_same_object(tarball: RemoteTarball, f: Any, info: dict[str, Any]) -> 
         changed = f"its size was {size} bytes on HEAD, {length} on GET"
     else:
         return
-    raise ConfigError(f"{tarball.display} changed while starting ({changed}; the server ignored If-Match); start again")
+    ignored = "".join(f"; the server ignored {header}" for header in _conditions(info))
+    raise ConfigError(f"{tarball.display} changed while starting ({changed}{ignored}); start again")
 
 
 class _open:

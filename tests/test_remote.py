@@ -6,7 +6,7 @@ the first GET half-way), stall (stops sending half-way), noval (no ETag nor Last
 norange (ignores Range), moving (another ETag on HEAD than on GET), twofaced (answers Range
 requests from the file `<name>.evil`, with the same ETag and size), swapped (HEAD tells of
 `<name>` with ETag "a1", GET ignores If-Match and sends `<name>.b` with ETag "b2"; swapped-noetag:
-no ETag on that GET), endless (the file, then zero
+no ETag on that GET; swapped-lm: no ETag at all, Last-Modified only), endless (the file, then zero
 bytes until the client hangs up, no Content-Length on HEAD nor GET), padded (the same, but HEAD
 announces the file's size), forbidden (403), gzipped
 (sends `Content-Encoding: gzip`, as S3 does for an object uploaded with that metadata), loop
@@ -167,7 +167,8 @@ class Handler(BaseHTTPRequestHandler):
         if behaviour == "gzipped":
             self.send_header("Content-Encoding", "gzip")
         if behaviour != "noval":
-            self.send_header("ETag", etag)
+            if behaviour != "swapped-lm":  # Last-Modified alone: the GET carries If-Unmodified-Since
+                self.send_header("ETag", etag)
             self.send_header("Last-Modified", formatdate(st.st_mtime, usegmt=True))
         self.end_headers()
         if not body:
@@ -475,8 +476,13 @@ def test_endless_zip_download_is_bounded(http: Server, tmp_path: Path) -> None:
     assert published(tmp_path / "c") == [] and list((tmp_path / "c").glob(".*.tmp")) == []
 
 
-@pytest.mark.parametrize("behaviour", ["swapped", "swapped-noetag"])
-def test_get_of_another_object_than_the_head_is_not_cached(http: Server, tmp_path: Path, behaviour: str) -> None:
+@pytest.mark.parametrize(
+    ("behaviour", "ignored"),
+    [("swapped", "If-Match"), ("swapped-noetag", "If-Match"), ("swapped-lm", "If-Unmodified-Since")],
+)
+def test_get_of_another_object_than_the_head_is_not_cached(
+    http: Server, tmp_path: Path, behaviour: str, ignored: str
+) -> None:
     """A server that ignores If-Match and answers the GET with another object (another ETag, or
     no ETag but another size) than its HEAD described: never published under the HEAD's identity."""
     # Valid environments both: of the same size (uncompressed, random blobs), or (no ETag) of another.
@@ -487,7 +493,7 @@ def test_get_of_another_object_than_the_head_is_not_cached(http: Server, tmp_pat
     proc = unpack(f"{http.base}/{behaviour}/swap.tar", tmp_path / "c", MLSERVER_ENV_REMOTE_RETRIES="0")
     assert proc.returncode == 2, proc.stderr
     line = error_line(proc)
-    assert "changed while starting" in line and "start again" in line, line
+    assert "changed while starting" in line and f"the server ignored {ignored})" in line and "start again" in line
     assert published(tmp_path / "c") == [] and not any((tmp_path / "c").glob("*/bin"))
 
 
