@@ -23,6 +23,7 @@ import io
 import logging
 import os
 import re
+import signal
 import stat
 import subprocess
 import sys
@@ -569,6 +570,36 @@ def test_zip_on_a_full_disk_names_the_space_needed(http: Server, tmp_path: Path,
     proc = unpack(url, cache)
     assert proc.returncode == 0, proc.stderr
     assert list(cache.glob(".*.tmp")) == []
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_stop_while_a_zip_is_spooled_leaves_nothing(http: Server, tmp_path: Path, how: str) -> None:
+    """A stop while the zip is downloaded: SIGTERM removes the spool with the partial entry (143);
+    after a kill -9, gc (or the next start of that tarball) removes it with the partial entry."""
+    http.files[f"stop-{how}.zip"] = tiny_env(tmp_path / "env.zip")
+    path = f"/stall/stop-{how}.zip"
+    http.failures[path] = 1  # the first GET stops sending half-way, for 3 s
+    cache = tmp_path / "c"
+    env = entry_env(MLSERVER_ENV_TARBALL=f"{http.base}{path}", MLSERVER_ENV_CACHE_DIR=cache)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "entrypoint", "unpack"], env=env, cwd=REPO, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 30
+    while not list(cache.glob(".*.download.*.tmp")):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(getattr(signal, how))
+    _, stderr = proc.communicate(timeout=30)
+    if how == "SIGTERM":
+        assert proc.returncode == 143 and "stopped by SIGTERM" in stderr, stderr
+        assert list(cache.glob(".*.tmp")) == [] and [p.name for p in cache.iterdir() if p.is_dir()] == []
+    else:
+        assert list(cache.glob(".*.download.*.tmp")), "a kill -9 cannot clean up"
+        swept = run_entrypoint(["gc"], env)  # gc removes the partial entry, spool included
+        assert swept.returncode == 0 and list(cache.glob(".*.tmp")) == [], swept.stdout + swept.stderr
+    again = unpack(f"{http.base}{path}", cache)
+    assert again.returncode == 0, again.stderr
+    assert list(cache.glob(".*.tmp")) == [] and len(published(cache)) == 1
 
 
 def test_zip_pin_cannot_be_bypassed_by_range_answers(http: Server, tmp_path: Path) -> None:
