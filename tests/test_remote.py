@@ -523,6 +523,13 @@ def test_zip_is_downloaded_once_and_unpacked_from_what_was_hashed(http: Server, 
     assert unpinned.returncode == 0 and f"SHA-256 {sha256(archive)}" in unpinned.stderr, unpinned.stderr
     assert not list((tmp_path / "c2").glob(".*.tmp"))
 
+    # A body cut short is retried from an empty entry and spool.
+    http.files["cut.zip"] = archive
+    http.failures["/cut/cut.zip"] = 1
+    retried = unpack(f"{http.base}/cut/cut.zip", tmp_path / "c4", MLSERVER_ENV_TARBALL_SHA256=sha256(archive))
+    assert retried.returncode == 0 and "retrying in" in retried.stderr, retried.stderr
+    assert http.gets("/cut/cut.zip") == 2 and not list((tmp_path / "c4").glob(".*.tmp"))
+
     wrong = unpack(f"{http.base}/ok/env.zip", tmp_path / "c3", MLSERVER_ENV_TARBALL_SHA256="0" * 64)
     assert wrong.returncode == 2 and "nothing was published" in error_line(wrong)
     assert published(tmp_path / "c3") == [] and not list((tmp_path / "c3").glob(".*.tmp"))
