@@ -349,7 +349,8 @@ def _check_same_object(tarball: RemoteTarball, f: Any, info: dict[str, Any]) -> 
     if headers is None:
         return
     etag, length, size = headers.get("ETag"), headers.get("Content-Length"), info.get("size")
-    if etag and info.get("ETag") and etag != info["ETag"]:
+    # A proxy may weaken the GET's ETag (W/"…") while the object is the same: the opaque part counts.
+    if etag and info.get("ETag") and etag.removeprefix("W/") != str(info["ETag"]).removeprefix("W/"):
         changed = f"its ETag was {info['ETag']} on HEAD, {etag} on GET"
     elif length is not None and length.isdigit() and size is not None and int(length) != size:
         changed = f"its size was {size} bytes on HEAD, {length} on GET"
