@@ -112,8 +112,9 @@ class Prefetcher:
     hand-over waits for the GIL.
     """
 
-    def __init__(self, source: IO[bytes]) -> None:
+    def __init__(self, source: IO[bytes], produced: Callable[[], None] | None = None) -> None:
         self._source = source
+        self._produced = produced
         self._queue: queue.Queue[bytes | BaseException] = queue.Queue(PREFETCH_DEPTH)
         self._eof = False
         self._stop = threading.Event()
@@ -124,6 +125,8 @@ class Prefetcher:
         try:
             while not self._stop.is_set():
                 chunk = self._source.read(CHUNK)
+                if chunk and self._produced is not None:
+                    self._produced()
                 self._queue.put(chunk)
                 if not chunk:
                     return
@@ -151,11 +154,15 @@ class Prefetcher:
 class _Chunks:
     """The same interface over an uncompressed tar, read in this thread."""
 
-    def __init__(self, source: IO[bytes]) -> None:
+    def __init__(self, source: IO[bytes], produced: Callable[[], None] | None = None) -> None:
         self._source = source
+        self._produced = produced
 
     def next_chunk(self) -> bytes:
-        return self._source.read(CHUNK)
+        chunk = self._source.read(CHUNK)
+        if chunk and self._produced is not None:
+            self._produced()
+        return chunk
 
 
 def _decompressor(fmt: str, raw: BinaryIO) -> IO[bytes]:
@@ -759,7 +766,7 @@ class NeedsRandomAccess(ArchiveError):
     """A zip archive (its index is at its end) given as a forward-only stream."""
 
 
-class _Replay:
+class Replay:
     """A forward-only stream (a download) with the bytes read for format detection put back."""
 
     def __init__(self, head: bytes, rest: BinaryIO) -> None:
@@ -783,14 +790,18 @@ class _Replay:
         return len(data)
 
 
-def members(raw: BinaryIO) -> Iterator[Member]:
+def members(raw: BinaryIO, produced: Callable[[], None] | None = None) -> Iterator[Member]:
     """Yield the archive's members in order; `raw` is the tarball opened for binary reading, or a
-    forward-only stream (`seekable()` false), which serves every format but zip."""
+    forward-only stream (`seekable()` false), which serves every format but zip.
+
+    A tar's `produced` is called, in the thread reading `raw`, after each chunk of tar the codec
+    gives: a download bounds the bytes it reads without any (a gzip reader skips zero padding
+    after its member, and empty members, without a byte of output, so endless ones would hang)."""
     head = raw.read(512)
     if raw.seekable():
         raw.seek(0)
     else:
-        raw = cast(BinaryIO, _Replay(head, raw))
+        raw = cast(BinaryIO, Replay(head, raw))
     fmt = detect_format(head)
     if fmt == "zip":
         if not raw.seekable():
@@ -800,9 +811,9 @@ def members(raw: BinaryIO) -> Iterator[Member]:
                 yield _zip_member(raw, info)
         return
     if fmt == "tar":  # nothing to decompress: a thread would only add handoffs
-        yield from TarReader(_Chunks(raw))
+        yield from TarReader(_Chunks(raw, produced))
         return
-    stream = Prefetcher(_decompressor(fmt, raw))
+    stream = Prefetcher(_decompressor(fmt, raw), produced)
     try:
         yield from TarReader(stream)
     finally:

@@ -253,8 +253,10 @@ class Extractor:
                 raise ArchiveError(f"member {rel}: symlink chain resolves outside the environment ({real})")
 
 
-def extract(members: Iterable[Member], dest: Path, limits: Limits) -> Stats:
-    """Extract all members into the empty directory `dest` (which the caller removes on failure)."""
+def extract(members: Iterable[Member], dest: Path, limits: Limits, held: int = 0) -> Stats:
+    """Extract all members into the empty directory `dest` (which the caller removes on failure).
+    `held`: bytes of the cache the caller occupies meanwhile and frees on failure (a downloaded
+    zip): a full disk's error counts them as needed, and as free once the start is over."""
     ex = Extractor(dest, limits)
     stream = iter(members)
     old_umask = os.umask(0o022)
@@ -276,19 +278,19 @@ def extract(members: Iterable[Member], dest: Path, limits: Limits) -> Stats:
             for m in stream:
                 needed += disk_bytes(m)
                 count += 1
-            raise no_space_error(dest, needed, count) from None
+            raise no_space_error(dest, needed, count, held) from None
         raise write_error(exc, dest) from None
     finally:
         os.umask(old_umask)
     return ex.stats
 
 
-def no_space_error(dest: Path, needed: int, members: int) -> ConfigError:
+def no_space_error(dest: Path, needed: int, members: int, held: int = 0) -> ConfigError:
     out_of_inodes = os.statvfs(dest.parent).f_favail == 0  # before the removal frees them again
     with contextlib.suppress(OSError):  # so the free space reported is what a retry gets
         remove_tree(str(dest))
     st = os.statvfs(dest.parent)
-    free = st.f_bavail * st.f_frsize
+    free = st.f_bavail * st.f_frsize + held
     if out_of_inodes:
         return ConfigError(
             f"no free inodes left in cache directory {dest.parent} (MLSERVER_ENV_CACHE_DIR): the environment "
@@ -297,9 +299,13 @@ def no_space_error(dest: Path, needed: int, members: int) -> ConfigError:
         )
     return ConfigError(
         f"no space left in cache directory {dest.parent} (MLSERVER_ENV_CACHE_DIR): the environment needs "
-        f"{-(-needed // 1_000_000)} MB, {free / 1e6:.0f} MB are free with it removed; free space or point "
-        "MLSERVER_ENV_CACHE_DIR at a bigger volume"
+        f"{-(-(needed + held) // 1_000_000)} MB{_with_download(held)}, {free / 1e6:.0f} MB are free with it removed; "
+        "free space or point MLSERVER_ENV_CACHE_DIR at a bigger volume"
     )
+
+
+def _with_download(held: int) -> str:
+    return f" (with the {-(-held // 1_000_000)} MB download it is unpacked from)" if held else ""
 
 
 def write_error(exc: OSError, dest: Path) -> ConfigError:

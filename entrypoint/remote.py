@@ -3,7 +3,8 @@
 Why it works this way:
 - The bytes go from the connection straight into the extractor, which reads a forward-only
   stream: no copy on disk, bounded memory. zip alone needs random access (its index is at the
-  end); it is read with range requests.
+  end): it is downloaded once into a file beside the entry, hashed as it is written, unpacked from
+  that file and removed; never read again with ranges, whose bytes nobody would have hashed.
 - An entry's name must be known before extracting (conda-unpack writes the prefix it finds itself
   at), but a download cannot be hashed before it is read. So the key is the pin
   (MLSERVER_ENV_TARBALL_SHA256) when there is one, which also lets a warm start skip the network;
@@ -19,15 +20,16 @@ fsspec and its backends are imported here only, and only when a URL is configure
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import importlib
-import io
 import json
 import os
 import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar, cast
 from urllib.parse import urlsplit
 
@@ -45,11 +47,13 @@ T = TypeVar("T")
 # scheme -> (fsspec protocol, the package that implements it)
 SCHEMES = {"http": ("http", "aiohttp"), "https": ("https", "aiohttp"), "s3": ("s3", "s3fs"), "gs": ("gs", "gcsfs")}
 CHUNK = 1 << 20
-BLOCK = 8 << 20  # range-request size for object stores and zip: bounds what is buffered
+BLOCK = 8 << 20  # range-request size for object stores: bounds what is buffered
 # What identifies one version of an object, as fs.info reports it (http, s3, gcs spellings).
 VALIDATORS = ("ETag", "etag", "Last-Modified", "LastModified", "generation", "updated", "VersionId")
 TRANSIENT_STATUS = {408, 425, 429}  # and every 5xx
 BACKOFF_BASE, BACKOFF_MAX = 0.5, 30.0
+ZIP_MEMBER_OVERHEAD = 1024  # a zip's bytes besides the data, per member: two headers, the name twice, generously
+MAX_IDLE = 64 << 20  # bytes a download may take to give no tar at all: as archive.MAX_TRAILER bounds the padding
 
 _infos: dict[str, dict[str, Any]] = {}  # url -> fs.info, so the cold path does not ask twice
 
@@ -84,6 +88,11 @@ def locate(url: str, settings: Settings) -> RemoteTarball:
     except ValueError as exc:  # not shown: what it holds cannot be told from a password or a signature
         raise ConfigError(f"MLSERVER_ENV_TARBALL is not a valid URL ({exc}); check it") from None
     tarball = RemoteTarball(url, settings.remote_retries, settings.remote_timeout)
+    if tarball.scheme in ("http", "https") and any(c.isspace() or ord(c) < 0x20 or c == "\x7f" for c in url):
+        raise ConfigError(  # sent as written (presigned signatures): a server would see another URL, or none
+            f"MLSERVER_ENV_TARBALL={tarball.display!r}: the URL holds a space or a control character, which a URL "
+            "may not; percent-encode it (a space as %20)"
+        )
     if tarball.scheme not in SCHEMES:
         raise ConfigError(
             f"MLSERVER_ENV_TARBALL={tarball.display}: unsupported URL scheme {tarball.scheme}://; use "
@@ -130,54 +139,117 @@ def _extract_once(tarball: RemoteTarball, info: dict[str, Any], entry: Entry, se
     fs, path = _filesystem(tarball)
     size = info.get("size")
     limits = extractor.Limits(settings.max_members, settings.max_unpacked_bytes)
-    with _open(tarball, lambda: _open_stream(tarball, fs, path, info)) as f:
-        _check_same_object(tarball, f, info)
-        reader = _Reader(f, tarball, size, forward=True)
-        os.mkdir(entry.prefix, 0o755)
-        progress = log.Progress("extract", size, reader.tell) if size else None
-        stats: Stats | None = None
-        try:
-            stats = extractor.extract(  # written back meanwhile by prepare's cache.BackgroundSync
-                _ticking(archive.members(cast(BinaryIO, reader)), progress), entry.prefix, limits
-            )
-        except archive.NeedsRandomAccess:
-            pass  # a zip: this stream is closed first, then the file is read with ranges
-        except archive.CORRUPT as exc:
-            raise ArchiveError(f"{tarball.display}: corrupt or truncated archive ({exc}); pack it again") from None
-        else:
-            digest = reader.finish()  # the bytes after the end-of-archive marker count too
-        finally:
-            if progress is not None:
-                progress.done()  # also before an error line, which would follow the drawn one
-    if stats is None:
-        return _extract_zip(tarball, fs, path, info, entry, settings)
-    _check_pin(tarball, digest, settings.tarball_sha256, reader.pos)
-    return stats
+    spool: Path | None = None
+    try:
+        with _open(tarball, lambda: _open_stream(tarball, fs, path, info)) as f:
+            _check_same_object(tarball, f, info)
+            reader = _Reader(f, tarball, size)
+            os.mkdir(entry.prefix, 0o755)
+            head = reader.read(512)
+            stream = cast(BinaryIO, archive.Replay(head, cast(BinaryIO, reader)))
+            if _format(tarball, head) == "zip":
+                spool = _spool_zip(tarball, reader, head, entry, settings)
+            else:
+                reader.produced()  # from here, bytes that give no tar are bounded
+                progress = log.Progress("extract", size, reader.tell) if size else None
+                try:
+                    stats = extractor.extract(  # written back meanwhile by prepare's cache.BackgroundSync
+                        _ticking(archive.members(stream, reader.produced), progress),
+                        entry.prefix,
+                        limits,
+                    )
+                except archive.CORRUPT as exc:
+                    raise _corrupt(tarball, exc) from None
+                finally:
+                    if progress is not None:
+                        progress.done()  # also before an error line, which would follow the drawn one
+                # The bytes after the end-of-archive marker count too.
+                _check_pin(tarball, reader.finish(), settings.tarball_sha256, reader.pos)
+                return stats
+        # The connection is closed: the zip is read from the file its digest was computed from.
+        assert spool is not None
+        with open(spool, "rb") as local:
+            try:
+                held = -(-os.fstat(local.fileno()).st_size // extractor.DISK_BLOCK) * extractor.DISK_BLOCK
+                return extractor.extract(archive.members(local), entry.prefix, limits, held)
+            except archive.CORRUPT as exc:
+                raise _corrupt(tarball, exc) from None
+    finally:
+        if spool is not None:
+            with contextlib.suppress(FileNotFoundError):
+                spool.unlink()
 
 
-def _extract_zip(
-    tarball: RemoteTarball, fs: Any, path: str, info: dict[str, Any], entry: Entry, settings: Settings
-) -> Stats:
-    """zip is read out of order, with range requests; a pin is checked by a streaming pass first."""
+def _format(tarball: RemoteTarball, head: bytes) -> str:
+    """The archive's format; a web page in its place (a login or error page answered with 200) is
+    a URL or credentials to fix, not an archive to pack again."""
     from entrypoint import archive
+
+    try:
+        return archive.detect_format(head)
+    except ArchiveError as exc:
+        start = head.lstrip()[:512].lower()
+        if start.startswith((b"<!doctype html", b"<html", b"<head", b"<!--")) or b"<html" in start:
+            raise ConfigError(
+                f"{tarball.display}: the server sent an HTML page, not a tarball (a login, error or index page?); "
+                "check the URL and the credentials (a presigned URL may have expired)"
+            ) from None
+        raise ArchiveError(f"{tarball.display}: {exc}; check that the URL names the tarball") from None
+
+
+def _corrupt(tarball: RemoteTarball, exc: Exception) -> ArchiveError:
+    return ArchiveError(f"{tarball.display}: corrupt or truncated archive ({exc}); pack it again")
+
+
+def _spool_zip(tarball: RemoteTarball, reader: _Reader, head: bytes, entry: Entry, settings: Settings) -> Path:
+    """A zip needs random access (its index is at its end): the one download goes to a file beside
+    the entry, hashed as it is written, and the pin is checked before anything is unpacked. Reading
+    it again with ranges would unpack bytes nobody hashed (a server may answer Range requests with
+    another object), or mix two versions of one replaced meanwhile.
+
+    Named `.<key8>.download.<pid>.tmp`: what cache.discard removes with the entry, so a retry, a
+    stop or a kill -9 leaves nothing the next start (or gc) does not remove."""
     from entrypoint import extract as extractor
 
-    size = info.get("size")
-    if settings.tarball_sha256 is not None:
-        with _open(tarball, lambda: _open_stream(tarball, fs, path, info)) as f:
-            reader = _Reader(f, tarball, size, forward=True)
-            _check_pin(tarball, reader.finish(), settings.tarball_sha256, reader.pos)
-    with _open(tarball, lambda: _open_random(tarball, fs, path, info)) as f:
-        reader = _Reader(f, tarball, size, forward=False)
-        reader.require_ranges()
-        try:
-            return extractor.extract(
-                archive.members(cast(BinaryIO, reader)),
-                entry.prefix,
-                extractor.Limits(settings.max_members, settings.max_unpacked_bytes),
-            )
-        except archive.CORRUPT as exc:
-            raise ArchiveError(f"{tarball.display}: corrupt or truncated archive ({exc}); pack it again") from None
+    spool = entry.root / f".{entry.name}.download.{os.getpid()}.tmp"
+    # Of unknown size, bounded by what it may unpack to: a server that keeps sending must not fill the cache.
+    bound = settings.max_unpacked_bytes + settings.max_members * ZIP_MEMBER_OVERHEAD + MAX_IDLE
+    try:
+        fd = os.open(spool, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with open(fd, "wb", buffering=0) as out:
+            data = head
+            while data:
+                view = memoryview(data)
+                while view:  # a short write (rare): write the rest
+                    view = view[out.write(view) or 0 :]
+                data = reader.read(CHUNK)
+                if reader.size is None and reader.pos > bound:
+                    raise ArchiveError(
+                        f"{tarball.display}: the zip download passed {bound} bytes, more than it may unpack to; "
+                        "raise MLSERVER_ENV_MAX_UNPACKED_BYTES if this environment is really that large, or check "
+                        "the server"
+                    )
+        _check_pin(tarball, reader.finish(), settings.tarball_sha256, reader.pos)
+        return spool
+    except BaseException as exc:  # a stop signal's too: no spool outlives its attempt
+        with contextlib.suppress(OSError):
+            spool.unlink()
+        if not isinstance(exc, OSError):
+            raise
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _no_space_for_zip(entry, reader.pos, reader.size) from None
+        raise extractor.write_error(exc, entry.prefix) from None
+
+
+def _no_space_for_zip(entry: Entry, got: int, size: int | None) -> ConfigError:
+    st = os.statvfs(entry.root)
+    needed = f"{-(-size // 1_000_000)} MB" if size else f"more than {got // 1_000_000} MB"
+    return ConfigError(
+        f"no space left in cache directory {entry.root} (MLSERVER_ENV_CACHE_DIR) for the downloaded zip: it needs "
+        f"{needed} there while it is unpacked, besides the environment, and {st.f_bavail * st.f_frsize / 1e6:.0f} MB "
+        "are free; free space, point MLSERVER_ENV_CACHE_DIR at a bigger volume, or serve a .tar.gz (streamed, "
+        "nothing but the environment written)"
+    )
 
 
 def _ticking(members: Iterator[Member], progress: log.Progress | None) -> Iterator[Member]:
@@ -256,13 +328,6 @@ def _open_stream(tarball: RemoteTarball, fs: Any, path: str, info: dict[str, Any
     return fs.open(path, "rb", block_size=BLOCK, cache_type="background", cache_options={"maxblocks": 2})
 
 
-def _open_random(tarball: RemoteTarball, fs: Any, path: str, info: dict[str, Any]) -> Any:
-    if tarball.scheme in ("http", "https"):
-        size = info.get("size")
-        return fs.open(path, "rb", block_size=BLOCK, cache_type="readahead", size=size, headers=_conditions(info))
-    return fs.open(path, "rb", block_size=BLOCK, cache_type="readahead")
-
-
 def _conditions(info: dict[str, Any]) -> dict[str, str]:
     """Make the GET fail (412) if the object changed since the HEAD the key was derived from."""
     etag = info.get("ETag")
@@ -274,10 +339,25 @@ def _conditions(info: dict[str, Any]) -> dict[str, str]:
 
 
 def _check_same_object(tarball: RemoteTarball, f: Any, info: dict[str, Any]) -> None:
-    """s3fs pins its ranged reads to the ETag it saw at open; it must be the one the key came from."""
+    """The GET must be of the object whose HEAD the key came from, or it would be published under
+    that object's identity: s3fs pins its ranged reads to the ETag it saw at open; an http server
+    may ignore If-Match, so its answer's ETag (when both say one) and length must be HEAD's."""
     details = getattr(f, "details", None)
     if isinstance(details, dict) and "ETag" in details and "ETag" in info and details["ETag"] != info["ETag"]:
         raise ConfigError(f"{tarball.display} changed while starting; start again")
+    headers = getattr(getattr(f, "r", None), "headers", None)  # fsspec's HTTPStreamFile: the aiohttp response
+    if headers is None:
+        return
+    etag, length, size = headers.get("ETag"), headers.get("Content-Length"), info.get("size")
+    # A proxy may weaken the GET's ETag (W/"…") while the object is the same: the opaque part counts.
+    if etag and info.get("ETag") and etag.removeprefix("W/") != str(info["ETag"]).removeprefix("W/"):
+        changed = f"its ETag was {info['ETag']} on HEAD, {etag} on GET"
+    elif length is not None and length.isdigit() and size is not None and int(length) != size:
+        changed = f"its size was {size} bytes on HEAD, {length} on GET"
+    else:
+        return
+    ignored = "".join(f"; the server ignored {header}" for header in _conditions(info))
+    raise ConfigError(f"{tarball.display} changed while starting ({changed}{ignored}); start again")
 
 
 class _open:
@@ -295,44 +375,38 @@ class _open:
 
 
 class _Reader:
-    """The remote file as the extractor reads it. Backend errors become `_Retry` or one-line
-    errors (never an OSError, which the extractor would blame on the cache directory); a forward
-    reader also hashes and counts every byte and notices a body cut short."""
+    """The download as the extractor reads it, forward only. Backend errors become `_Retry` or
+    one-line errors (never an OSError, which the extractor would blame on the cache directory);
+    every byte is hashed and counted, and a body cut short is noticed."""
 
-    def __init__(self, f: Any, tarball: RemoteTarball, size: int | None, forward: bool) -> None:
+    def __init__(self, f: Any, tarball: RemoteTarball, size: int | None) -> None:
         self._f = f
         self._tarball = tarball
-        self._size = size
-        self._forward = forward
+        self.size = size
         self._sha = hashlib.sha256()
         self.pos = 0
+        self._idle_from: int | None = None  # where the codec last gave output, once watched (`produced`)
 
     def readable(self) -> bool:
         return True
 
     def seekable(self) -> bool:
-        return not self._forward
+        return False
 
     def tell(self) -> int:
-        return self.pos if self._forward else int(_call(self._tarball, self._f.tell))
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        if self._forward:
-            raise io.UnsupportedOperation("a download is read forward only")
-        return int(_call(self._tarball, lambda: self._f.seek(offset, whence)))
+        return self.pos
 
     def read(self, n: int = -1) -> bytes:
-        if not self._forward:
-            return bytes(_call(self._tarball, lambda: self._f.read(n)))
         parts = []
         while n != 0:
             data = self._read_some(CHUNK if n < 0 else min(n, CHUNK))
             if not data:
-                if self._size is not None and self.pos < self._size:
-                    raise _Retry(f"the transfer ended after {self.pos} of {self._size} bytes")
+                if self.size is not None and self.pos < self.size:
+                    raise _Retry(f"the transfer ended after {self.pos} of {self.size} bytes")
                 break
             self._sha.update(data)
             self.pos += len(data)
+            self._check_bounds()
             parts.append(data)
             if n > 0:
                 n -= len(data)
@@ -341,25 +415,31 @@ class _Reader:
     def _read_some(self, n: int) -> bytes:
         return bytes(_call(self._tarball, lambda: self._f.read(n)))
 
+    def produced(self) -> None:
+        """The codec gave a chunk of tar (called in the thread that reads this). Valid compressed
+        data never takes MAX_IDLE bytes to give one; zero padding after a gzip member, or endless
+        empty members, give none at all, so they would never reach the extractor's own bound on
+        what follows the end-of-archive marker: the bytes read since the last chunk are bounded."""
+        self._idle_from = self.pos
+
+    def _check_bounds(self) -> None:
+        if self.size is not None and self.pos > self.size:
+            raise ArchiveError(
+                f"{self._tarball.display}: the server sent more than the {self.size} bytes it announced (a server "
+                "fault); check that it serves the object alone, or serve it from another server"
+            )
+        if self._idle_from is not None and self.pos - self._idle_from > MAX_IDLE:
+            raise ArchiveError(
+                f"{self._tarball.display}: more than {MAX_IDLE >> 20} MiB of the download gave no data (zero "
+                "padding or empty compressed streams after the archive: corrupt or hostile, or a server that "
+                "keeps sending); pack it again or check the server"
+            )
+
     def finish(self) -> str:
         """Read what the extractor left (end-of-archive padding, the compressor's trailer); the digest."""
         while self.read(CHUNK):
             pass
         return self._sha.hexdigest()
-
-    def require_ranges(self) -> None:
-        try:
-            end = self._f.seek(0, io.SEEK_END)
-            self._f.seek(max(end - 1, 0))
-            self._f.read(1)
-            self._f.seek(0)
-        except ValueError:  # fsspec's words for "the server ignores Range" or "no size"
-            raise ConfigError(
-                f"{self._tarball.display}: a zip archive is read with range requests, which this server does not "
-                "answer; serve a .tar.gz (conda-pack's default) or enable range requests"
-            ) from None
-        except Exception as exc:
-            raise _failure(exc, self._tarball) from None
 
 
 # --- errors and retries ---------------------------------------------------------------------------
@@ -452,6 +532,21 @@ def _failure(exc: BaseException, tarball: RemoteTarball) -> Exception:
     message = _message(exc, tarball)
     if tarball.scheme not in ("http", "https") and message:  # object stores say which of bucket or key
         detail = f"{detail}: {message}" if detail else message
+    # Before the status: aiohttp reports a response it could not parse as an HTTP 400 of its own.
+    if "ClientPayloadError" not in names and (bad := next((e for e in chain if _is_parse_error(e)), None)):
+        lines = str(getattr(bad, "message", "") or "").strip().splitlines()
+        why = lines[0].rstrip(":") if lines else type(bad).__name__
+        return ConfigError(f"{where}: the server sent an invalid HTTP response ({why[:200]}); check the server")
+    redirect = next((e for e in chain if "UrlRedirectClientError" in type(e).__name__), None)
+    if redirect is not None:  # aiohttp's NonHttpUrl… (file://, ftp://) and InvalidUrl… (a bad port)
+        if "NonHttp" in type(redirect).__name__:
+            scheme = urlsplit(str(redirect).partition(" ")[0]).scheme or "non-http"
+            return ConfigError(
+                f"{where}: the server redirected to a {scheme}:// URL, which is not followed (only http:// and "
+                "https:// are); check the URL, or give the one it redirects to"
+            )
+        cause = _message(chain[-1], tarball) if chain[-1] is not redirect else ""
+        return ConfigError(f"{where}: the server redirected to an invalid URL ({cause or 'unparsable'}); check the URL")
     if status == 412 or "FileExpired" in names:
         return ConfigError(f"{tarball.display} changed while it was being downloaded; start again")
     if status is not None and (status >= 500 or status in TRANSIENT_STATUS):
@@ -473,6 +568,11 @@ def _failure(exc: BaseException, tarball: RemoteTarball) -> Exception:
         what = "check the URL" if tarball.scheme in ("http", "https") else "check the bucket and key"
         return ConfigError(f"{where}: not found ({detail or 'no such object'}); {what}")
     return ConfigError(f"{where}: cannot read it ({detail or message or type(exc).__name__})")
+
+
+def _is_parse_error(exc: BaseException) -> bool:
+    """aiohttp's HttpProcessingError (a header it cannot parse, such as `Content-Length: abc`)."""
+    return any(c.__name__ == "HttpProcessingError" for c in type(exc).__mro__)
 
 
 def _message(exc: BaseException, tarball: RemoteTarball) -> str:

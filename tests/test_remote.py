@@ -3,18 +3,28 @@
 The HTTP server below is real (loopback only) and counts what it is asked: a warm start must not
 GET the body again. Routes are /<behaviour>/<name>: ok, flaky (503 the first GETs), cut (closes
 the first GET half-way), stall (stops sending half-way), noval (no ETag nor Last-Modified),
-norange (ignores Range), moving (another ETag on HEAD than on GET), forbidden (403), gzipped
+norange (ignores Range), moving (another ETag on HEAD than on GET), twofaced (answers Range
+requests from the file `<name>.evil`, with the same ETag and size), swapped (HEAD tells of
+`<name>` with ETag "a1", GET ignores If-Match and sends `<name>.b` with ETag "b2"; swapped-noetag:
+no ETag on that GET; swapped-lm: no ETag at all, Last-Modified only), weakened (the GET's ETag
+marked weak, W/"…", as a proxy may), endless (the file, then zero
+bytes until the client hangs up, no Content-Length on HEAD nor GET), padded (the same, but HEAD
+announces the file's size), forbidden (403), gzipped
 (sends `Content-Encoding: gzip`, as S3 does for an object uploaded with that metadata), loop
-(redirects to itself), bad (400); an unknown name is a 404.
+(redirects to itself), bad (400), badlength and neglength (a 200 with `Content-Length: abc` or
+`-5`), html (a 200 with a web page), to-file, to-ftp and to-badport (redirect to a file:// or
+ftp:// URL, or one with an invalid port); an unknown name is a 404.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
 import os
 import re
+import signal
 import stat
 import subprocess
 import sys
@@ -32,6 +42,7 @@ from typing import Any
 import pytest
 from conftest import Example
 from support import REPO, entry_env, env_python, error_line, free_port, infer, run_entrypoint, serving
+from test_faults import mount_tmpfs, used_bytes
 from test_serve import DIGITS
 
 from entrypoint import remote
@@ -63,6 +74,13 @@ class Server(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
+REDIRECTS = {
+    "to-file": "file:///etc/passwd",
+    "to-ftp": "ftp://example.com/env.tar.gz",
+    "to-badport": "http://127.0.0.1:99999/env.tar.gz",
+}
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: Server
@@ -90,6 +108,24 @@ class Handler(BaseHTTPRequestHandler):
             return self._status(403)
         if behaviour == "bad":
             return self._status(400)
+        if behaviour in ("badlength", "neglength", "html"):
+            page = b"<!DOCTYPE html>\n<html><body>Sign in</body></html>\n"
+            self.send_response(200)
+            self.send_header("ETag", '"page"')
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", {"badlength": "abc", "neglength": "-5"}.get(behaviour, str(len(page))))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            if body:
+                self.wfile.write(page)
+            return
+        if behaviour.startswith("to-"):
+            self.send_response(302)
+            self.send_header("Location", REDIRECTS[behaviour])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if behaviour == "loop":
             self.send_response(302)
             self.send_header("Location", self.path)
@@ -100,6 +136,8 @@ class Handler(BaseHTTPRequestHandler):
             return self._status(404)
         if fail and behaviour == "flaky":
             return self._status(503)
+        if behaviour in ("endless", "padded"):
+            return self._endless(file, body, announce=behaviour == "padded")
         st = file.stat()
         etag = f'"{st.st_size:x}-{st.st_mtime_ns:x}"'
         start, end, status = 0, st.st_size, 200
@@ -107,10 +145,23 @@ class Handler(BaseHTTPRequestHandler):
         if ranged.startswith("bytes=") and behaviour != "norange":
             first, _, last = ranged[6:].partition("-")
             start, end, status = int(first), min(int(last) + 1 if last else st.st_size, st.st_size), 206
-        if behaviour != "noval" and self.headers.get("If-Match") not in (None, etag):
+        if behaviour.startswith("swapped"):  # HEAD tells of <name>, GET sends <name>.b, ignoring If-Match
+            if body:
+                file = srv.files[f"{name}.b"]
+                st = file.stat()
+                start, end, etag = 0, st.st_size, '"b2"'
+            else:
+                etag = '"a1"'
+            if behaviour == "swapped-noetag" and body:
+                behaviour = "noval"
+        elif behaviour != "noval" and self.headers.get("If-Match") not in (None, etag):
             return self._status(412)
+        if behaviour == "weakened" and body:
+            etag = f"W/{etag}"  # as a proxy may mark the GET's: the same object
         if behaviour == "moving" and not body:
             etag = '"replaced-since"'  # the object changes between the HEAD and the GET
+        if behaviour == "twofaced" and status == 206:
+            file = srv.files[f"{name}.evil"]  # same size, same ETag: only the bytes differ
         self.send_response(status)
         self.send_header("Content-Length", str(end - start))
         if status == 206:
@@ -120,7 +171,8 @@ class Handler(BaseHTTPRequestHandler):
         if behaviour == "gzipped":
             self.send_header("Content-Encoding", "gzip")
         if behaviour != "noval":
-            self.send_header("ETag", etag)
+            if behaviour != "swapped-lm":  # Last-Modified alone: the GET carries If-Unmodified-Since
+                self.send_header("ETag", etag)
             self.send_header("Last-Modified", formatdate(st.st_mtime, usegmt=True))
         self.end_headers()
         if not body:
@@ -140,6 +192,22 @@ class Handler(BaseHTTPRequestHandler):
                     return
                 self.wfile.write(chunk)
                 sent += len(chunk)
+
+    def _endless(self, file: Path, body: bool, announce: bool) -> None:
+        self.send_response(200)
+        if announce and not body:
+            self.send_header("Content-Length", str(file.stat().st_size))
+        self.send_header("ETag", '"endless"')
+        self.send_header("Connection", "close")  # no length: the body ends when the connection does
+        self.end_headers()
+        self.close_connection = True
+        if not body:
+            return
+        self.wfile.write(file.read_bytes())
+        zeros = bytes(1 << 20)
+        with contextlib.suppress(OSError):
+            for _ in range(4096):  # 4 GiB: "forever" for the test, yet a hang cannot outlive it by much
+                self.wfile.write(zeros)
 
     def _status(self, code: int) -> None:
         self.send_response(code)
@@ -172,7 +240,7 @@ def published(cache: Path) -> list[str]:
 
 def tiny_env(path: Path) -> Path:
     """An environment the entrypoint accepts (a bin/python with this machine's ELF header) with an
-    8 MiB incompressible member, as .tar.gz or .zip: fault tests pay for the transfer, not an unpack."""
+    8 MiB incompressible member, as .tar.gz, .tar or .zip: fault tests pay for the transfer, not an unpack."""
     elf = Path(os.path.realpath(sys.executable)).read_bytes()[:4096]
     blob = os.urandom(8 << 20)
     if path.suffix == ".zip":
@@ -188,7 +256,8 @@ def tiny_env(path: Path) -> Path:
             zlink.external_attr = (stat.S_IFLNK | 0o777) << 16
             zf.writestr(zlink, "python3.11")
         return path
-    with tarfile.open(path, "w:gz", compresslevel=1) as tf:
+    options: dict[str, Any] = {"mode": "w"} if path.suffix == ".tar" else {"mode": "w:gz", "compresslevel": 1}
+    with tarfile.open(path, **options) as tf:
         for name, data, mode in (("bin/python3.11", elf, 0o755), ("share/blob", blob, 0o644)):
             tinfo = tarfile.TarInfo(name)
             tinfo.size, tinfo.mode = len(data), mode
@@ -322,6 +391,7 @@ def test_403_and_404_fail_at_once_with_one_line(http: Server, tmp_path: Path, ro
         ("https://user:pw@example.com:99999/env.tar.gz?X-Amz-Signature=secret", "out of range"),
         ("http://example.com:eighty/env.tar.gz", "eighty"),
         ("htps://example.com/env.tar.gz", "unsupported URL scheme htps://"),
+        ("https://example.com/my env.tar.gz?X-Amz-Signature=secret", "percent-encode it (a space as %20)"),
     ],
 )
 def test_malformed_url_is_one_line_without_network(tmp_path: Path, url: str, expected: str) -> None:
@@ -348,11 +418,93 @@ def test_failures_say_what_failed(http: Server, tmp_path: Path) -> None:
     assert published(tmp_path / "c") == []
 
 
+@pytest.mark.parametrize(
+    ("route", "code", "expected"),
+    [
+        ("badlength", 2, "the server sent an invalid HTTP response (Invalid character in Content-Length)"),
+        ("neglength", 2, "the server sent an invalid HTTP response"),
+        ("to-file", 2, "the server redirected to a file:// URL, which is not followed"),
+        ("to-ftp", 2, "the server redirected to a ftp:// URL, which is not followed"),
+        ("to-badport", 2, "the server redirected to an invalid URL (Port out of range"),
+        ("html", 2, "the server sent an HTML page, not a tarball"),
+    ],
+)
+def test_bad_answers_say_what_came(http: Server, tmp_path: Path, route: str, code: int, expected: str) -> None:
+    """What the server sent, not "HTTP 400" for a 200 aiohttp could not parse, not "not found" for
+    a redirect to a place that cannot be followed, not "not an archive" for a login page."""
+    proc = unpack(f"{http.base}/{route}/env.tar.gz", tmp_path / "c", MLSERVER_ENV_REMOTE_RETRIES="0")
+    assert proc.returncode == code, proc.stderr
+    line = error_line(proc)
+    assert expected in line and "not found" not in line and "HTTP 400" not in line, line
+    assert "check" in line and "retrying" not in proc.stderr and "/etc/passwd" not in line
+    assert published(tmp_path / "c") == []
+
+
 def test_object_replaced_after_the_head_is_not_cached(http: Server, tiny: Path, tmp_path: Path) -> None:
     http.files["moving.tar.gz"] = tiny
     proc = unpack(f"{http.base}/moving/moving.tar.gz", tmp_path / "c")
     assert proc.returncode == 2 and "changed while it was being downloaded; start again" in error_line(proc)
     assert published(tmp_path / "c") == []
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "expected"),
+    [("endless", "more than 64 MiB of the download gave no data"), ("padded", "more than the")],
+)
+def test_endless_zeros_after_the_archive_are_refused(
+    http: Server, tiny: Path, tmp_path: Path, behaviour: str, expected: str
+) -> None:
+    """A valid .tar.gz, then zero bytes without end: a gzip reader skips them without a byte of
+    output, so only the count of downloaded bytes can stop it (the size HEAD announced, else 64 MiB
+    that give no tar); a pin is checked only at the end."""
+    http.files["endless.tar.gz"] = tiny
+    t0 = time.monotonic()
+    proc = unpack(f"{http.base}/{behaviour}/endless.tar.gz", tmp_path / "c", MLSERVER_ENV_TARBALL_SHA256=sha256(tiny))
+    assert proc.returncode == 3, proc.stderr
+    assert expected in error_line(proc)
+    assert time.monotonic() - t0 < 60
+    assert published(tmp_path / "c") == [] and not (tmp_path / "c" / sha256(tiny)[:8]).exists()
+
+
+def test_endless_zip_download_is_bounded(http: Server, tmp_path: Path) -> None:
+    """A zip is spooled to the cache: of unknown size, it may not grow past what it may unpack to."""
+    http.files["endless.zip"] = tiny_env(tmp_path / "env.zip")
+    proc = unpack(
+        f"{http.base}/endless/endless.zip",
+        tmp_path / "c",
+        MLSERVER_ENV_MAX_UNPACKED_BYTES="16000000",
+        MLSERVER_ENV_MAX_MEMBERS="100",
+    )
+    assert proc.returncode == 3, proc.stderr
+    assert "MLSERVER_ENV_MAX_UNPACKED_BYTES" in error_line(proc)
+    assert published(tmp_path / "c") == [] and list((tmp_path / "c").glob(".*.tmp")) == []
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "ignored"),
+    [("swapped", "If-Match"), ("swapped-noetag", "If-Match"), ("swapped-lm", "If-Unmodified-Since")],
+)
+def test_get_of_another_object_than_the_head_is_not_cached(
+    http: Server, tmp_path: Path, behaviour: str, ignored: str
+) -> None:
+    """A server that ignores If-Match and answers the GET with another object (another ETag, or
+    no ETag but another size) than its HEAD described: never published under the HEAD's identity."""
+    # Valid environments both: of the same size (uncompressed, random blobs), or (no ETag) of another.
+    first = tiny_env(tmp_path / "first.tar")
+    other = tiny_env(tmp_path / ("other.tar" if behaviour == "swapped" else "other.tar.gz"))
+    assert (first.stat().st_size == other.stat().st_size) == (behaviour == "swapped")
+    http.files["swap.tar"], http.files["swap.tar.b"] = first, other
+    proc = unpack(f"{http.base}/{behaviour}/swap.tar", tmp_path / "c", MLSERVER_ENV_REMOTE_RETRIES="0")
+    assert proc.returncode == 2, proc.stderr
+    line = error_line(proc)
+    assert "changed while starting" in line and f"the server ignored {ignored})" in line and "start again" in line
+    assert published(tmp_path / "c") == [] and not any((tmp_path / "c").glob("*/bin"))
+
+
+def test_get_with_a_weakened_etag_is_the_same_object(http: Server, tiny: Path, tmp_path: Path) -> None:
+    http.files["weak.tar.gz"] = tiny
+    proc = unpack(f"{http.base}/weakened/weak.tar.gz", tmp_path / "c", MLSERVER_ENV_REMOTE_RETRIES="0")
+    assert proc.returncode == 0 and len(published(tmp_path / "c")) == 1, proc.stderr
 
 
 def test_server_without_validators_needs_a_pin(http: Server, tiny: Path, tmp_path: Path) -> None:
@@ -363,7 +515,7 @@ def test_server_without_validators_needs_a_pin(http: Server, tiny: Path, tmp_pat
     assert pinned.returncode == 0, pinned.stderr
 
 
-def test_zip_is_read_with_range_requests(http: Server, tmp_path: Path) -> None:
+def test_zip_is_downloaded_once_and_unpacked_from_what_was_hashed(http: Server, tmp_path: Path) -> None:
     archive = tiny_env(tmp_path / "env.zip")
     http.files["env.zip"] = archive
     proc = unpack(f"{http.base}/ok/env.zip", tmp_path / "c", MLSERVER_ENV_TARBALL_SHA256=sha256(archive))
@@ -372,11 +524,115 @@ def test_zip_is_read_with_range_requests(http: Server, tmp_path: Path) -> None:
     with zipfile.ZipFile(archive) as zf:
         assert (prefix / "share" / "blob").read_bytes() == zf.read("share/blob")
     assert os.readlink(prefix / "bin" / "python") == "python3.11"
-    assert http.gets("/ok/env.zip") >= 3  # a streaming pass for the pin, then ranges (8 MiB blocks)
+    assert http.gets("/ok/env.zip") == 1  # one GET, hashed as it was spooled: no second pass, no ranges
+    assert not list((tmp_path / "c").glob(".*.tmp"))  # the spool is gone
 
-    refused = unpack(f"{http.base}/norange/env.zip", tmp_path / "c2")
-    assert refused.returncode == 2 and "range requests" in error_line(refused)
-    assert published(tmp_path / "c2") == []
+    # A server that ignores Range serves a zip too, and the unpinned digest is logged.
+    unpinned = unpack(f"{http.base}/norange/env.zip", tmp_path / "c2")
+    assert unpinned.returncode == 0 and f"SHA-256 {sha256(archive)}" in unpinned.stderr, unpinned.stderr
+    assert not list((tmp_path / "c2").glob(".*.tmp"))
+
+    # A body cut short is retried from an empty entry and spool.
+    http.files["cut.zip"] = archive
+    http.failures["/cut/cut.zip"] = 1
+    retried = unpack(f"{http.base}/cut/cut.zip", tmp_path / "c4", MLSERVER_ENV_TARBALL_SHA256=sha256(archive))
+    assert retried.returncode == 0 and "retrying in" in retried.stderr, retried.stderr
+    assert http.gets("/cut/cut.zip") == 2 and not list((tmp_path / "c4").glob(".*.tmp"))
+
+    wrong = unpack(f"{http.base}/ok/env.zip", tmp_path / "c3", MLSERVER_ENV_TARBALL_SHA256="0" * 64)
+    assert wrong.returncode == 2 and "nothing was published" in error_line(wrong)
+    assert published(tmp_path / "c3") == [] and not list((tmp_path / "c3").glob(".*.tmp"))
+
+
+@pytest.fixture
+def volume(tmp_path: Path) -> Iterator[Path]:
+    """A mount point for small tmpfs volumes, as test_faults' `tmpfs` (unmounted however the test ends)."""
+    point = tmp_path / "vol"
+    point.mkdir()
+    probe = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(point)], capture_output=True, text=True
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {probe.stderr.strip()}")
+    yield point
+    while subprocess.run(["umount", str(point)], capture_output=True).returncode == 0:
+        pass
+
+
+def test_zip_on_a_full_disk_names_the_space_needed(http: Server, tmp_path: Path, volume: Path) -> None:
+    """The spooled download takes room in the cache too: a full disk says so, with the space that
+    suffices, and leaves no spool behind."""
+    archive = tiny_env(tmp_path / "env.zip")
+    http.files["full.zip"] = archive
+    url, cache = f"{http.base}/ok/full.zip", volume / "c"
+
+    mount_tmpfs(volume, 4 << 20)  # not even the download fits
+    proc = unpack(url, cache)
+    line = error_line(proc)
+    assert proc.returncode == 2 and "for the downloaded zip" in line and "MLSERVER_ENV_CACHE_DIR" in line, line
+    assert f"needs {-(-archive.stat().st_size // 1_000_000)} MB" in line, line
+    assert published(cache) == [] and list(cache.glob(".*.tmp")) == []
+
+    mount_tmpfs(volume, 12 << 20)  # the download fits, the environment beside it does not
+    proc = unpack(url, cache)
+    line = error_line(proc)
+    assert proc.returncode == 2 and "download it is unpacked from" in line, line
+    assert published(cache) == [] and list(cache.glob(".*.tmp")) == []
+    needed = int(re.search(r"needs (\d+) MB", line).group(1)) * 1_000_000  # type: ignore[union-attr]
+
+    mount_tmpfs(volume, 40 << 20)  # exactly the space named, on top of the cache directory: it fits
+    cache.mkdir()
+    mount_tmpfs(volume, -(-(needed + used_bytes(volume)) // 4096) * 4096)
+    proc = unpack(url, cache)
+    assert proc.returncode == 0, proc.stderr
+    assert list(cache.glob(".*.tmp")) == []
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_stop_while_a_zip_is_spooled_leaves_nothing(http: Server, tmp_path: Path, how: str) -> None:
+    """A stop while the zip is downloaded: SIGTERM removes the spool with the partial entry (143);
+    after a kill -9, gc (or the next start of that tarball) removes it with the partial entry."""
+    http.files[f"stop-{how}.zip"] = tiny_env(tmp_path / "env.zip")
+    path = f"/stall/stop-{how}.zip"
+    http.failures[path] = 1  # the first GET stops sending half-way, for 3 s
+    cache = tmp_path / "c"
+    env = entry_env(MLSERVER_ENV_TARBALL=f"{http.base}{path}", MLSERVER_ENV_CACHE_DIR=cache)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "entrypoint", "unpack"], env=env, cwd=REPO, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 30
+    while not list(cache.glob(".*.download.*.tmp")):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(getattr(signal, how))
+    _, stderr = proc.communicate(timeout=30)
+    if how == "SIGTERM":
+        assert proc.returncode == 143 and "stopped by SIGTERM" in stderr, stderr
+        assert list(cache.glob(".*.tmp")) == [] and [p.name for p in cache.iterdir() if p.is_dir()] == []
+    else:
+        assert list(cache.glob(".*.download.*.tmp")), "a kill -9 cannot clean up"
+        swept = run_entrypoint(["gc"], env)  # gc removes the partial entry, spool included
+        assert swept.returncode == 0 and list(cache.glob(".*.tmp")) == [], swept.stdout + swept.stderr
+    again = unpack(f"{http.base}{path}", cache)
+    assert again.returncode == 0, again.stderr
+    assert list(cache.glob(".*.tmp")) == [] and len(published(cache)) == 1
+
+
+def test_zip_pin_cannot_be_bypassed_by_range_answers(http: Server, tmp_path: Path) -> None:
+    """A server answering plain GETs with the pinned zip and Range GETs with another of the same
+    size and ETag: what is unpacked must be what was hashed, under the pin's key (which a local
+    copy shares)."""
+    good, evil = tiny_env(tmp_path / "good.zip"), tiny_env(tmp_path / "evil.zip")  # random blobs, same size
+    assert good.stat().st_size == evil.stat().st_size and sha256(good) != sha256(evil)
+    http.files["two.zip"], http.files["two.zip.evil"] = good, evil
+    url = f"{http.base}/twofaced/two.zip"
+    for cache, pin in ((tmp_path / "c", sha256(good)), (tmp_path / "c2", None)):
+        proc = unpack(url, cache, MLSERVER_ENV_TARBALL_SHA256=pin)
+        assert proc.returncode == 0, proc.stderr
+        assert f"SHA-256 {sha256(good)}" in proc.stderr, proc.stderr
+        prefix = Path(proc.stdout.splitlines()[-1])
+        with zipfile.ZipFile(good) as zf:
+            assert (prefix / "share" / "blob").read_bytes() == zf.read("share/blob")
 
 
 def test_seed_served_from_an_http_url(http: Server, seed: Example, tmp_path: Path) -> None:
