@@ -467,9 +467,10 @@ def _retrying(
             return attempt()
         except _Retry as exc:
             if n == tarball.retries:
+                times = "once" if n == 0 else f"{n + 1} times"
                 raise EntrypointError(
-                    f"{tarball.display}: {what} failed {n + 1} times, last with: {exc}; check the network and the "
-                    "server, or raise MLSERVER_ENV_REMOTE_RETRIES"
+                    f"{tarball.display}: {what} failed {times}, last with: {exc}; check the network and the server, "
+                    "or raise MLSERVER_ENV_REMOTE_RETRIES"
                 ) from None
             if cleanup is not None:
                 cleanup()

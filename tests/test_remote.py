@@ -367,6 +367,8 @@ def test_retries_give_up_with_one_line(http: Server, tiny: Path, tmp_path: Path)
     line = error_line(proc)
     assert "failed 2 times" in line and "HTTP 503" in line and "MLSERVER_ENV_REMOTE_RETRIES" in line
     assert http.gets("/flaky/down.tar.gz") == 2 and published(tmp_path / "c") == []
+    proc = unpack(f"{http.base}/flaky/down.tar.gz", tmp_path / "c", MLSERVER_ENV_REMOTE_RETRIES="0")
+    assert proc.returncode == 1 and "failed once, last with" in error_line(proc)  # not "failed 1 times"
 
 
 @pytest.mark.parametrize(
