@@ -143,10 +143,27 @@ def read_memo(root: Path, tarball: Path) -> bytes | None:
         os.close(dfd)
 
 
+def remembered_key(root: Path, tarball: Path, identity: tuple[int, ...]) -> str | None:
+    """The SHA-256 remembered for this very version of `tarball` (file_identity), if any. A key
+    not made of 64 hex digits is none: the entry's name is taken from it (`../x` would put the
+    entry outside the cache)."""
+    try:
+        saved = json.loads(read_memo(root, tarball) or b"")
+    except ValueError:
+        return None
+    if not isinstance(saved, dict) or saved.get("identity") != list(identity):
+        return None
+    key = saved.get("sha256")
+    return key if isinstance(key, str) and len(key) == 64 and HEX_DIGITS.issuperset(key) else None
+
+
+HEX_DIGITS = frozenset("0123456789abcdef")
+
+
 def read_marker(entry: Entry) -> dict[str, object] | None:
     """The entry's completion record, if it is complete and for this very tarball content."""
     try:
-        data = read_small(entry.marker, MARKER_MAX)
+        data = read_small(entry.marker, MARKER_MAX, flags=os.O_NOFOLLOW)  # a symlink there: ELOOP, damage
         record = json.loads(data) if data is not None else None
     except (OSError, ValueError):
         return None
@@ -477,11 +494,13 @@ def _verify_full(entry: Entry) -> str | None:
     and split at once, the manifest of 200,000 files took a warm start to 55 MiB, of the 2,000,000
     members allowed to hundreds. Binary lines end at b"\n" only, as the manifest's do."""
     try:
-        with open(entry.manifest, "rb") as f:
-            first = f.readline()
+        with _open_manifest(entry.manifest) as f:
+            first = f.readline(LINE_MAX)
             quick_end = last = False
             quick_end_line, end_line = QUICK_END.encode(), MANIFEST_END.encode()
-            for line in f:
+            while line := f.readline(LINE_MAX):  # bounded: gigabytes without a newline are no line to hold
+                if not line.endswith(b"\n") and len(line) == LINE_MAX:
+                    return "its manifest is damaged"
                 quick_end = quick_end or line == quick_end_line
                 last = line == end_line
             if not (quick_end and last and _complete(first.decode("utf-8", "surrogateescape"), False)):
@@ -546,6 +565,21 @@ def _complete(text: str, full: bool) -> bool:
 QUICK_MAX = QUICK_LINES * QUICK_LINE_MAX * 4
 
 
+# A manifest line: a size, a mode, a time and a path of at most PATH_MAX bytes, escaped (a newline
+# or a backslash doubled).
+LINE_MAX = 2 * 4096 + 64
+
+
+def _open_manifest(manifest: Path, buffering: int = -1) -> IO[bytes]:
+    """The manifest for reading, never through a symlink (ELOOP) nor blocking on a FIFO; anything
+    but a regular file is an OSError, which verify reads as "missing"."""
+    fd = os.open(manifest, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise IsADirectoryError(errno.EISDIR, "not a regular file", str(manifest))
+    return open(fd, "rb", buffering=buffering)
+
+
 def _quick_section(manifest: Path) -> bytes:
     """The manifest's lines before the QUICK_END line, read no further: the rest can be 10 MB.
     Empty if there is no such line (the manifest was cut short) within QUICK_MAX bytes.
@@ -553,10 +587,7 @@ def _quick_section(manifest: Path) -> bytes:
     Linear and bounded: each block is searched once (with the few bytes before it a match may
     start in), and no more than QUICK_MAX is held (100 MB of garbage took 86 s and 232 MB)."""
     mark = b"\n" + QUICK_END.encode()
-    fd = os.open(manifest, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO must not block
-    with open(fd, "rb", buffering=0) as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise IsADirectoryError(errno.EISDIR, "not a regular file", str(manifest))
+    with _open_manifest(manifest, buffering=0) as f:
         data = bytearray(b"\n")
         while len(data) <= QUICK_MAX + 1:
             block = f.read(1 << 18)

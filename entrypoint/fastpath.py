@@ -10,7 +10,6 @@ and the one-line errors.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,7 +39,6 @@ IRRELEVANT_ON_A_HIT = {
     "REMOTE_TIMEOUT",
     "RELOCATE",  # how a miss relocates; a hit relocates nothing
 }
-HEX = frozenset("0123456789abcdef")
 WHOLE_NUMBERS = {"MAX_MEMBERS", "MAX_UNPACKED_BYTES", "REMOTE_RETRIES"}
 ZERO_ALLOWED = {"REMOTE_RETRIES"}
 CHECKED_ELSEWHERE = {"INIT", "STOP_GRACE"}  # supervise.options reads them on every path, with its errors
@@ -64,7 +62,8 @@ def lookup(environ: Mapping[str, str], require: tuple[str, ...]) -> Hit | None:
     tarball = local_tarball(environ)
     verify = environ.get(f"{ENV_PREFIX}VERIFY", "quick")
     pin = environ.get(f"{ENV_PREFIX}TARBALL_SHA256", "").strip().lower() or None
-    if verify not in ("quick", "full") or (pin is not None and (len(pin) != 64 or not HEX.issuperset(pin))):
+    bad_pin = pin is not None and (len(pin) != 64 or not cache.HEX_DIGITS.issuperset(pin))
+    if verify not in ("quick", "full") or bad_pin:
         return None
     cache_dir = _cache_dir(environ)
     if tarball is not None:
@@ -149,10 +148,6 @@ def _remembered_key(tarball: Path, cache_dir: Path) -> str | None:
     """The SHA-256 remembered for this very file version (see source.content_key), if any."""
     try:
         st = os.stat(tarball)
-        saved = json.loads(cache.read_memo(cache_dir, tarball) or b"")
-    except (OSError, ValueError):
+    except OSError:
         return None
-    if not isinstance(saved, dict) or saved.get("identity") != list(cache.file_identity(st)):
-        return None
-    key = saved.get("sha256")
-    return key if isinstance(key, str) else None
+    return cache.remembered_key(cache_dir, tarball, cache.file_identity(st))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from entrypoint.cache import file_identity, key_memo, read_memo
+from entrypoint.cache import file_identity, key_memo, remembered_key
 from entrypoint.constants import DEFAULT_TARBALL_NAME
 from entrypoint.errors import ArchiveError, ConfigError
 
@@ -157,14 +157,9 @@ def content_key(tarball: Tarball | RemoteTarball, cache_dir: Path, pin: str | No
 
         return remote.content_key(tarball, pin)
     memo = key_memo(cache_dir, tarball.path)
-    try:
-        saved = json.loads(read_memo(cache_dir, tarball.path) or b"")
-        if saved["identity"] == list(tarball.identity):
-            key = str(saved["sha256"])
-            _check_pin(tarball, key, pin)
-            return key, True
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+    if (key := remembered_key(cache_dir, tarball.path, tarball.identity)) is not None:
+        _check_pin(tarball, key, pin)
+        return key, True
     prehashed = _prehashed(tarball)
     if prehashed is None:
         _refuse_non_archive(tarball)

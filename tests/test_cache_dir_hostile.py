@@ -234,7 +234,7 @@ def test_gc_with_a_directory_as_a_marker_is_one_line(tmp_path: Path) -> None:
     assert code == 2 and f"{tmp_path / '11111111.ready'} is a directory" in error_line(err), err
 
 
-def test_marker_temporary_is_never_written_through_a_symlink(tmp_path: Path) -> None:
+def test_marker_temporary_is_never_written_through_a_symlink(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`.<key8>.ready.<pid>.tmp` was opened by a predictable name, following a symlink there
     (planted while an unpack runs, after its discard): its target was truncated and rewritten."""
     from entrypoint import cache
@@ -246,6 +246,67 @@ def test_marker_temporary_is_never_written_through_a_symlink(tmp_path: Path) -> 
     (root / f".{marker.name}.{os.getpid()}.tmp").symlink_to(outside / "id_ed25519")
     cache._write_atomic(marker, b"{}")
     assert marker.read_bytes() == b"{}" and untouched(outside)
+    # The name guessed after all (its random part fixed here): O_EXCL and O_NOFOLLOW still refuse it.
+    monkeypatch.setattr(os, "urandom", lambda n: b"\x01" * n)
+    (root / f".{marker.name}.{os.getpid()}.{'01' * 8}.tmp").symlink_to(outside / "id_ed25519")
+    with pytest.raises(FileExistsError):
+        cache._write_atomic(marker, b"{...}")
+    assert marker.read_bytes() == b"{}" and untouched(outside)
+
+
+def test_memo_temporary_guessed_is_still_not_followed(
+    small_tarball: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from entrypoint import cache, source
+
+    outside = canary(tmp_path)
+    root = tmp_path / "cache"
+    memo = cache.key_memo(root, small_tarball)
+    memo.parent.mkdir(parents=True)
+    monkeypatch.setattr(os, "urandom", lambda n: b"\x02" * n)
+    (memo.parent / f"{memo.name}.{os.getpid()}.{'02' * 8}.tmp").symlink_to(outside / "id_ed25519")
+    source._remember(memo, {"path": "x", "identity": [], "sha256": "ab" * 32})  # best effort: nothing written
+    assert untouched(outside) and not memo.exists()
+
+
+def test_a_remembered_key_that_is_no_digest_is_not_used(small_tarball: Path, tmp_path: Path) -> None:
+    """The entry's name is taken from the key: a memo saying "../esc…" put the entry, its lock,
+    marker and manifest beside the cache directory, and the start served from there."""
+    cache = tmp_path / "cache"
+    code, out, err = unpack(small_tarball, cache)
+    assert code == 0, err
+    memo = cache / ".keys" / _memo_name(small_tarball)
+    memo.write_text(json.dumps({**json.loads(memo.read_text()), "sha256": "../escXX" + "0" * 56}))
+    for _ in range(2):  # the first start hashes again and remembers the real key; the second uses it
+        code, again, err = unpack(small_tarball, cache)
+        assert code == 0 and again == out, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+def test_what_stands_for_the_marker_or_manifest_is_never_followed_nor_blocks(
+    small_tarball: Path, tmp_path: Path
+) -> None:
+    """A FIFO at `<key8>.manifest` hung VERIFY=full forever (quick mode repaired it), and a
+    symlink at `.ready` to a valid copy was read and served: both are damage, unpacked again."""
+    cache = tmp_path / "cache"
+    code, out, err = unpack(small_tarball, cache)
+    assert code == 0, err
+    k = key8(small_tarball)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for verify in ("full", "quick"):
+        (cache / f"{k}.manifest").unlink()
+        os.mkfifo(cache / f"{k}.manifest")
+        code, again, err = unpack(small_tarball, cache, MLSERVER_ENV_VERIFY=verify)  # run_entrypoint's timeout: no hang
+        assert code == 0 and again == out and "extract:" in err, err
+        assert (cache / f"{k}.manifest").is_file()
+    copy = outside / "copy.ready"
+    copy.write_bytes((cache / f"{k}.ready").read_bytes())
+    (cache / f"{k}.ready").unlink()
+    (cache / f"{k}.ready").symlink_to(copy)
+    code, again, err = unpack(small_tarball, cache)
+    assert code == 0 and again == out and "extract:" in err, err
+    assert not (cache / f"{k}.ready").is_symlink() and copy.is_file()
 
 
 def test_a_bloated_manifest_is_read_in_linear_time_and_bounded_memory(tmp_path: Path) -> None:
