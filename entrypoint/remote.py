@@ -140,6 +140,7 @@ def _extract_once(tarball: RemoteTarball, info: dict[str, Any], entry: Entry, se
     size = info.get("size")
     limits = extractor.Limits(settings.max_members, settings.max_unpacked_bytes)
     spool: Path | None = None
+    local: BinaryIO | None = None
     try:
         with _open(tarball, lambda: _open_stream(tarball, fs, path, info)) as f:
             _check_same_object(tarball, f, info)
@@ -148,7 +149,7 @@ def _extract_once(tarball: RemoteTarball, info: dict[str, Any], entry: Entry, se
             head = reader.read(512)
             stream = cast(BinaryIO, archive.Replay(head, cast(BinaryIO, reader)))
             if _format(tarball, head) == "zip":
-                spool = _spool_zip(tarball, reader, head, entry, settings)
+                spool, local = _spool_zip(tarball, reader, head, entry, settings)
             else:
                 reader.produced()  # from here, bytes that give no tar are bounded
                 progress = log.Progress("extract", size, reader.tell) if size else None
@@ -166,15 +167,18 @@ def _extract_once(tarball: RemoteTarball, info: dict[str, Any], entry: Entry, se
                 # The bytes after the end-of-archive marker count too.
                 _check_pin(tarball, reader.finish(), settings.tarball_sha256, reader.pos)
                 return stats
-        # The connection is closed: the zip is read from the file its digest was computed from.
-        assert spool is not None
-        with open(spool, "rb") as local:
-            try:
-                held = -(-os.fstat(local.fileno()).st_size // extractor.DISK_BLOCK) * extractor.DISK_BLOCK
-                return extractor.extract(archive.members(local), entry.prefix, limits, held)
-            except archive.CORRUPT as exc:
-                raise _corrupt(tarball, exc) from None
+        # The connection is closed: the zip is read from the very file (descriptor) its digest was
+        # computed from as it was written, not reopened by its name.
+        assert local is not None
+        local.seek(0)
+        try:
+            held = -(-os.fstat(local.fileno()).st_size // extractor.DISK_BLOCK) * extractor.DISK_BLOCK
+            return extractor.extract(archive.members(local), entry.prefix, limits, held)
+        except archive.CORRUPT as exc:
+            raise _corrupt(tarball, exc) from None
     finally:
+        if local is not None:
+            local.close()
         if spool is not None:
             with contextlib.suppress(FileNotFoundError):
                 spool.unlink()
@@ -201,7 +205,9 @@ def _corrupt(tarball: RemoteTarball, exc: Exception) -> ArchiveError:
     return ArchiveError(f"{tarball.display}: corrupt or truncated archive ({exc}); pack it again")
 
 
-def _spool_zip(tarball: RemoteTarball, reader: _Reader, head: bytes, entry: Entry, settings: Settings) -> Path:
+def _spool_zip(
+    tarball: RemoteTarball, reader: _Reader, head: bytes, entry: Entry, settings: Settings
+) -> tuple[Path, BinaryIO]:
     """A zip needs random access (its index is at its end): the one download goes to a file beside
     the entry, hashed as it is written, and the pin is checked before anything is unpacked. Reading
     it again with ranges would unpack bytes nobody hashed (a server may answer Range requests with
@@ -212,26 +218,31 @@ def _spool_zip(tarball: RemoteTarball, reader: _Reader, head: bytes, entry: Entr
     from entrypoint import extract as extractor
 
     spool = entry.root / f".{entry.name}.download.{os.getpid()}.tmp"
-    # Of unknown size, bounded by what it may unpack to: a server that keeps sending must not fill the cache.
+    # Bounded by what it may unpack to, announced or not: a server must not fill the shared cache.
     bound = settings.max_unpacked_bytes + settings.max_members * ZIP_MEMBER_OVERHEAD + MAX_IDLE
+    too_big = ArchiveError(
+        f"{tarball.display}: the zip download is over {bound} bytes, more than it may unpack to; raise "
+        "MLSERVER_ENV_MAX_UNPACKED_BYTES if this environment is really that large, or check the server"
+    )
+    if reader.size is not None and reader.size > bound:
+        raise too_big
+    out: BinaryIO | None = None
     try:
-        fd = os.open(spool, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with open(fd, "wb", buffering=0) as out:
-            data = head
-            while data:
-                view = memoryview(data)
-                while view:  # a short write (rare): write the rest
-                    view = view[out.write(view) or 0 :]
-                data = reader.read(CHUNK)
-                if reader.size is None and reader.pos > bound:
-                    raise ArchiveError(
-                        f"{tarball.display}: the zip download passed {bound} bytes, more than it may unpack to; "
-                        "raise MLSERVER_ENV_MAX_UNPACKED_BYTES if this environment is really that large, or check "
-                        "the server"
-                    )
+        fd = os.open(spool, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        out = cast(BinaryIO, open(fd, "w+b", buffering=0))  # noqa: SIM115 - returned open, closed by the caller
+        data = head
+        while data:
+            view = memoryview(data)
+            while view:  # a short write (rare): write the rest
+                view = view[out.write(view) or 0 :]
+            data = reader.read(CHUNK)
+            if reader.pos > bound:
+                raise too_big
         _check_pin(tarball, reader.finish(), settings.tarball_sha256, reader.pos)
-        return spool
+        return spool, out
     except BaseException as exc:  # a stop signal's too: no spool outlives its attempt
+        if out is not None:
+            out.close()
         with contextlib.suppress(OSError):
             spool.unlink()
         if not isinstance(exc, OSError):

@@ -138,6 +138,16 @@ class Handler(BaseHTTPRequestHandler):
             return self._status(503)
         if behaviour in ("endless", "padded"):
             return self._endless(file, body, announce=behaviour == "padded")
+        if behaviour == "huge":  # announces a terabyte, HEAD and GET alike, and sends the file
+            self.send_response(200)
+            self.send_header("Content-Length", str(10**12))
+            self.send_header("ETag", '"huge"')
+            self.end_headers()
+            self.close_connection = True
+            if body:
+                with contextlib.suppress(OSError):
+                    self.wfile.write(file.read_bytes())
+            return
         st = file.stat()
         etag = f'"{st.st_size:x}-{st.st_mtime_ns:x}"'
         start, end, status = 0, st.st_size, 200
@@ -479,6 +489,10 @@ def test_endless_zip_download_is_bounded(http: Server, tmp_path: Path) -> None:
     )
     assert proc.returncode == 3, proc.stderr
     assert "MLSERVER_ENV_MAX_UNPACKED_BYTES" in error_line(proc)
+    assert published(tmp_path / "c") == [] and list((tmp_path / "c").glob(".*.tmp")) == []
+    # Announced, the size is bounded alike, before a byte is spooled (a terabyte would fill the cache).
+    proc = unpack(f"{http.base}/huge/endless.zip", tmp_path / "c", MLSERVER_ENV_REMOTE_RETRIES="0")
+    assert proc.returncode == 3 and "more than it may unpack to" in error_line(proc), proc.stderr
     assert published(tmp_path / "c") == [] and list((tmp_path / "c").glob(".*.tmp")) == []
 
 
