@@ -179,9 +179,12 @@ def exec_failure(program: str, exc: OSError) -> str:
         pass
     if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELIBBAD) and head.startswith(b"#!"):
         line = head[2:].split(b"\n", 1)[0].decode("utf-8", "replace").strip()
+        interpreter = line.split()[0] if line else "nothing"
+        name = os.path.basename(interpreter)
+        other = f"run it as `python {program}`" if name.startswith("python") else f"install {name} here"
         return (
-            f"cannot run {program}: its #! line names {line.split()[0] if line else 'nothing'}, which cannot be "
-            f"run here ({exc.strerror}); fix the script's first line, or run it as `python {program}`"
+            f"cannot run {program}: its #! line names {interpreter}, which cannot be run here ({exc.strerror}); "
+            f"fix the script's first line, or {other}"
         )
     if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELIBBAD):
         return (

@@ -621,6 +621,9 @@ def test_a_program_the_kernel_will_not_start_is_one_line_126(tmp_path: Path, ini
         f"cannot run {script}: its #! line names /opt/builder/envs/old-sklearn/bin/python3.8", "first line",
     )  # fmt: skip
     refused(start("", tmp_path / "c", str(garbage), MLSERVER_ENV_INIT=init), 126, "not a program", "#! line")
+    script.write_text("#!/opt/nowhere/bin/bash -e\necho 1\n")  # not Python: no `python script` advice
+    line = refused(start("", tmp_path / "c", str(script), MLSERVER_ENV_INIT=init), 126, "install bash here")
+    assert "`python" not in line
 
 
 def test_a_models_dir_the_command_does_not_serve_is_warned_about(tmp_path: Path) -> None:
