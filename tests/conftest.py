@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,3 +46,19 @@ def small_tarball(tmp_path_factory: pytest.TempPathFactory) -> Path:
     empty = out / "requirements.txt"
     empty.write_text("")
     return _build(out, "--requirements", str(empty), "--name", "bare", "--no-model")
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A mount point for small tmpfs volumes (unmounted at the end, however the test ends)."""
+    point = tmp_path / "vol"
+    point.mkdir()
+    probe = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(point)], capture_output=True, text=True
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {probe.stderr.strip()}")
+    subprocess.run(["umount", str(point)], check=True)
+    yield point
+    while subprocess.run(["umount", str(point)], capture_output=True).returncode == 0:
+        pass

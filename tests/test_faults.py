@@ -471,22 +471,6 @@ def test_repeated_signals_do_not_stop_the_cleanup_half_way(ref: Reference) -> No
 # --- A full disk -----------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A mount point for small tmpfs volumes (unmounted at the end, however the test ends)."""
-    point = tmp_path / "vol"
-    point.mkdir()
-    probe = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(point)], capture_output=True, text=True
-    )
-    if probe.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {probe.stderr.strip()}")
-    subprocess.run(["umount", str(point)], check=True)
-    yield point
-    while subprocess.run(["umount", str(point)], capture_output=True).returncode == 0:
-        pass
-
-
 def mount_tmpfs(point: Path, size: int, *options: str) -> None:
     subprocess.run(["umount", str(point)], capture_output=True)
     opts = ",".join([f"size={size}", *options])

@@ -560,45 +560,30 @@ def test_zip_is_downloaded_once_and_unpacked_from_what_was_hashed(http: Server, 
     assert published(tmp_path / "c3") == [] and not list((tmp_path / "c3").glob(".*.tmp"))
 
 
-@pytest.fixture
-def volume(tmp_path: Path) -> Iterator[Path]:
-    """A mount point for small tmpfs volumes, as test_faults' `tmpfs` (unmounted however the test ends)."""
-    point = tmp_path / "vol"
-    point.mkdir()
-    probe = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(point)], capture_output=True, text=True
-    )
-    if probe.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {probe.stderr.strip()}")
-    yield point
-    while subprocess.run(["umount", str(point)], capture_output=True).returncode == 0:
-        pass
-
-
-def test_zip_on_a_full_disk_names_the_space_needed(http: Server, tmp_path: Path, volume: Path) -> None:
+def test_zip_on_a_full_disk_names_the_space_needed(http: Server, tmp_path: Path, tmpfs: Path) -> None:
     """The spooled download takes room in the cache too: a full disk says so, with the space that
     suffices, and leaves no spool behind."""
     archive = tiny_env(tmp_path / "env.zip")
     http.files["full.zip"] = archive
-    url, cache = f"{http.base}/ok/full.zip", volume / "c"
+    url, cache = f"{http.base}/ok/full.zip", tmpfs / "c"
 
-    mount_tmpfs(volume, 4 << 20)  # not even the download fits
+    mount_tmpfs(tmpfs, 4 << 20)  # not even the download fits
     proc = unpack(url, cache)
     line = error_line(proc)
     assert proc.returncode == 2 and "for the downloaded zip" in line and "MLSERVER_ENV_CACHE_DIR" in line, line
     assert f"needs {-(-archive.stat().st_size // 1_000_000)} MB" in line, line
     assert published(cache) == [] and list(cache.glob(".*.tmp")) == []
 
-    mount_tmpfs(volume, 12 << 20)  # the download fits, the environment beside it does not
+    mount_tmpfs(tmpfs, 12 << 20)  # the download fits, the environment beside it does not
     proc = unpack(url, cache)
     line = error_line(proc)
     assert proc.returncode == 2 and "download it is unpacked from" in line, line
     assert published(cache) == [] and list(cache.glob(".*.tmp")) == []
     needed = int(re.search(r"needs (\d+) MB", line).group(1)) * 1_000_000  # type: ignore[union-attr]
 
-    mount_tmpfs(volume, 40 << 20)  # exactly the space named, on top of the cache directory: it fits
+    mount_tmpfs(tmpfs, 40 << 20)  # exactly the space named, on top of the cache directory: it fits
     cache.mkdir()
-    mount_tmpfs(volume, -(-(needed + used_bytes(volume)) // 4096) * 4096)
+    mount_tmpfs(tmpfs, -(-(needed + used_bytes(tmpfs)) // 4096) * 4096)
     proc = unpack(url, cache)
     assert proc.returncode == 0, proc.stderr
     assert list(cache.glob(".*.tmp")) == []
