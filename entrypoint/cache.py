@@ -143,6 +143,9 @@ def read_memo(root: Path, tarball: Path) -> bytes | None:
         os.close(dfd)
 
 
+HEX_DIGITS = frozenset("0123456789abcdef")
+
+
 def remembered_key(root: Path, tarball: Path, identity: tuple[int, ...]) -> str | None:
     """The SHA-256 remembered for this very version of `tarball` (file_identity), if any. A key
     not made of 64 hex digits is none: the entry's name is taken from it (`../x` would put the
@@ -155,9 +158,6 @@ def remembered_key(root: Path, tarball: Path, identity: tuple[int, ...]) -> str 
         return None
     key = saved.get("sha256")
     return key if isinstance(key, str) and len(key) == 64 and HEX_DIGITS.issuperset(key) else None
-
-
-HEX_DIGITS = frozenset("0123456789abcdef")
 
 
 def read_marker(entry: Entry) -> dict[str, object] | None:
