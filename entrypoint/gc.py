@@ -262,7 +262,7 @@ def keys_dir(root: Path) -> int | None:
     in it. None also if it is missing or cannot be opened."""
     path = root / ".keys"
     try:
-        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return os.open(path, cache.DIR_OPEN)
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
             log.info(
