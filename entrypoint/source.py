@@ -234,11 +234,8 @@ def _remember(memo: Path, record: dict[str, object]) -> None:
     tmp = f"{memo.name}.{os.getpid()}.{os.urandom(8).hex()}.tmp"  # gc.MEMO_TMP
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dfd)
-        try:
-            with open(fd, "wb", closefd=False) as out:
-                out.write(json.dumps(record).encode())
-        finally:
-            os.close(fd)
+        with open(fd, "wb") as out:  # closes fd
+            out.write(json.dumps(record).encode())
         os.replace(tmp, memo.name, src_dir_fd=dfd, dst_dir_fd=dfd)
     except OSError:
         with contextlib.suppress(OSError):
