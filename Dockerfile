@@ -60,7 +60,7 @@ WORKDIR /home/mlserver
 USER 1000:0
 EXPOSE 8080 8081 8082
 HEALTHCHECK --interval=10s --timeout=5s --start-period=180s --retries=3 \
-    CMD ["/opt/mlserver/bin/python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('MLSERVER_HTTP_PORT', '8080') + '/v2/health/ready', timeout=4)"]
+    CMD ["/opt/mlserver/bin/python", "-I", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('MLSERVER_HTTP_PORT', '8080') + '/v2/health/ready', timeout=4)"]
 ARG BASE_IMAGE
 ARG VERSION=0.1.0
 ARG REVISION=unknown
@@ -71,5 +71,8 @@ LABEL org.opencontainers.image.title="mlserver-env-entrypoint" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.base.name="${BASE_IMAGE}"
 
-ENTRYPOINT ["/opt/mlserver/bin/mlserver-entrypoint"]
+# -I (isolated): PYTHONHOME or PYTHONPATH set for the environment (a pod copying its training
+# machine's) would otherwise break the image's own interpreter before the entrypoint runs ("Fatal
+# Python error"); the entrypoint drops them for the environment's. The health check likewise.
+ENTRYPOINT ["/opt/mlserver/bin/python", "-I", "-m", "entrypoint"]
 CMD ["mlserver", "start", "/mnt/models"]

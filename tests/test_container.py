@@ -82,7 +82,7 @@ def test_image_metadata(podman: Podman, image: str) -> None:
     config = info["Config"]
     assert isinstance(config, dict)
     assert config["User"] == "1000:0"
-    assert config["Entrypoint"] == ["/opt/mlserver/bin/mlserver-entrypoint"]
+    assert config["Entrypoint"] == ["/opt/mlserver/bin/python", "-I", "-m", "entrypoint"]
     assert config["Cmd"] == ["mlserver", "start", "/mnt/models"]
     assert set(config["ExposedPorts"]) == {"8080/tcp", "8081/tcp", "8082/tcp"}
     assert "/opt/envs" in config["Volumes"]

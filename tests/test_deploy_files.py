@@ -8,13 +8,15 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
 import yaml
-from support import REPO
+from archives import tiny_env, write_tar
+from support import REPO, entry_env
 
 K8S = REPO / "deploy" / "kubernetes"
 # The newest schema kubernetes-validate ships, and an older release still widely run.
@@ -133,3 +135,23 @@ def test_make_serve_runs_the_entrypoint_as_an_init() -> None:
     entrypoint kills the group after MLSERVER_ENV_STOP_GRACE (tests/test_supervise.py)."""
     recipe = (REPO / "Makefile").read_text().split("\nserve:", 1)[1].split("\n\n", 1)[0]
     assert "MLSERVER_ENV_INIT=always" in recipe and "mlserver-entrypoint" in recipe
+
+
+def test_the_image_entrypoint_runs_whatever_pythonhome_the_pod_sets(tmp_path: Path) -> None:
+    """A pod copying its training machine's PYTHONHOME broke the image's own interpreter ("Fatal
+    Python error", no line of ours) before the entrypoint ran: the image runs it isolated (-I)."""
+    match = re.search(r"^ENTRYPOINT (\[.*\])$", (REPO / "Dockerfile").read_text(), re.M)
+    assert match
+    program, *flags = json.loads(match[1])
+    assert Path(program).parent == Path("/opt/mlserver/bin")
+    argv = [str(Path(sys.executable).parent / Path(program).name), *flags]  # this venv is the image's
+    tarball = write_tar(tmp_path / "env.tar.gz", tiny_env())
+    env = entry_env(
+        MLSERVER_ENV_TARBALL=tarball,
+        MLSERVER_ENV_CACHE_DIR=tmp_path / "cache",
+        PYTHONHOME=tmp_path / "training-machine" / "envs" / "old-sklearn",
+        PYTHONPATH=tmp_path / "training-machine" / "src",
+    )
+    proc = subprocess.run([*argv, "unpack"], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1].startswith(str(tmp_path / "cache")), proc.stdout
