@@ -171,10 +171,38 @@ def _decompressor(fmt: str, raw: BinaryIO) -> IO[bytes]:
     if fmt == "tar.zst":
         return zstandard.ZstdDecompressor().stream_reader(raw, read_size=CHUNK, read_across_frames=True)
     if fmt == "tar.bz2":
-        return bz2.BZ2File(raw)
+        return cast(IO[bytes], _Bz2Reader(raw))
     if fmt == "tar.xz":
         return cast(IO[bytes], _XzReader(raw))
     return raw
+
+
+class _Bz2Reader:
+    """Concatenated bzip2 streams (pbzip2 writes several), and nothing else after them.
+
+    Hand-written (BZ2File ignores whatever follows a stream that is not bzip2, where gzip, xz and
+    zstd readers refuse it): bytes after the archive are refused in every format alike.
+    """
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self._dec = bz2.BZ2Decompressor()
+
+    def read(self, n: int) -> bytes:
+        while True:
+            if self._dec.eof:
+                rest = self._dec.unused_data or self._raw.read(CHUNK)
+                if not rest:
+                    return b""
+                self._dec = bz2.BZ2Decompressor()
+                out = self._dec.decompress(rest, n)  # anything but another stream raises OSError here
+            else:
+                data = b""
+                if self._dec.needs_input and not (data := self._raw.read(CHUNK)):
+                    raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+                out = self._dec.decompress(data, n)
+            if out:
+                return out
 
 
 # What an xz stream may ask its decoder to allocate: a 128 MiB dictionary (zstd's decoder allows
@@ -247,6 +275,7 @@ MAX_META = 1 << 20  # longest pax header or GNU long name we accept
 MAX_META_HEADERS = 8  # in a row, before one member
 MAX_META_TOTAL = 256 << 20  # pax and long-name bytes in the whole archive
 PAX_KEYS = frozenset({"path", "linkpath", "size", "mtime"})  # the pax records we read (and SPARSE ones)
+MAX_MTIME_NS = (1 << 63) * 1_000_000_000 - 1  # the last second a 64-bit time_t holds
 MAX_TRAILER = 64 << 20  # zero padding after the end-of-archive marker (tar -b 2048 writes 1 MiB records)
 TYPES = {
     b"0": Kind.FILE, b"\0": Kind.FILE, b"7": Kind.FILE,
@@ -334,12 +363,13 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return out
 
 
-def _pax_mtime_ns(value: str) -> int:
+def _pax_mtime_ns(value: str) -> int | None:
+    """A pax mtime ("1700000000.5") in nanoseconds, None if it is no decimal number ("nan", "1e400")."""
     sec, _, frac = value.partition(".")
-    try:
-        return max(0, int(sec) * 1_000_000_000 + int((frac + "000000000")[:9]))
-    except ValueError:
-        return 0
+    digits = sec.removeprefix("-")
+    if not (digits.isascii() and digits.isdigit() and (frac == "" or (frac.isascii() and frac.isdigit()))):
+        return None
+    return max(0, int(sec) * 1_000_000_000 + int((frac + "000000000")[:9]))
 
 
 class TarReader:
@@ -511,10 +541,14 @@ class TarReader:
                     raise ArchiveError(f"member {name}: negative pax size (corrupt archive)")
             if pax_mtime_ns is not None:
                 mtime_ns = pax_mtime_ns
-            elif "mtime" in fields:
-                mtime_ns = _pax_mtime_ns(fields["mtime"])
+            elif fields.get("mtime"):  # an empty value deletes the record (POSIX): the header's time
+                if (parsed := _pax_mtime_ns(fields["mtime"])) is None:
+                    raise ArchiveError(f"member {name}: bad pax mtime {fields['mtime'][:40]!r} (corrupt archive)")
+                mtime_ns = parsed
             else:
                 mtime_ns = _number(header[136:148]) * 1_000_000_000
+            if mtime_ns > MAX_MTIME_NS:  # what utime(2) would refuse; checked here so `inspect` refuses it too
+                raise ArchiveError(f"member {name}: modification time out of range (corrupt archive)")
             mode = _number(header[100:108]) & 0o7777
             kind = TYPES.get(flag, other)
             if fields and any(k.startswith(SPARSE) for k in fields):  # a pax (GNU 1.0) sparse file

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from entrypoint import __version__, log
-from entrypoint.errors import ConfigError, EntrypointError, Stopped, StopSignal
+from entrypoint.errors import ConfigError, EntrypointError, Stopped, StopSignal, error_line
 
 if TYPE_CHECKING:
     from entrypoint.fastpath import Hit
@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if error is None:
             raise
         _ignore_stop_signals()
-        log.info(f"error: {error}")
+        log.info(f"error: {error_line(error)}")
         code = error.exit_code
     sys.exit(code)
 

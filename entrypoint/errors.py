@@ -25,6 +25,19 @@ class ArchiveError(EntrypointError):
     exit_code = 3
 
 
+ARCHIVE_ADVICE = "pack the environment again with conda-pack (this archive is damaged, or not one it writes)"
+
+
+def error_line(exc: EntrypointError) -> str:
+    """What the one error line says. The extractor's and the tar reader's refusals name what is
+    wrong with a member ("member ../x: '..' in path"); what to do is the same for all of them, so
+    it is added here to every archive error that gives no advice of its own (after a "; ")."""
+    text = str(exc)
+    if isinstance(exc, ArchiveError) and "; " not in text:
+        return f"{text}; {ARCHIVE_ADVICE}"
+    return text
+
+
 class EnvError(EntrypointError):
     """The unpacked environment cannot run here (no interpreter, wrong platform, no mlserver)."""
 

@@ -24,7 +24,7 @@ from entrypoint import archive, log, relocate
 from entrypoint.activate import MACHO, NOT_EXECUTABLE, _describe, _elf_target, _host_target, no_python_advice
 from entrypoint.archive import Kind, Member
 from entrypoint.cache import Entry
-from entrypoint.errors import ArchiveError, ConfigError, EntrypointError, EnvError
+from entrypoint.errors import ArchiveError, ConfigError, EntrypointError, EnvError, error_line
 from entrypoint.extract import (
     KEPT_PATH_COST,
     MAX_KEPT_PATHS,
@@ -245,6 +245,14 @@ class _Scan:
         return None
 
 
+def _drain(m: Member) -> None:
+    """Read a member's data to its end, as the extractor does, and drop it."""
+    assert m.open is not None
+    with m.open() as f:
+        while f.read(archive.CHUNK):
+            pass
+
+
 def _head(m: Member, n: int) -> bytes:
     """At most `n` bytes from the start of a file member (the stream skips the rest)."""
     assert m.open is not None
@@ -268,7 +276,9 @@ def inspect_tarball(path: Path, settings: Settings) -> Report:
             raise ConfigError(f"{path}: not a regular file; give the archive itself")
         raw = open(path, "rb")  # noqa: SIM115 - closed below, after the member stream is done
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot open: {exc.strerror}") from None
+        raise ConfigError(
+            f"{path}: cannot open: {exc.strerror}; check the path and that uid {os.getuid()} can read it"
+        ) from None
     with raw:
         try:
             fmt = archive.detect_format(raw.read(512))
@@ -286,10 +296,19 @@ def inspect_tarball(path: Path, settings: Settings) -> Report:
                     scan.stopped_at = m.name
                     break
                 scan.add(m, report)
+                if fmt == "zip" and m.kind is Kind.FILE:
+                    _drain(m)  # a zip member's CRC and local header are checked only as it is read, as a start reads it
                 if scan.kept > MAX_KEPT_PATHS:  # the extractor refuses the archive here (extract.too_many_paths)
                     scan.stopped_at = m.name
                     break
         except archive.CORRUPT as exc:
+            raise ArchiveError(f"{path}: corrupt or truncated archive ({exc}); pack it again") from None
+        except ArchiveError as exc:
+            raise ArchiveError(f"{path}: {exc}") from None
+        except OSError as exc:
+            if exc.errno is not None:
+                raise ConfigError(f"{path}: cannot read: {exc.strerror}; check the file and try again") from None
+            # a codec's complaint (gzip.BadGzipFile, bz2's "Invalid data stream"), as extract.extract reads it
             raise ArchiveError(f"{path}: corrupt or truncated archive ({exc}); pack it again") from None
     _judge(report, scan, settings)
     return report
@@ -455,7 +474,8 @@ def main(args: list[str], settings: Settings) -> int:
         report = inspect_tarball(path, settings)
     except EntrypointError as exc:
         if as_json:  # a job parsing stdout still gets one object, saying what the error line says
-            failed = {"tarball": str(path), "will_work": False, "exit_code": exc.exit_code, "problems": [str(exc)]}
+            problems = [error_line(exc)]
+            failed = {"tarball": str(path), "will_work": False, "exit_code": exc.exit_code, "problems": problems}
             log.out(json.dumps(failed, indent=1))
         raise
     log.out(json.dumps(asdict(report), indent=1) if as_json else render(report))

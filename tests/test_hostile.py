@@ -47,7 +47,7 @@ from support import entry_env, error_line, run_entrypoint
 
 from entrypoint import archive, extract
 from entrypoint.archive import _header_sum, _pax_mtime_ns, _pax_mtime_only, _pax_records
-from entrypoint.errors import ArchiveError
+from entrypoint.errors import ARCHIVE_ADVICE, ArchiveError
 from entrypoint.extract import MAX_DEPTH, normalize
 
 FORMATS = ["tar", "tar.gz", "tar.bz2", "tar.xz", "tar.zst"]
@@ -886,3 +886,49 @@ def test_zip_directory_holding_more_records_than_counted_is_refused(site: Site) 
     with zipfile.ZipFile(zpath) as zf:
         assert len(zf.infolist()) == count
     refuse(site, zpath, "count.zip", "corrupt")
+
+
+# --- Found by a review: pax times no clock holds, bytes after a stream, advice in every line ----
+
+
+@pytest.mark.parametrize("value", ["nan", "1e400", "1.5e9", "12abc", "+5", "."])
+def test_a_pax_mtime_that_is_no_decimal_number_is_refused(site: Site, value: str) -> None:
+    """It was read as "no time", and the file got the time of the start (README: a time no clock can hold)."""
+    base = tar_bytes(tiny_env(), end=False)
+    path = site.root / "pax-mtime.tar.gz"
+    write_raw(path, base + pax_header({"mtime": value}) + raw_header("lib/t", b"%011o\0" % 1) + b"a" + bytes(511))
+    refuse(site, path, "lib/t", "bad pax mtime", "corrupt")
+
+
+def test_an_empty_pax_mtime_leaves_the_header_s_time(site: Site) -> None:
+    """POSIX: an empty value deletes the record, so the ustar header's mtime holds."""
+    base = tar_bytes(tiny_env(), end=False)
+    path = site.root / "pax-mtime-empty.tar.gz"
+    header = raw_header("lib/t", b"%011o\0" % 1, mtime_field=b"%011o\0" % 1_600_000_000)
+    write_raw(path, base + pax_header({"mtime": ""}) + header + b"a" + bytes(511) + end_of_archive())
+    assert (accept(site, path) / "lib/t").stat().st_mtime == 1_600_000_000
+
+
+@pytest.mark.parametrize("fmt", ["tar.gz", "tar.bz2", "tar.xz", "tar.zst"])
+def test_bytes_after_the_compressed_stream_are_refused_and_more_streams_are_read(site: Site, fmt: str) -> None:
+    """bzip2's reader ignored what followed its stream (gzip, xz and zstd refused it); a second
+    stream of the same format (pbzip2, pigz -i, pzstd) is the archive's continuation."""
+    tar = tar_bytes([*tiny_env(), M("lib/b.txt", data=b"hello")])
+    two = site.root / f"two-streams.{fmt}"
+    two.write_bytes(compress(tar[: len(tar) // 2], fmt) + compress(tar[len(tar) // 2 :], fmt))
+    assert (accept(site, two) / "lib/b.txt").read_bytes() == b"hello"
+    junk = site.root / f"junk-after.{fmt}"
+    junk.write_bytes(compress(tar, fmt) + b"JUNK" * 64)
+    refuse(site, junk, "junk-after", "corrupt")
+
+
+def test_every_refusal_says_what_to_do(site: Site) -> None:
+    """The extractor's rules name what is wrong ("'..' in path"); the line also says what to do,
+    and an error with its own advice does not get the general one as well."""
+    path = write_tar(site.root / "dotdot.tar.gz", [*tiny_env(), M("../evil", data=b"x")])
+    line = refuse(site, path, "'..' in path")
+    assert line.endswith(f"; {ARCHIVE_ADVICE}"), line
+    cut = site.root / "cut.tar.gz"
+    cut.write_bytes(site.good.read_bytes()[:-100])
+    line = refuse(site, cut, "corrupt or truncated")
+    assert line.endswith("pack it again") and ARCHIVE_ADVICE not in line, line

@@ -4,6 +4,7 @@ itself, and what a real start does with the same archive (issue 7)."""
 from __future__ import annotations
 
 import ast
+import gzip
 import hashlib
 import io
 import json
@@ -11,10 +12,11 @@ import os
 import re
 import tarfile
 import tempfile
+import zipfile
 from pathlib import Path
 
 import pytest
-from archives import M, tiny_env, write_tar, zst_bomb
+from archives import M, compress, end_of_archive, raw_header, tar_bytes, tiny_env, write_tar, zst_bomb
 from conftest import Example
 from support import entry_env, env_python, error_line, run_entrypoint
 
@@ -284,3 +286,44 @@ def test_prefix_records_parse_like_python_does(small_tarball: Path) -> None:
     assert records[:2] == [("it's", "/p", "text"), ("a\\b \u00e9\n", "/p", "binary")]
     with pytest.raises(EnvError, match="cannot read its prefix records"):
         relocate.parse_prefix_records(script.replace("'text'),", "'text'", 1), "bin/conda-unpack")
+
+
+def _flip_in_data(data: bytes, marker: bytes) -> bytes:
+    at = data.index(marker)
+    return data[:at] + bytes([data[at] ^ 0x20]) + data[at + 1 :]
+
+
+def _corrupt_cases(tmp_path: Path) -> dict[str, Path]:
+    members = [*tiny_env(), MLSERVER, M("lib/b.txt", data=b"hello, world")]
+    tar = tar_bytes(members)
+    stored_zip = tmp_path / "stored.zip"
+    with zipfile.ZipFile(stored_zip, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("lib/b.txt", b"hello, world")
+    renamed = stored_zip.read_bytes().replace(b"lib/b.txt", b"lib/c.txt", 1)  # the local header's name only
+    head = tar_bytes(tiny_env(), end=False)
+    far_future = raw_header("lib/t", b"%011o\0" % 1, mtime_field=b"\x80" + b"\xff" * 11) + b"a" + bytes(511)
+    cases = {
+        "gzip crc.tar.gz": _flip_in_data(gzip.compress(tar, compresslevel=0, mtime=0), b"hello"),
+        "bzip2 data.tar.bz2": _flip_in_data(compress(tar, "tar.bz2"), compress(tar, "tar.bz2")[200:204]),
+        "gzip then junk.tar.gz": compress(tar, "tar.gz") + b"JUNK" * 8,
+        "bzip2 then junk.tar.bz2": compress(tar, "tar.bz2") + b"JUNK" * 8,
+        "zip crc.zip": _flip_in_data(stored_zip.read_bytes(), b"hello"),
+        "zip local name.zip": renamed,
+        "time out of range.tar": head + far_future + end_of_archive(),
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    return {name: tmp_path / name for name in cases}
+
+
+def test_what_a_start_finds_corrupt_inspect_finds_corrupt(tmp_path: Path) -> None:
+    """inspect printed a traceback for a bad gzip CRC or bzip2 data (exit 1), and called zips with
+    a bad CRC or a mismatched local header, or a time no clock holds, "will work" (exit 0)."""
+    for name, path in _corrupt_cases(tmp_path).items():
+        env = entry_env(MLSERVER_ENV_TARBALL=path, MLSERVER_ENV_CACHE_DIR=tmp_path / "c")
+        start = run_entrypoint(["unpack"], env)
+        assert start.returncode == 3, (name, start.stderr)
+        proc = run_entrypoint(["inspect", str(path)], env)
+        line = error_line(proc)
+        assert proc.returncode == 3 and str(path) in line, (name, proc.stderr)
+        assert error_line(start).removeprefix(f"{path}: ").split(" (")[0] in line, (name, line)
