@@ -224,8 +224,10 @@ def ensure_executable(root: Path) -> None:
         )
 
 
-def discard(entry: Entry) -> None:
+def discard(entry: Entry, deadline: float | None = None) -> bool:
     """Remove an entry, marker first, so a crash half-way never leaves a marked partial entry.
+    With a `deadline` (time.monotonic()), stop removing there and return False: what is left is
+    an unmarked directory, which the next start (or gc) removes, as after a kill -9.
 
     Also the temporaries of its marker and manifest (`_write_atomic`) that a start killed while
     publishing left behind: only the holder of the entry's unpack lock (or gc's exclusive lock)
@@ -243,12 +245,12 @@ def discard(entry: Entry) -> None:
     try:
         st = os.lstat(entry.prefix)
     except FileNotFoundError:
-        return
+        return True
     try:
         if stat.S_ISDIR(st.st_mode):
-            remove_tree(str(entry.prefix))
-        else:
-            entry.prefix.unlink()
+            return remove_tree(str(entry.prefix), deadline)
+        entry.prefix.unlink()
+        return True
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename and exc.filename != str(entry.prefix) else ""
         raise ConfigError(
@@ -275,10 +277,11 @@ def remove_file(path: Path, empty_dir_too: bool = False) -> None:
         raise ConfigError(f"cannot remove {path} ({exc.strerror}); remove it by hand and try again") from None
 
 
-def remove_tree(top: str) -> None:
+def remove_tree(top: str, deadline: float | None = None) -> bool:
     """shutil.rmtree in bounded memory: it lists each directory whole before removing it (a
     directory of 200,000 files took a refused start to 74 MiB; the 2,000,000 members allowed, to
-    hundreds), while this removes entries as it reads them, one open listing per level.
+    hundreds), while this removes entries as it reads them, one open listing per level. Returns
+    False if it stopped at `deadline` (time.monotonic()) with part of the tree still there.
 
     Through directory descriptors opened with O_NOFOLLOW, as rmtree does; each directory is made
     0755 first (one packed without owner write bits would make the removal fail for a non-root user).
@@ -300,6 +303,8 @@ def remove_tree(top: str) -> None:
         while stack:
             fd, listing, name, parent = stack[-1]
             for e in listing:
+                if deadline is not None and time.monotonic() > deadline:
+                    return False
                 if e.is_dir(follow_symlinks=False):
                     os.chmod(e.name, 0o755, dir_fd=fd)
                     enter(e.name, fd)
@@ -315,6 +320,7 @@ def remove_tree(top: str) -> None:
                     if exc.errno != errno.ENOTEMPTY:
                         raise
                     enter(name, parent)
+        return True
     finally:
         for fd, listing, _, _ in stack:
             listing.close()
