@@ -291,8 +291,10 @@ def _abandon(entry: Entry, deadline: float | None = None) -> None:
 
 
 def _trap_signals() -> dict[int, object]:
-    """SIGTERM (a container stop) during the unpack cleans up like Ctrl-C does."""
-    return {s: signal.signal(s, Interrupted.handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    """SIGTERM (a container stop) during the unpack cleans up like Ctrl-C does. A SIGINT the start
+    was given ignored (a shell's `&` job, nohup) stays ignored, as Python and the lock wait leave it."""
+    stops = [s for s in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(s) is not signal.SIG_IGN]
+    return {s: signal.signal(s, Interrupted.handler) for s in stops}
 
 
 def _restore_signals(previous: dict[int, object]) -> None:

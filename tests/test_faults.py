@@ -479,6 +479,23 @@ def test_repeated_signals_do_not_stop_the_cleanup_half_way(ref: Reference) -> No
     removed_or_left_unmarked(ref, done)
 
 
+def test_a_start_given_sigint_ignored_keeps_ignoring_it(ref: Reference) -> None:
+    """A shell's `&` job (or nohup) starts with SIGINT ignored: the lock wait and Python leave it
+    so, and the unpack took it over, stopping a start that was told to run on."""
+    shutil.rmtree(ref.cache, ignore_errors=True)
+    proc = subprocess.Popen(
+        [*ENTRYPOINT, "unpack"], env=ref.env(), cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )  # fmt: skip
+    while not (ref.prefix / "lib").exists():  # into the extraction
+        assert proc.poll() is None, proc.stderr
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "error" not in stderr, stderr
+    assert content_tree(ref.prefix) == ref.tree
+
+
 def test_a_stop_leaves_what_it_cannot_remove_quickly_to_the_next_start(ref: Reference) -> None:
     """A stop removes the partial entry for STOP_CLEANUP_SECONDS at most (it took 37 s once on a
     loaded disk, past docker stop's 10 s): the marker goes first, the rest stays unmarked, and the
