@@ -178,10 +178,11 @@ def _decompressor(fmt: str, raw: BinaryIO) -> IO[bytes]:
 
 
 class _Bz2Reader:
-    """Concatenated bzip2 streams (pbzip2 writes several), and nothing else after them.
+    """Concatenated bzip2 streams (pbzip2 writes several), then zero padding at most.
 
-    Hand-written (BZ2File ignores whatever follows a stream that is not bzip2, where gzip, xz and
-    zstd readers refuse it): bytes after the archive are refused in every format alike.
+    Hand-written (BZ2File ignores whatever follows a stream that is not bzip2, where the gzip,
+    xz and zstd readers refuse it): anything after the archive but zeros, which bzip2 and GNU
+    tar accept (as isal does after gzip), is refused.
     """
 
     def __init__(self, raw: BinaryIO) -> None:
@@ -189,10 +190,15 @@ class _Bz2Reader:
         self._dec = bz2.BZ2Decompressor()
 
     def read(self, n: int) -> bytes:
+        if n == 0:
+            return b""
         while True:
             if self._dec.eof:
                 rest = self._dec.unused_data or self._raw.read(CHUNK)
                 if not rest:
+                    return b""
+                if rest[:1] == b"\0":
+                    self._padding(rest)
                     return b""
                 self._dec = bz2.BZ2Decompressor()
                 out = self._dec.decompress(rest, n)  # anything but another stream raises OSError here
@@ -203,6 +209,13 @@ class _Bz2Reader:
                 out = self._dec.decompress(data, n)
             if out:
                 return out
+
+    def _padding(self, rest: bytes) -> None:
+        """Zeros to the end of the file, or an error (nothing may follow padding)."""
+        while rest:
+            if rest.count(0) != len(rest):
+                raise EOFError("data after the bzip2 stream's zero padding")
+            rest = self._raw.read(CHUNK)
 
 
 # What an xz stream may ask its decoder to allocate: a 128 MiB dictionary (zstd's decoder allows
@@ -369,7 +382,10 @@ def _pax_mtime_ns(value: str) -> int | None:
     digits = sec.removeprefix("-")
     if not (digits.isascii() and digits.isdigit() and (frac == "" or (frac.isascii() and frac.isdigit()))):
         return None
-    return max(0, int(sec) * 1_000_000_000 + int((frac + "000000000")[:9]))
+    try:
+        return max(0, int(sec) * 1_000_000_000 + int((frac + "000000000")[:9]))
+    except ValueError:  # more than 4,300 digits: Python's bound on converting them
+        return None
 
 
 class TarReader:

@@ -237,11 +237,12 @@ def discard(entry: Entry, deadline: float | None = None) -> bool:
     path (a FIFO, a symlink) is unlinked, an empty directory at a temporary's name removed; a
     directory at the marker's or the manifest's name, or anything that cannot be removed (an
     immutable file), is one line (ConfigError) naming it."""
-    for path in (entry.marker, entry.manifest):
-        remove_file(path)
+    marked = remove_file(entry.marker)
+    remove_file(entry.manifest)
     for path in entry.root.glob(f".{entry.name}.*.tmp"):
         remove_file(path, empty_dir_too=True)
-    _fsync_dir(entry.root)
+    if marked:  # the marker's removal is durable before the tree's begins
+        _fsync_dir(entry.root)
     try:
         st = os.lstat(entry.prefix)
     except FileNotFoundError:
@@ -259,20 +260,23 @@ def discard(entry: Entry, deadline: float | None = None) -> bool:
         ) from None
 
 
-def remove_file(path: Path, empty_dir_too: bool = False) -> None:
+def remove_file(path: Path, empty_dir_too: bool = False) -> bool:
     """Unlink one of the cache's own files (never following a symlink there); a directory in its
-    place is one line, or, if `empty_dir_too` (a stale temporary's name), removed when empty."""
+    place is one line, or, if `empty_dir_too` (a stale temporary's name), removed when empty.
+    Whether there was something to remove."""
     try:
         path.unlink()
+        return True
     except FileNotFoundError:
-        pass
+        return False
     except IsADirectoryError:
         if empty_dir_too:
             with contextlib.suppress(OSError):
                 os.rmdir(path)
-                return
+                return True
         if os.path.isdir(path):
             raise not_ours(path, "a directory") from None
+        return False
     except OSError as exc:
         raise ConfigError(f"cannot remove {path} ({exc.strerror}); remove it by hand and try again") from None
 
@@ -691,5 +695,8 @@ class BackgroundSync:
         if self._thread.is_alive():
             self._thread.join()
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            self.stop()
+        else:  # failed or stopped: no wait for a sync in flight (a daemon thread; the start ends)
+            self._stop.set()

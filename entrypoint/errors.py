@@ -28,12 +28,20 @@ class ArchiveError(EntrypointError):
 ARCHIVE_ADVICE = "pack the environment again with conda-pack (this archive is damaged, or not one it writes)"
 
 
+# How the advice at the end of a message begins ("…; pack it again", "…; raise MLSERVER_ENV_…").
+ADVICE_VERBS = frozenset({
+    "pack", "point", "check", "raise", "use", "start", "set", "run", "remove", "give", "fix", "add",
+    "mount", "unset", "put", "make", "free", "download", "copy", "update", "ask", "try", "get",
+})  # fmt: skip
+
+
 def error_line(exc: EntrypointError) -> str:
     """What the one error line says. The extractor's and the tar reader's refusals name what is
     wrong with a member ("member ../x: '..' in path"); what to do is the same for all of them, so
-    it is added here to every archive error that gives no advice of its own (after a "; ")."""
+    it is added here to every archive error whose last "; " part gives no advice of its own (a
+    member's name may hold "; " too: it is not advice)."""
     text = str(exc)
-    if isinstance(exc, ArchiveError) and "; " not in text:
+    if isinstance(exc, ArchiveError) and text.rpartition("; ")[2].split(" ", 1)[0] not in ADVICE_VERBS:
         return f"{text}; {ARCHIVE_ADVICE}"
     return text
 

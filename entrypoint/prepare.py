@@ -211,9 +211,6 @@ def _unpack(entry: Entry, tarball: Tarball | RemoteTarball, settings: Settings, 
     except ArchiveError as exc:
         _abandon(entry)
         raise ArchiveError(f"{tarball.display}: {exc}" if tarball.display not in str(exc) else str(exc)) from None
-    except StopSignal:
-        _abandon(entry, time.monotonic() + STOP_CLEANUP_SECONDS)
-        raise
     except BaseException:
         _abandon(entry)
         raise
@@ -270,18 +267,22 @@ def _ticking(members: Iterator[Member], progress: log.Progress) -> Iterator[Memb
         yield m
 
 
-def _abandon(entry: Entry, deadline: float | None = None) -> None:
+def _abandon(entry: Entry) -> None:
     """Nothing half-made stays behind: remove the partial entry (the next start would anyway).
 
-    A stop gets its exit within STOP_CLEANUP_SECONDS (`deadline`): removing 17,000 files took
-    1-2 s on a loaded disk, once 37 s, past `docker stop`'s 10 s. What is left then is an
-    unmarked directory, which the next start or gc removes, as after a kill -9.
+    After a stop signal (also one a library swallowed before another error ended the start), for
+    STOP_CLEANUP_SECONDS at most: removing 17,000 files took 1-2 s on a loaded disk, once 37 s,
+    past `docker stop`'s 10 s. What is left then is an unmarked directory, which the next start of
+    this tarball or gc removes, as after a kill -9.
 
     A second SIGTERM or Ctrl-C must not stop the removal half-way: they are ignored meanwhile."""
     previous: dict[int, object] = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGTERM, signal.SIGINT)}
+    deadline = time.monotonic() + STOP_CLEANUP_SECONDS if StopSignal.caught else None
     try:
         if not cache.discard(entry, deadline):
-            log.info(f"left part of the unfinished entry {entry.prefix}; the next start or gc removes it")
+            log.info(
+                f"left part of the unfinished entry {entry.prefix}; the next start of this tarball or gc removes it"
+            )
     except OSError as exc:
         log.info(f"could not remove partial entry {entry.prefix} ({exc.strerror}); the next start will")
     except ConfigError as exc:  # after the error that ends the start, which it must not replace

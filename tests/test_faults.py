@@ -459,6 +459,69 @@ def test_a_stop_a_library_wraps_or_swallows_still_ends_the_start(how: str, tmp_p
     assert "stopped by SIGTERM" in error_line(proc)
 
 
+STOP_WITH_NO_TIME_TO_CLEAN_UP = """
+import os, signal, sys
+from entrypoint import cli, extract, prepare
+prepare.STOP_CLEANUP_SECONDS = 0.0  # what a loaded disk comes to: no time to remove anything
+write = extract.Extractor._write_file
+def stopped_here(self, m, path):
+    write(self, m, path)
+    if self.stats.files == 50:
+        if sys.argv[1] == "swallowed":  # a library keeps the stop to itself; another error ends the start
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+            except Exception:
+                pass
+            raise OSError(5, "Input/output error")
+        os.kill(os.getpid(), signal.SIGTERM)
+extract.Extractor._write_file = stopped_here
+cli.main(["unpack"])
+"""
+
+
+@pytest.mark.parametrize("how", ["raised", "swallowed"])
+def test_a_stop_leaves_what_it_has_no_time_to_remove_to_the_next_start(ref: Reference, how: str) -> None:
+    """A stop's cleanup is bounded (prepare.STOP_CLEANUP_SECONDS), also when a library swallowed
+    the stop and another error ended the start: what is left is unmarked, and said to be."""
+    shutil.rmtree(ref.cache, ignore_errors=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", STOP_WITH_NO_TIME_TO_CLEAN_UP, how],
+        env=ref.env(), cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 143 and "stopped by SIGTERM" in error_line(proc), proc.stderr
+    assert LEFT_FOR_THE_NEXT_START in proc.stderr
+    assert ref.prefix.is_dir() and not list(ref.cache.glob("*.ready")) and not list(ref.cache.glob("*.manifest"))
+    nxt = run_entrypoint(["unpack"], ref.env())
+    assert nxt.returncode == 0 and "cache hit" not in nxt.stderr, nxt.stderr
+    assert content_tree(ref.prefix) == ref.tree
+    no_partial_state(ref.cache)
+
+
+STOP_DURING_A_SLOW_SYNC = """
+import os, signal, sys, time
+from entrypoint import cache, cli, extract
+cache._syncfs = lambda path: time.sleep(60)  # the background write-back on a disk that keeps it busy
+write = extract.Extractor._write_file
+def stopped_here(self, m, path):
+    write(self, m, path)
+    if self.stats.files == 50:
+        time.sleep(1)  # the background sync has begun
+        os.kill(os.getpid(), signal.SIGTERM)
+extract.Extractor._write_file = stopped_here
+cli.main(["unpack"])
+"""
+
+
+def test_a_stop_does_not_wait_for_the_background_sync(ref: Reference) -> None:
+    """The stop's exit waited for a write-back in flight (the sync thread was joined on the way out)."""
+    shutil.rmtree(ref.cache, ignore_errors=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", STOP_DURING_A_SLOW_SYNC], env=ref.env(), cwd=REPO, capture_output=True, text=True,
+        timeout=30,  # the sync "takes" 60 s
+    )  # fmt: skip
+    assert proc.returncode == 143 and "stopped by SIGTERM" in error_line(proc), proc.stderr
+
+
 def test_repeated_signals_do_not_stop_the_cleanup_half_way(ref: Reference) -> None:
     """A double Ctrl-C, or a runtime repeating SIGTERM: the partial entry is still removed."""
     shutil.rmtree(ref.cache, ignore_errors=True)
@@ -490,7 +553,12 @@ def test_a_start_given_sigint_ignored_keeps_ignoring_it(ref: Reference) -> None:
     while not (ref.prefix / "lib").exists():  # into the extraction
         assert proc.poll() is None, proc.stderr
         time.sleep(0.005)
-    proc.send_signal(signal.SIGINT)
+    sent = 0
+    while proc.poll() is None and not list(ref.cache.glob("*.ready")):  # until it publishes
+        proc.send_signal(signal.SIGINT)
+        sent += 1
+        time.sleep(0.01)
+    assert sent > 0
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "error" not in stderr, stderr
     assert content_tree(ref.prefix) == ref.tree
