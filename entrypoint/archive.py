@@ -51,6 +51,12 @@ ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
 ZIP_METHOD_NAMES = {zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "lzma"}
 
 
+def corrupt(exc: BaseException, where: str = "") -> ArchiveError:
+    """A codec's or zipfile's complaint about the bytes (CORRUPT, or an OSError without errno such
+    as gzip.BadGzipFile), as the one line naming the archive (`where`)."""
+    return ArchiveError(f"{where + ': ' if where else ''}corrupt or truncated archive ({exc}); pack it again")
+
+
 class Kind(enum.Enum):
     FILE = "file"
     DIR = "directory"

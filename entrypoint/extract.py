@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from entrypoint.archive import CHUNK, Kind, Member
+from entrypoint.archive import CHUNK, Kind, Member, corrupt
 from entrypoint.cache import remove_tree
 from entrypoint.errors import ArchiveError, ConfigError
 
@@ -266,7 +266,7 @@ def extract(members: Iterable[Member], dest: Path, limits: Limits, held: int = 0
         ex.finish()
     except OSError as exc:
         if exc.errno is None:  # not a failed system call: a codec's complaint (gzip.BadGzipFile, bz2)
-            raise ArchiveError(f"corrupt or truncated archive ({exc}); pack it again") from None
+            raise corrupt(exc) from None
         if exc.errno == errno.ENAMETOOLONG:
             raise ArchiveError(
                 f"a member's name is too long for this filesystem ({exc.filename}); point MLSERVER_ENV_CACHE_DIR "

@@ -302,14 +302,13 @@ def inspect_tarball(path: Path, settings: Settings) -> Report:
                     scan.stopped_at = m.name
                     break
         except archive.CORRUPT as exc:
-            raise ArchiveError(f"{path}: corrupt or truncated archive ({exc}); pack it again") from None
+            raise archive.corrupt(exc, str(path)) from None
         except ArchiveError as exc:
             raise ArchiveError(f"{path}: {exc}") from None
         except OSError as exc:
             if exc.errno is not None:
                 raise ConfigError(f"{path}: cannot read: {exc.strerror}; check the file and try again") from None
-            # a codec's complaint (gzip.BadGzipFile, bz2's "Invalid data stream"), as extract.extract reads it
-            raise ArchiveError(f"{path}: corrupt or truncated archive ({exc}); pack it again") from None
+            raise archive.corrupt(exc, str(path)) from None  # a codec's (gzip.BadGzipFile), as extract.extract reads it
     _judge(report, scan, settings)
     return report
 

@@ -184,9 +184,7 @@ def _unpack(entry: Entry, tarball: Tarball | RemoteTarball, settings: Settings, 
                         )
                     except archive.CORRUPT as exc:
                         _refuse_if_changed(raw.fileno(), tarball)
-                        raise ArchiveError(
-                            f"{tarball.display}: corrupt or truncated archive ({exc}); pack it again"
-                        ) from None
+                        raise archive.corrupt(exc, tarball.display) from None
                     except ArchiveError:
                         _refuse_if_changed(raw.fileno(), tarball)
                         raise

@@ -160,7 +160,7 @@ def _extract_once(tarball: RemoteTarball, info: dict[str, Any], entry: Entry, se
                         limits,
                     )
                 except archive.CORRUPT as exc:
-                    raise _corrupt(tarball, exc) from None
+                    raise archive.corrupt(exc, tarball.display) from None
                 finally:
                     if progress is not None:
                         progress.done()  # also before an error line, which would follow the drawn one
@@ -175,7 +175,7 @@ def _extract_once(tarball: RemoteTarball, info: dict[str, Any], entry: Entry, se
             held = -(-os.fstat(local.fileno()).st_size // extractor.DISK_BLOCK) * extractor.DISK_BLOCK
             return extractor.extract(archive.members(local), entry.prefix, limits, held)
         except archive.CORRUPT as exc:
-            raise _corrupt(tarball, exc) from None
+            raise archive.corrupt(exc, tarball.display) from None
     finally:
         if local is not None:
             local.close()
@@ -199,10 +199,6 @@ def _format(tarball: RemoteTarball, head: bytes) -> str:
                 "check the URL and the credentials (a presigned URL may have expired)"
             ) from None
         raise ArchiveError(f"{tarball.display}: {exc}; check that the URL names the tarball") from None
-
-
-def _corrupt(tarball: RemoteTarball, exc: Exception) -> ArchiveError:
-    return ArchiveError(f"{tarball.display}: corrupt or truncated archive ({exc}); pack it again")
 
 
 def _spool_zip(
