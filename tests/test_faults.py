@@ -65,7 +65,8 @@ def removed_or_left_unmarked(ref: Reference, done: subprocess.CompletedProcess[s
     prepare.STOP_CLEANUP_SECONDS) said to be left, unmarked, to the next start, as after a kill -9."""
     assert not list(ref.cache.glob("*.ready")) and not list(ref.cache.glob("*.manifest")), done.stderr
     if LEFT_FOR_THE_NEXT_START in done.stderr:
-        shutil.rmtree(ref.prefix)  # what the next start does first (test_a_stop_leaves_what_it_cannot_remove_quickly)
+        # what the next start does first (test_a_stop_leaves_what_it_cannot_remove_quickly_to_the_next_start)
+        shutil.rmtree(ref.prefix)
     assert not ref.prefix.exists(), f"partial entry left behind: {done.stderr}"
     no_partial_state(ref.cache)
 
