@@ -189,9 +189,11 @@ def test_a_big_recorded_file_leaves_the_job_to_the_script(tmp_path: Path, monkey
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_stop_during_in_process_relocation_leaves_nothing(sig: signal.Signals, tmp_path: Path) -> None:
-    """60,000 records (one file, listed again and again) keep the relocation busy for about a second."""
+    """60,000 records of one 64 KiB file, listed again and again, keep the relocation busy for
+    seconds (with a 5-byte file it took 0.3 s, which a loaded CI machine's signal could miss)."""
     script = known_script(["('share/doc/README', '/opt/x', 'text')"] * 60_000)
-    tarball = write_tar(tmp_path / "env.tar.gz", [*tiny_env(), M("bin/conda-unpack", data=script, mode=0o755)])
+    members = [M(m.name, data=b"x" * 65536) if m.name == "share/doc/README" else m for m in tiny_env()]
+    tarball = write_tar(tmp_path / "env.tar.gz", [*members, M("bin/conda-unpack", data=script, mode=0o755)])
     cache = tmp_path / "cache"
     proc = subprocess.Popen(
         [*ENTRYPOINT, "unpack"], env=entry_env(MLSERVER_ENV_TARBALL=tarball, MLSERVER_ENV_CACHE_DIR=cache),
