@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
+from collections.abc import Iterator
 from types import FrameType
 from typing import ClassVar
 
@@ -75,7 +77,8 @@ class StopSignal(EntrypointError):
     its signal and the start checks for it at its next step (`honour`); cli's unraisable hook
     keeps the dropped one off stderr."""
 
-    caught: ClassVar[list[int]] = []  # every stop signal a handler raised for, in this process
+    caught: ClassVar[list[int]] = []  # every stop signal a handler took, in this process
+    deferring: ClassVar[int] = 0  # inside `deferred()`: a stop is recorded, raised when it ends
     message = "stopped by {signal}"
 
     def __init__(self, signum: int) -> None:
@@ -85,7 +88,24 @@ class StopSignal(EntrypointError):
     @classmethod
     def handler(cls, signum: int, frame: FrameType | None) -> None:
         StopSignal.caught.append(signum)
-        raise cls(signum)
+        if not StopSignal.deferring:
+            raise cls(signum)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def deferred() -> Iterator[None]:
+        """A stop during the block is delivered again when it ends: for a step that must not be cut
+        half way, e.g. subprocess.Popen, which raised after its fork but before returning the child
+        (left running). Blocking the signals cannot do this: one taken by another thread (the
+        background sync) still runs the handler in the main thread, inside Popen."""
+        before = len(StopSignal.caught)
+        StopSignal.deferring += 1
+        try:
+            yield
+        finally:
+            StopSignal.deferring -= 1
+        if len(StopSignal.caught) > before and not StopSignal.deferring:
+            signal.raise_signal(StopSignal.caught[-1])  # the handler in place raises it now
 
     @classmethod
     def honour(cls) -> None:

@@ -18,7 +18,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from entrypoint.errors import ConfigError, EnvError
+from entrypoint.errors import ConfigError, EnvError, StopSignal
 
 UNPACK_SCRIPT = "bin/conda-unpack"
 RECORDS_START = "_prefix_records = ["
@@ -124,15 +124,10 @@ def check_prefix_length(records: list[tuple[str, str, str]], prefix: Path) -> No
         )
 
 
-STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
-
-
-def _in_child(mask: set[int | signal.Signals]) -> None:
+def _in_child() -> None:
     """In the child, before exec: PR_SET_PDEATHSIG, so a kill -9 of the entrypoint also kills
-    conda-unpack, instead of leaving it rewriting files the next start is already extracting;
-    then the signal mask the parent had before it blocked the stop signals for the fork."""
+    conda-unpack, instead of leaving it rewriting files the next start is already extracting."""
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def run_conda_unpack(prefix: Path, python: Path) -> None:
@@ -143,21 +138,19 @@ def run_conda_unpack(prefix: Path, python: Path) -> None:
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     proc = None
     try:
-        # SIGTERM/SIGINT wait until the child exists: our handler raises, and an exception raised in
-        # a fork hook (filelock registers some) is printed and dropped, so the stop would be lost.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        # A stop waits until the child is ours to kill: raised inside Popen, after the fork, it
+        # left conda-unpack running; raised in a fork hook (filelock registers some), it was lost.
         try:
-            proc = subprocess.Popen(
-                [str(python), str(script)], cwd=prefix, env=env, text=True,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=lambda: _in_child(mask),
-            )  # fmt: skip
+            with StopSignal.deferred():  # a stop that came meanwhile raises as the block ends
+                proc = subprocess.Popen(
+                    [str(python), str(script)], cwd=prefix, env=env, text=True,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_in_child,
+                )  # fmt: skip
         except OSError as exc:  # not executable, or not for this kernel (a loader it lacks)
             raise EnvError(
                 f"cannot run {script} with the environment's {python} ({exc.strerror}); pack the "
                 "environment again with its interpreter executable and built for this machine"
             ) from None
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a stop that came meanwhile raises here
         _, stderr = proc.communicate()
     except BaseException:
         if proc is not None:  # stopped: conda-unpack must not write on while the entry is removed

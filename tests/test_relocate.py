@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import zipfile
 from pathlib import Path
 
@@ -21,7 +22,8 @@ import pytest
 from archives import CONDA_PACK, M, conda_pack_tiny, content_tree, tiny_env, unpack_script_with, write_tar
 from support import ENTRYPOINT, entry_env, error_line, run_entrypoint
 
-from entrypoint import archive, extract, relocate
+from entrypoint import archive, extract, prepare, relocate
+from entrypoint.errors import StopSignal
 
 RELEASES = ["0.7.0", "0.7.1", "0.8.0", "0.8.1", "0.9.1", "0.9.2"]
 INSTALLED = "0.9.2"  # pyproject.toml's pin; the others are fetched from PyPI once per machine
@@ -235,3 +237,39 @@ def test_an_interpreter_that_cannot_be_launched_for_the_script_is_one_line(tmp_p
     assert "bin/python" in line and "No such file or directory" in line, line
     assert not list(cache.glob("*.ready"))
     assert not [p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")]
+
+
+def _children() -> set[int]:
+    """This process's children that its main thread forked (Popen runs there)."""
+    pid = os.getpid()
+    return {int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+
+
+def test_a_stop_while_conda_unpack_is_launched_kills_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop taken by another thread (the background sync runs beside the relocation) while the main
+    thread was inside Popen, after its fork: the stop was raised there, before Popen returned the
+    child, which nobody killed (it ran on, rewriting files in an entry being removed)."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / relocate.UNPACK_SCRIPT).write_text("import time\ntime.sleep(60)\n")
+    launch = relocate._in_child
+
+    def stopped_in_the_fork(*args: object) -> None:
+        os.kill(os.getppid(), signal.SIGTERM)  # the parent is inside Popen, waiting for the exec
+        launch(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(relocate, "_in_child", stopped_in_the_fork)
+    other = threading.Event()
+    threading.Thread(target=other.wait, daemon=True).start()
+    before = _children()
+    previous = prepare._trap_signals()
+    try:
+        with pytest.raises(prepare.Interrupted, match="stopped by SIGTERM"):
+            relocate.run_conda_unpack(tmp_path, Path(sys.executable))
+    finally:
+        prepare._restore_signals(previous)
+        StopSignal.caught.clear()
+        other.set()
+        left = _children() - before
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+    assert not left  # conda-unpack was killed and reaped
