@@ -74,11 +74,13 @@ def removed_or_left_unmarked(ref: Reference, done: subprocess.CompletedProcess[s
 class Start:
     """The entrypoint started in the background, its stderr read line by line with timestamps."""
 
-    def __init__(self, env: dict[str, str], args: tuple[str, ...] = ("unpack",)) -> None:
+    def __init__(self, env: dict[str, str], args: tuple[str, ...] = ("unpack",), ignore_sigint: bool = False) -> None:
+        """ignore_sigint: started as from a script's background job (`cmd &`), SIGINT ignored."""
         self.t0 = time.monotonic()
         self.proc = subprocess.Popen(
             [*ENTRYPOINT, *args], env=env, cwd=REPO, text=True,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None,
         )  # fmt: skip
         self.lines: list[tuple[float, str]] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -316,21 +318,48 @@ def test_eight_starters_at_once_one_extraction(ref: Reference) -> None:
     assert_works(ref.prefix)
 
 
-def frozen_mid_extraction(ref: Reference) -> Start:
-    """A start stopped (SIGSTOP) while it holds the entry's lock and extracts, before publishing.
+def frozen_mid_unpack(
+    ref: Reference, reached: Callable[[Start], bool], start: Callable[[], Start] | None = None
+) -> Start:
+    """A start stopped (SIGSTOP, its whole group) once `reached` says it got to the phase wanted,
+    before publishing: a signal sent now is handled there when the group is continued, however
+    loaded the machine (a test that signals a running start can see its phase end first).
 
-    Caught by polling for the entry directory, which a start creates only under the lock; the
-    small tarball unpacks in well under a second, so a start that got further is tried again."""
+    The small tarball unpacks in well under a second, so a start that got further is tried again."""
     for _ in range(10):
         shutil.rmtree(ref.cache, ignore_errors=True)
-        start = Start(ref.env())
-        while not ref.prefix.exists() and start.proc.poll() is None:
+        begun = start() if start else Start(ref.env())
+        while not reached(begun) and begun.proc.poll() is None:
             time.sleep(0.0005)
-        start.proc.send_signal(signal.SIGSTOP)
-        if not ref.prefix.with_name(ref.prefix.name + ".ready").exists() and start.proc.poll() is None:
-            return start
-        start.kill_group()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(begun.proc.pid, signal.SIGSTOP)
+        if not ref.prefix.with_name(ref.prefix.name + ".ready").exists() and begun.proc.poll() is None:
+            return begun
+        begun.kill_group()
     raise AssertionError("10 starts in a row published before they could be stopped")
+
+
+def frozen_mid_extraction(ref: Reference) -> Start:
+    """Stopped in the extraction: the entry directory, which a start creates only under the lock, exists."""
+    return frozen_mid_unpack(ref, lambda _: ref.prefix.exists())
+
+
+def running_conda_unpack(start: Start) -> bool:
+    """The start's child runs the packed conda-unpack (exec'd: not just forked)."""
+    pid = start.proc.pid
+    with contextlib.suppress(OSError):
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            if b"conda-unpack" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return True
+    return False
+
+
+def stop_frozen(start: Start, sig: signal.Signals) -> None:
+    """Send `sig` to a start frozen by frozen_mid_unpack, then let its group go on: it meets the
+    signal where it was stopped."""
+    start.proc.send_signal(sig)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(start.proc.pid, signal.SIGCONT)
 
 
 @pytest.mark.slow
@@ -355,17 +384,16 @@ def test_killing_the_unpacker_hands_over_to_a_waiting_starter(ref: Reference) ->
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 @pytest.mark.parametrize("phase", ["extract", "relocate"])
 def test_signal_during_unpack_cleans_up(ref: Reference, sig: signal.Signals, phase: str) -> None:
-    """During relocation: by the packed conda-unpack, whose ~0.3 s leave time to land in it (the
-    in-process relocation of tests/test_relocate.py takes ~40 ms here)."""
-    shutil.rmtree(ref.cache, ignore_errors=True)
-    start = Start(ref.env(MLSERVER_ENV_RELOCATE="conda-unpack") if phase == "relocate" else ref.env())
+    """During relocation: by the packed conda-unpack, frozen while it runs (the in-process
+    relocation of tests/test_relocate.py takes ~40 ms here; the script ~0.1 s, which a signal sent
+    after the "extract:" line missed under load)."""
     if phase == "extract":
-        while not (ref.prefix / "lib").exists():  # well into the extraction
-            assert start.proc.poll() is None, start.stderr
-            time.sleep(0.005)
+        start = frozen_mid_unpack(ref, lambda _: (ref.prefix / "lib").exists())  # well into the extraction
     else:
-        assert start.wait_for("extract:"), start.stderr
-    start.proc.send_signal(sig)
+        start = frozen_mid_unpack(
+            ref, running_conda_unpack, lambda: Start(ref.env(MLSERVER_ENV_RELOCATE="conda-unpack"))
+        )
+    stop_frozen(start, sig)
     done = start.finish(timeout=60)
     assert done.returncode == 128 + sig  # 143 for a container stop, as before the unpack and after
     assert f"stopped by {sig.name}" in error_line(done), done.stderr
@@ -525,14 +553,8 @@ def test_a_stop_does_not_wait_for_the_background_sync(ref: Reference) -> None:
 
 def test_repeated_signals_do_not_stop_the_cleanup_half_way(ref: Reference) -> None:
     """A double Ctrl-C, or a runtime repeating SIGTERM: the partial entry is still removed."""
-    shutil.rmtree(ref.cache, ignore_errors=True)
-    start = Start(ref.env())
-    while not (ref.prefix / "lib" / "python3.8").exists():  # well into the extraction
-        assert start.proc.poll() is None, start.stderr
-        time.sleep(0.005)
-    # Further in, while the extraction surely still runs: a third of what it took in the reference.
-    time.sleep(min(0.3, (ref.at["extract"] - ref.at["locate"]) / 3))
-    start.proc.send_signal(signal.SIGINT)
+    start = frozen_mid_unpack(ref, lambda _: (ref.prefix / "lib" / "python3.8").exists())  # well into the extraction
+    stop_frozen(start, signal.SIGINT)
     for _ in range(300):  # more while the partial entry is being removed
         if start.proc.poll() is not None or not ref.prefix.exists():
             break
@@ -546,18 +568,13 @@ def test_repeated_signals_do_not_stop_the_cleanup_half_way(ref: Reference) -> No
 def test_sigint_stops_the_unpack_also_when_the_start_inherited_it_ignored(ref: Reference) -> None:
     """A harness starting the entrypoint from a script's background job (`cmd &`: SIGINT ignored)
     and stopping it with SIGINT gets the cleanup and 130, as from a terminal."""
-    shutil.rmtree(ref.cache, ignore_errors=True)
-    proc = subprocess.Popen(
-        [*ENTRYPOINT, "unpack"], env=ref.env(), cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
-    )  # fmt: skip
-    while not (ref.prefix / "lib").exists():  # into the extraction
-        assert proc.poll() is None, proc.stderr
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "error: stopped by SIGINT" in stderr, stderr
-    assert not list(ref.cache.glob("*.ready")), stderr
+    start = frozen_mid_unpack(
+        ref, lambda _: (ref.prefix / "lib").exists(), lambda: Start(ref.env(), ignore_sigint=True)
+    )
+    stop_frozen(start, signal.SIGINT)
+    done = start.finish(timeout=120)
+    assert done.returncode == 130 and "error: stopped by SIGINT" in done.stderr, done.stderr
+    assert not list(ref.cache.glob("*.ready")), done.stderr
 
 
 def test_a_stop_leaves_what_it_cannot_remove_quickly_to_the_next_start(ref: Reference) -> None:
