@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from entrypoint.errors import CommandNotFound, CommandNotRunnable, EnvError
+from entrypoint.errors import CommandNotFound, CommandNotRunnable, EnvError, StopSignal
 
 MACHINES = {3: "x86 (32-bit)", 40: "ARM (32-bit)", 62: "x86_64", 183: "aarch64", 21: "ppc64", 22: "s390x"}
 MACHO = (
@@ -123,12 +125,24 @@ def _run_activate_scripts(scripts: Sequence[Path], env: dict[str, str]) -> dict[
     import subprocess
 
     script = "".join(f'. "{s}" || exit 1\n' for s in scripts) + "exec env -0\n"
-    proc = subprocess.run(["sh", "-c", script], env=env, capture_output=True, check=False)
+    proc = None
+    try:
+        with StopSignal.deferred():  # a stop raises once the child is ours to kill (as in relocate)
+            proc = subprocess.Popen(
+                ["sh", "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+            )
+        stdout, stderr = proc.communicate()
+    except BaseException:
+        if proc is not None:  # stopped: the scripts' own children go too (their group)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        raise
     if proc.returncode != 0:
-        last = (proc.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
+        last = (stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
         raise EnvError(f"activation script failed in {scripts[0].parent}: {last}")
     # As os.environ decodes the environment: bytes that are not UTF-8 survive, and exec restores them.
-    text = proc.stdout.decode("utf-8", "surrogateescape")
+    text = stdout.decode("utf-8", "surrogateescape")
     out = dict(item.split("=", 1) for item in text.split("\0") if "=" in item)
     for name in LEAKY:
         out.pop(name, None)

@@ -35,12 +35,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     # during the lock wait or the hashing went unnoticed and the server started anyway. The unpack
     # installs its own handler (prepare.Interrupted); exec resets this one for the command.
     signal.signal(signal.SIGTERM, Stopped.handler)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not inherited ignored (`cmd &`)
+        signal.signal(signal.SIGINT, Stopped.handler)  # Ctrl-C: the same line, and deferrable (StopSignal.deferred)
     sys.unraisablehook = _quiet_stops(sys.unraisablehook)
     try:
         code = _dispatch(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C before the line above
         _ignore_stop_signals()
-        log.info("error: interrupted; nothing was cached")
+        log.info(f"error: {error_line(Stopped(signal.SIGINT))}")
         code = 130
     except BrokenPipeError:  # `gc | head -1`: the reader had enough; end as a tool killed by SIGPIPE would
         log.silence_stdout()

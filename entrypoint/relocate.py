@@ -10,11 +10,13 @@ from __future__ import annotations
 import ast
 import ctypes
 import errno
+import functools
 import hashlib
 import os
 import re
 import signal
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,10 +126,13 @@ def check_prefix_length(records: list[tuple[str, str, str]], prefix: Path) -> No
         )
 
 
-def _in_child() -> None:
+def _in_child(prctl: Callable[..., int], parent: int) -> None:
     """In the child, before exec: PR_SET_PDEATHSIG, so a kill -9 of the entrypoint also kills
-    conda-unpack, instead of leaving it rewriting files the next start is already extracting."""
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    conda-unpack, instead of leaving it rewriting files the next start is already extracting; a
+    parent killed before that (no signal then) is seen by getppid."""
+    prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def run_conda_unpack(prefix: Path, python: Path) -> None:
@@ -141,10 +146,11 @@ def run_conda_unpack(prefix: Path, python: Path) -> None:
         # A stop waits until the child is ours to kill: raised inside Popen, after the fork, it
         # left conda-unpack running; raised in a fork hook (filelock registers some), it was lost.
         try:
+            prctl = ctypes.CDLL(None).prctl  # resolved here: no dlopen in a child forked beside threads
             with StopSignal.deferred():  # a stop that came meanwhile raises as the block ends
                 proc = subprocess.Popen(
-                    [str(python), str(script)], cwd=prefix, env=env, text=True,
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_in_child,
+                    [str(python), str(script)], cwd=prefix, env=env, text=True, stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, preexec_fn=functools.partial(_in_child, prctl, os.getpid()),
                 )  # fmt: skip
         except OSError as exc:  # not executable, or not for this kernel (a loader it lacks)
             raise EnvError(

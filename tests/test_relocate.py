@@ -15,12 +15,13 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import zipfile
 from pathlib import Path
 
 import pytest
 from archives import CONDA_PACK, M, conda_pack_tiny, content_tree, tiny_env, unpack_script_with, write_tar
-from support import ENTRYPOINT, entry_env, error_line, run_entrypoint
+from support import ENTRYPOINT, REPO, entry_env, error_line, run_entrypoint
 
 from entrypoint import archive, extract, prepare, relocate
 from entrypoint.errors import StopSignal
@@ -273,3 +274,77 @@ def test_a_stop_while_conda_unpack_is_launched_kills_it(tmp_path: Path, monkeypa
         for pid in left:
             os.kill(pid, signal.SIGKILL)
     assert not left  # conda-unpack was killed and reaped
+
+
+def test_a_stop_while_activation_scripts_are_launched_kills_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same for the environment's activate.d scripts, run by `sh` (subprocess.run raised inside
+    Popen and left `sh` running); the processes the scripts started go too."""
+    from entrypoint import activate
+
+    script = tmp_path / "busy.sh"
+    script.write_text(f"sleep 60 &\necho $! > {tmp_path / 'grandchild'}\nwait\n")
+
+    class StoppedInPopen(subprocess.Popen):  # type: ignore[type-arg]
+        def _execute_child(self, *args: object) -> None:
+            super()._execute_child(*args)  # type: ignore[misc]
+            os.kill(os.getpid(), signal.SIGTERM)  # the child is forked; Popen has not returned it
+
+    monkeypatch.setattr(subprocess, "Popen", StoppedInPopen)
+    before = _children()
+    previous = signal.signal(signal.SIGTERM, StopSignal.handler)
+    try:
+        with pytest.raises(StopSignal, match="stopped by SIGTERM"):
+            activate._run_activate_scripts([script], dict(os.environ))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        StopSignal.caught.clear()
+        left = _children() - before
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+    assert not left  # sh was killed and reaped
+    grandchild = (tmp_path / "grandchild").read_text().strip() if (tmp_path / "grandchild").exists() else ""
+    if grandchild:  # the script got that far: its sleep went with it
+        assert _gone(int(grandchild))
+
+
+def _gone(pid: int) -> bool:
+    """Ended (a zombie not yet reaped by whoever inherited it counts), within a couple of seconds."""
+    for _ in range(100):
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    return False
+
+
+def test_a_kill_9_before_conda_unpack_set_its_death_signal_takes_it_along(tmp_path: Path) -> None:
+    """PR_SET_PDEATHSIG does nothing for a parent already dead: a kill -9 of the start between the
+    fork and the prctl left conda-unpack running (the child now checks its parent is still there)."""
+    (tmp_path / "bin").mkdir()
+    pidfile = tmp_path / "script-ran"
+    (tmp_path / relocate.UNPACK_SCRIPT).write_text(
+        f"import os, time\nopen({str(pidfile)!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)\n"
+    )
+    code = f"""
+import os, signal, sys, time
+from pathlib import Path
+from entrypoint import relocate
+launch = relocate._in_child
+def late(*args):
+    time.sleep(0.5)  # the parent is killed meanwhile
+    launch(*args)
+relocate._in_child = late
+relocate.run_conda_unpack(Path({str(tmp_path)!r}), Path(sys.executable))
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
+    time.sleep(0.25)
+    proc.kill()
+    proc.wait()
+    time.sleep(1.5)  # the child's prctl and exec are done by now
+    ran = pidfile.read_text() if pidfile.exists() else ""
+    assert not ran or _gone(int(ran)), "conda-unpack ran on after its start was killed"
