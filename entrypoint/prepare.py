@@ -205,15 +205,14 @@ def _unpack(entry: Entry, tarball: Tarball | RemoteTarball, settings: Settings, 
                 cache.publish(entry, {"tarball": tarball.display, "files": stats.files, "bytes": stats.bytes})
         gc.at_start(settings)  # the cache just grew
         Interrupted.honour()  # the last moment a stop can still undo the unpack
-        return Prepared(entry.prefix, python, False)
     except ArchiveError as exc:
         _abandon(entry)
         raise ArchiveError(f"{tarball.display}: {exc}" if tarball.display not in str(exc) else str(exc)) from None
     except BaseException:
         _abandon(entry)
         raise
-    finally:
-        _restore_signals(previous)
+    _restore_signals(previous)  # not after a failure: the start ends with its error, see _abandon
+    return Prepared(entry.prefix, python, False)
 
 
 @contextlib.contextmanager
@@ -273,8 +272,12 @@ def _abandon(entry: Entry) -> None:
     past `docker stop`'s 10 s. What is left then is an unmarked directory, which the next start of
     this tarball or gc removes, as after a kill -9.
 
-    A second SIGTERM or Ctrl-C must not stop the removal half-way: they are ignored meanwhile."""
-    previous: dict[int, object] = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGTERM, signal.SIGINT)}
+    A second SIGTERM or Ctrl-C must not stop the removal half-way, nor replace the error the start
+    ends with (or add a traceback to its one line): from here on they are ignored. Deferred first,
+    as signal.signal runs a pending handler before it installs the new one."""
+    StopSignal.deferring += 1  # for good: the start is ending
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
     deadline = time.monotonic() + STOP_CLEANUP_SECONDS if StopSignal.caught else None
     try:
         if not cache.discard(entry, deadline):
@@ -285,8 +288,6 @@ def _abandon(entry: Entry) -> None:
         log.info(f"could not remove partial entry {entry.prefix} ({exc.strerror}); the next start will")
     except ConfigError as exc:  # after the error that ends the start, which it must not replace
         log.info(f"could not remove partial entry {entry.prefix}: {exc}")
-    finally:
-        _restore_signals(previous)
 
 
 def _trap_signals() -> dict[int, object]:
