@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import shutil
-import signal
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from entrypoint.errors import CommandNotFound, CommandNotRunnable, EnvError, StopSignal
+from entrypoint.errors import CommandNotFound, CommandNotRunnable, EnvError
 
 MACHINES = {3: "x86 (32-bit)", 40: "ARM (32-bit)", 62: "x86_64", 183: "aarch64", 21: "ppc64", 22: "s390x"}
 MACHO = (
@@ -122,23 +120,12 @@ def activated_environ(prefix: Path, base: Mapping[str, str]) -> dict[str, str]:
 
 def _run_activate_scripts(scripts: Sequence[Path], env: dict[str, str]) -> dict[str, str]:
     """Source the environment's activate.d scripts in sh and keep the variables they export."""
-    import subprocess
+    from entrypoint import child  # only an environment with activate.d scripts needs it
 
     script = "".join(f'. "{s}" || exit 1\n' for s in scripts) + "exec env -0\n"
-    proc = None
-    try:
-        with StopSignal.deferred():  # a stop raises once the child is ours to kill (as in relocate)
-            proc = subprocess.Popen(
-                ["sh", "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
-            )
-        stdout, stderr = proc.communicate()
-    except BaseException:
-        if proc is not None:  # stopped: the scripts' own children go too (their group)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        raise
-    if proc.returncode != 0:
+    # Its own group: on a stop, what the scripts started goes with them.
+    code, stdout, stderr = child.run(["sh", "-c", script], own_group=True, env=env)
+    if code != 0:
         last = (stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
         raise EnvError(f"activation script failed in {scripts[0].parent}: {last}")
     # As os.environ decodes the environment: bytes that are not UTF-8 survive, and exec restores them.

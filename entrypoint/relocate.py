@@ -15,12 +15,12 @@ import hashlib
 import os
 import re
 import signal
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from entrypoint.errors import ConfigError, EnvError, StopSignal
+from entrypoint import child
+from entrypoint.errors import ConfigError, EnvError
 
 UNPACK_SCRIPT = "bin/conda-unpack"
 RECORDS_START = "_prefix_records = ["
@@ -141,31 +141,21 @@ def run_conda_unpack(prefix: Path, python: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH", "PYTHONSTARTUP")}
     env["PYTHONNOUSERSITE"] = "1"
     env["PYTHONDONTWRITEBYTECODE"] = "1"
-    proc = None
+    prctl = ctypes.CDLL(None).prctl  # resolved here: no dlopen in a child forked beside threads
     try:
-        # A stop waits until the child is ours to kill: raised inside Popen, after the fork, it
-        # left conda-unpack running; raised in a fork hook (filelock registers some), it was lost.
-        try:
-            prctl = ctypes.CDLL(None).prctl  # resolved here: no dlopen in a child forked beside threads
-            with StopSignal.deferred():  # a stop that came meanwhile raises as the block ends
-                proc = subprocess.Popen(
-                    [str(python), str(script)], cwd=prefix, env=env, text=True, stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE, preexec_fn=functools.partial(_in_child, prctl, os.getpid()),
-                )  # fmt: skip
-        except OSError as exc:  # not executable, or not for this kernel (a loader it lacks)
-            raise EnvError(
-                f"cannot run {script} with the environment's {python} ({exc.strerror}); pack the "
-                "environment again with its interpreter executable and built for this machine"
-            ) from None
-        _, stderr = proc.communicate()
-    except BaseException:
-        if proc is not None:  # stopped: conda-unpack must not write on while the entry is removed
-            proc.kill()
-            proc.wait()
-        raise
-    if proc.returncode != 0:
+        # Killed on a stop: conda-unpack must not write on while the entry is removed.
+        code, _, stderr = child.run(
+            [str(python), str(script)], own_group=False, cwd=prefix, env=env, text=True,
+            preexec_fn=functools.partial(_in_child, prctl, os.getpid()),
+        )  # fmt: skip
+    except OSError as exc:  # not executable, or not for this kernel (a loader it lacks)
+        raise EnvError(
+            f"cannot run {script} with the environment's {python} ({exc.strerror}); pack the "
+            "environment again with its interpreter executable and built for this machine"
+        ) from None
+    if code != 0:
         last = (stderr.strip().splitlines() or ["no output"])[-1]
-        raise EnvError(f"{script} failed (exit {proc.returncode}): {last}")
+        raise EnvError(f"{script} failed (exit {code}): {last}")
 
 
 def rewrite_prefixes(prefix: Path, records: list[tuple[str, str, str]]) -> int | None:
