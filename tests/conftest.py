@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support import REPO
+from support import REPO, unavailable
 
 BUILD = REPO / "examples" / "build_env.py"
 
@@ -57,7 +57,7 @@ def tmpfs(tmp_path: Path) -> Iterator[Path]:
         ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(point)], capture_output=True, text=True
     )
     if probe.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {probe.stderr.strip()}")
+        unavailable(f"cannot mount a tmpfs here: {probe.stderr.strip()}")
     subprocess.run(["umount", str(point)], check=True)
     yield point
     while subprocess.run(["umount", str(point)], capture_output=True).returncode == 0:

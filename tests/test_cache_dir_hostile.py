@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import entry_env, run_entrypoint
+from support import entry_env, run_entrypoint, unavailable
 
 OLD = time.time() - 86400 * 30
 
@@ -219,7 +219,7 @@ def test_an_entry_that_cannot_be_removed_is_one_line(small_tarball: Path, tmp_pa
     stuck = cache / k / "stuck"
     stuck.write_text("")  # damage: the quick check sees the prefix's mtime changed
     if subprocess.run(["chattr", "+i", str(stuck)], capture_output=True).returncode != 0:
-        pytest.skip("chattr +i is not possible here")
+        unavailable("chattr +i is not possible here")
     try:
         code, _, err = unpack(small_tarball, cache)
         line = error_line(err)

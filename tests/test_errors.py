@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from archives import HOST_PYTHON, M, conda_pack_tiny, tiny_env, unpack_script_with, write_tar
 from filelock import FileLock
-from support import ENTRYPOINT, REPO, entry_env, error_line, run_entrypoint
+from support import ENTRYPOINT, REPO, entry_env, error_line, run_entrypoint, unavailable
 
 NOBODY = 65534
 
@@ -80,7 +80,7 @@ def reachable_by_others(*paths: Path) -> Iterator[None]:
 def as_nobody(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     """The entrypoint as uid/gid 65534 with no capabilities (we run as root: os.access says yes)."""
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("needs root and setpriv to run the entrypoint as an unprivileged user")
+        unavailable("needs root and setpriv to run the entrypoint as an unprivileged user")
     drop = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--inh-caps=-all"]
     with reachable_by_others(REPO / "entrypoint", Path(sys.executable)):
         return subprocess.run(
@@ -389,7 +389,7 @@ def read_only_cache(tmp_path: Path) -> Iterator[Path]:
     cache = tmp_path / "cache"
     cache.mkdir()
     if subprocess.run(["mount", "--bind", str(cache), str(cache)], capture_output=True).returncode != 0:
-        pytest.skip("mount --bind is not permitted here")
+        unavailable("mount --bind is not permitted here")
     try:
         yield cache
     finally:

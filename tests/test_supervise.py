@@ -22,7 +22,7 @@ import requests
 from archives import tiny_env, write_tar
 from conftest import Example
 from filelock import FileLock
-from support import ENTRYPOINT, REPO, entry_env, error_line, free_port, infer, run_entrypoint
+from support import ENTRYPOINT, REPO, entry_env, error_line, free_port, infer, run_entrypoint, unavailable
 
 STOP_LIMIT = 10.0  # what `docker stop` waits by default before its own SIGKILL
 
@@ -294,10 +294,10 @@ def test_bad_init_settings_are_one_line_errors(tmp_path: Path) -> None:
 
 def _unshare() -> list[str]:
     if shutil.which("unshare") is None:
-        pytest.skip("unshare (util-linux) is not installed")
+        unavailable("unshare (util-linux) is not installed")
     probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True, check=False)
     if probe.returncode != 0:
-        pytest.skip(f"cannot make a PID namespace here: {probe.stderr.decode().strip()}")
+        unavailable(f"cannot make a PID namespace here: {probe.stderr.decode().strip()}")
     return ["unshare", "--pid", "--fork", "--mount-proc"]
 
 
