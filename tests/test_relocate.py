@@ -327,24 +327,34 @@ def test_a_kill_9_before_conda_unpack_set_its_death_signal_takes_it_along(tmp_pa
     fork and the prctl left conda-unpack running (the child now checks its parent is still there)."""
     (tmp_path / "bin").mkdir()
     pidfile = tmp_path / "script-ran"
+    forked = tmp_path / "forked"  # the child's pid, written once it is in _in_child
     (tmp_path / relocate.UNPACK_SCRIPT).write_text(
         f"import os, time\nopen({str(pidfile)!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)\n"
     )
+    # The patched _in_child announces the fork, then waits until its parent is gone: the kill
+    # lands between the fork and the prctl every time, not only when the timing happens to.
     code = f"""
 import os, signal, sys, time
 from pathlib import Path
 from entrypoint import relocate
 launch = relocate._in_child
-def late(*args):
-    time.sleep(0.5)  # the parent is killed meanwhile
-    launch(*args)
+def late(prctl, parent):
+    Path({str(forked)!r} + ".tmp").write_text(str(os.getpid()))
+    os.rename({str(forked)!r} + ".tmp", {str(forked)!r})
+    end = time.monotonic() + 60
+    while os.getppid() == parent and time.monotonic() < end:
+        time.sleep(0.01)
+    launch(prctl, parent)
 relocate._in_child = late
 relocate.run_conda_unpack(Path({str(tmp_path)!r}), Path(sys.executable))
 """
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
-    time.sleep(0.25)
+    deadline = time.monotonic() + 60
+    while not forked.exists():
+        assert proc.poll() is None, f"the start exited ({proc.returncode}) before it forked conda-unpack"
+        assert time.monotonic() < deadline, "the start did not fork conda-unpack within 60 s"
+        time.sleep(0.01)
     proc.kill()
     proc.wait()
-    time.sleep(1.5)  # the child's prctl and exec are done by now
-    ran = pidfile.read_text() if pidfile.exists() else ""
-    assert not ran or _gone(int(ran)), "conda-unpack ran on after its start was killed"
+    assert _gone(int(forked.read_text())), "conda-unpack ran on after its start was killed"
+    assert not pidfile.exists(), "conda-unpack's script ran after its start was killed"
