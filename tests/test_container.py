@@ -173,10 +173,14 @@ def test_restart_with_the_same_cache_volume_is_a_cache_hit(
         times.append((run, took, work))
         assert infer(f"http://127.0.0.1:{port}", "mnist-svm", [0.0] * 64) in range(10)
         podman.remove(ctr)
-    assert "extract:" not in logs and "cache hit" in logs  # the second start found the volume's entry
+        # What each start did, from its own log: deterministic, unlike one ready time against
+        # another (mlserver's own start dominates both and varies with the machine's load).
+        if run == "cold":
+            assert "extract:" in logs and "cache hit" not in logs, logs[-3000:]
+        else:  # the second start found the volume's entry and extracted nothing
+            assert "cache hit" in logs and "extract:" not in logs, logs[-3000:]
     for run, took, work in times:
         report(f"{run} start: ready {took:.1f} s after `podman run`, entrypoint work {work}")
-    assert times[1][1] < times[0][1]
 
 
 def test_mlserver_version_is_the_environments(podman: Podman, image: str, models: Path) -> None:
