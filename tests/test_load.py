@@ -5,9 +5,9 @@ process on loopback, compared with the same environment's `mlserver start` run d
 
 Both servers run the same interpreter, packages, model and settings. The entrypoint execs mlserver,
 so after the start nothing of it is left in the request path: the test checks that the serving
-process is the entrypoint's own PID running the environment's interpreter, that both configurations
-answer every request correctly, and that throughput and median latency agree within this machine's
-noise.
+process is the entrypoint's own PID running the environment's interpreter and that both
+configurations answer every request correctly. Throughput and latency are printed, not compared:
+after the exec both sides are the same program, so a ratio of them measures only this machine's noise.
 Override the load with MLSERVER_TEST_LOAD_CLIENTS / MLSERVER_TEST_LOAD_SECONDS (default 8 / 30).
 """
 
@@ -140,8 +140,6 @@ def test_load_through_the_entrypoint_matches_mlserver_started_directly(seed: Exa
     p50 = {name: statistics.median(float(r["p50_ms"]) for r in rs) for name, rs in runs.items()}  # type: ignore[arg-type]
     print(f"median req/s: entrypoint {rps['entrypoint']:.1f}, direct {rps['direct']:.1f}; "
           f"median p50: entrypoint {p50['entrypoint']:.1f} ms, direct {p50['direct']:.1f} ms")  # fmt: skip
-    # The same process serves in both cases, so any difference is this machine's noise. On the
-    # shared 2-core machine these tests were written on, runs of one configuration varied by up to
-    # a factor of 2 under other load; the bound only catches an overhead larger than that.
-    assert rps["entrypoint"] >= 0.6 * rps["direct"], rps
-    assert p50["entrypoint"] <= 1.7 * p50["direct"] + 5.0, p50
+    # No bound on their ratio: the same program serves in both cases (checked above through
+    # /proc/PID/exe), so a difference is this machine's noise, and a bound loose enough for that
+    # noise (a factor of 2 on a shared 2-core machine) would catch nothing the exe check does not.
