@@ -1,5 +1,6 @@
-"""Environments packed by other tools than conda-pack: GNU tar, bsdtar, star, Info-ZIP, 7-Zip, and
-the standard library's tarfile and zipfile as a user's own script would call them.
+"""Environments packed by other tools than conda-pack: GNU tar, bsdtar, Info-ZIP, 7-Zip, and the
+standard library's tarfile and zipfile as a user's own script would call them. (star is not
+packaged by Debian, so CI could not run it.)
 
 Each writer lays out a small environment (tests/archives.py `tiny_env`) as a real directory, with
 the file-system details its tool records (ACLs, extended attributes, sparse files, names that are
@@ -18,9 +19,10 @@ import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import pytest
 from archives import M, compress, tiny_env
+from support import unavailable
 
 SEVEN_ZIP = ("7zz", "7z", "7za")  # Debian's 7zip package installs 7zz; p7zip-full 7z and 7za
 TOP = ["bin", "conda-meta", "lib", "share"]  # the environment's top-level names, for tools given a list
@@ -70,20 +72,13 @@ def sparse_file(path: Path, size: int = SPARSE_SIZE) -> None:
         f.write(b"tail")
 
 
-def need(tool: str, *alternatives: str, packaged: bool = True) -> str:
-    """The path of `tool` (or of the first alternative found). Missing: a failure in CI, where
-    scripts/install-system-deps has installed it, else a skip naming what to install. A tool
-    Debian does not package (`packaged` False) is a skip everywhere."""
+def need(tool: str, *alternatives: str) -> str:
+    """The path of `tool` (or of the first alternative found); scripts/install-system-deps installs them."""
     for name in (tool, *alternatives):
         found = shutil.which(name)
         if found is not None:
             return found
-    names = " or ".join((tool, *alternatives))
-    if not packaged:
-        pytest.skip(f"{names} is not installed, and Debian bookworm has no package for it")
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{names} is missing in CI: scripts/install-system-deps installs it")
-    pytest.skip(f"{names} is missing: run scripts/install-system-deps (as root)")
+    unavailable(f"{' or '.join((tool, *alternatives))} is missing: run scripts/install-system-deps (as root)")
 
 
 def run(*args: str | Path, cwd: Path | None = None) -> None:
@@ -98,20 +93,27 @@ def run(*args: str | Path, cwd: Path | None = None) -> None:
 Writer = Callable[[Path], Path]
 
 
-def gnu_tar(
-    *options: str, out: str, names: list[str] | None = None, prepare: Callable[[Path], None] | None = None
+def tar_tool(
+    tool: str, *options: str, out: str, names: list[str] | None = None, prepare: Callable[[Path], None] | None = None
 ) -> Writer:
-    """GNU tar with `options`, of the environment as `-C env .` or as the names given."""
+    """`tool` (GNU tar, bsdtar) with `options`, of the environment as `-C env .` or as the names given."""
 
     def write(work: Path) -> Path:
-        tar = need("tar")
         env = write_tree(work / "env", env_members())
         if prepare is not None:
             prepare(env)
-        run(tar, *options, "-f", work / out, "-C", env, *(names or ["."]))
+        run(need(tool), *options, "-f", work / out, "-C", env, *(names or ["."]))
         return work / out
 
     return write
+
+
+def gnu_tar(*options: str, **how: Any) -> Writer:
+    return tar_tool("tar", *options, **how)
+
+
+def bsdtar(*options: str, **how: Any) -> Writer:
+    return tar_tool("bsdtar", "-c", *options, **how)
 
 
 def with_acl(env: Path) -> None:
@@ -169,36 +171,6 @@ def gnu_tar_then(fmt: str) -> Writer:
         out = work / f"env.{fmt}"
         out.write_bytes(compress(plain.read_bytes(), fmt))
         return out
-
-    return write
-
-
-def bsdtar(
-    *options: str, out: str, names: list[str] | None = None, prepare: Callable[[Path], None] | None = None
-) -> Writer:
-    """bsdtar (libarchive) with `options`, of the environment as `-C env .` or as the names given."""
-
-    def write(work: Path) -> Path:
-        tool = need("bsdtar")
-        env = write_tree(work / "env", env_members())
-        if prepare is not None:
-            prepare(env)
-        run(tool, "-c", *options, "-f", work / out, "-C", env, *(names or ["."]))
-        return work / out
-
-    return write
-
-
-def star(*options: str, out: str) -> Writer:
-    """Jörg Schilling's star. Not packaged in Debian bookworm (nor trixie): these cases skip unless
-    it was installed by hand."""
-
-    def write(work: Path) -> Path:
-        tool = need("star", packaged=False)
-        env = write_tree(work / "env", env_members())
-        with_sparse_file(env)
-        run(tool, "-c", "-no-fsync", *options, f"f={work / out}", "-C", env, ".")
-        return work / out
 
     return write
 
@@ -374,8 +346,6 @@ WRITERS = [
     ),
     Case("bsdtar-pax-non-utf8-name", bsdtar("--format", "pax", out="env.tar", prepare=with_non_utf8_name)),
     Case("bsdtar-sparse", bsdtar("--format", "pax", "-z", out="env.tar.gz", prepare=with_sparse_file)),
-    # star: exustar (pax with its own records), and its sparse files.
-    Case("star-exustar", star("H=exustar", "-sparse", out="env.tar")),
     # Info-ZIP: symlinks followed (the default) or stored (-y); a file and a directory of one name.
     Case("infozip-r", info_zip()),
     Case("infozip-ry", info_zip("-y")),
