@@ -11,85 +11,54 @@ mlserver-entrypoint -- CMD [ARG…]        # same, for a command named like a su
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
-from entrypoint import __version__, log
-from entrypoint.errors import ConfigError, EntrypointError, Stopped, StopSignal, error_line
+from entrypoint import __version__, lease, log, settings, warm, worker
+from entrypoint.entry import Entry, read_marker
+from entrypoint.errors import ConfigError, EntrypointError, Stopped
+from entrypoint.warm import Ready
+from entrypoint.worker import Message
 
-if TYPE_CHECKING:
-    from entrypoint.fastpath import Hit
+Send = Callable[[Message], None]
 
 SUBCOMMANDS = ("unpack", "inspect", "gc")
 USAGE = __doc__.split("\n\n", 1)[1].rstrip() if __doc__ else ""
+ATTEMPTS = 3  # cold starts in a row whose entry a gc removed before this process held it
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None, mask: set[int] | None = None) -> None:
+    """`mask`: the signal mask the process started with, if the stops were blocked before."""
+    worker.block_stops(mask)  # first: no stop goes unnoticed, and none runs a handler (worker.py)
     args = list(sys.argv[1:] if argv is None else argv)
-    # SIGTERM (docker stop, a pod deleted) before the command runs: one line, exit 143. As a
-    # container's PID 1 above all: the kernel drops a signal PID 1 has no handler for, so a stop
-    # during the lock wait or the hashing went unnoticed and the server started anyway. The unpack
-    # installs its own handler (prepare.Interrupted); exec resets this one for the command.
-    signal.signal(signal.SIGTERM, Stopped.handler)
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not inherited ignored (`cmd &`)
-        signal.signal(signal.SIGINT, Stopped.handler)  # Ctrl-C: the same line, and deferrable (StopSignal.deferred)
-    sys.unraisablehook = _quiet_stops(sys.unraisablehook)
+    sys.exit(guarded(lambda: _dispatch(args)))
+
+
+def guarded(body: Callable[[], int], report: Callable[[EntrypointError], int] | None = None) -> int:
+    """Run `body`; an error the user can act on is one line (or handed to `report`) and its exit code."""
     try:
-        code = _dispatch(args)
-    except KeyboardInterrupt:  # Ctrl-C before the line above
-        _ignore_stop_signals()
-        log.info(f"error: {error_line(Stopped(signal.SIGINT))}")
-        code = 130
+        return body()
+    except EntrypointError as exc:
+        if report is not None:
+            return report(exc)
+        log.error(exc, debug=_debug())
+        return exc.exit_code
     except BrokenPipeError:  # `gc | head -1`: the reader had enough; end as a tool killed by SIGPIPE would
         log.silence_stdout()
-        code = 128 + 13
-    except Exception as exc:
-        error = _reported(exc)
-        if error is None:
-            raise
-        _ignore_stop_signals()
-        log.info(f"error: {error_line(error)}")
-        code = error.exit_code
-    sys.exit(code)
+        return 128 + 13
 
 
-def _reported(exc: Exception) -> EntrypointError | None:
-    """The error that ends the start: a stop signal's first. A stop's exception is an Exception
-    that libraries may wrap (pydantic-settings' SettingsError: a traceback, exit 1) or swallow in
-    an `except Exception` (the start went on, and exited with the next error's code)."""
-    seen: BaseException | None = exc
-    for _ in range(100):  # a chain can loop
-        if seen is None:
-            break
-        if isinstance(seen, StopSignal):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    if StopSignal.caught:
-        return Stopped(StopSignal.caught[-1])
-    return exc if isinstance(exc, EntrypointError) else None
+def in_worker(job: Callable[[Send], int]) -> Callable[[Send], int]:
+    """`job` as a worker runs it: its error goes to this process, which prints the one line."""
+    return lambda send: guarded(lambda: job(send), lambda exc: worker.report(exc, send, _debug()))
 
 
-def _quiet_stops(hook: Callable[[sys.UnraisableHookArgs], object]) -> Callable[[sys.UnraisableHookArgs], object]:
-    """An unraisable-exception hook that prints nothing for a stop signal's exception: it was
-    recorded and is raised again at the start's next check; a traceback would break the promise
-    of one error line."""
-
-    def quiet(unraisable: sys.UnraisableHookArgs) -> object:
-        if isinstance(unraisable.exc_value, StopSignal):
-            return None
-        return hook(unraisable)
-
-    return quiet
-
-
-def _ignore_stop_signals() -> None:
-    """The cleanup is done: a burst of Ctrl-C now must not add a traceback after the one error line."""
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, signal.SIG_IGN)
+def _debug() -> bool:
+    config = settings.plain(os.environ, only=("debug",))
+    return config is not None and config.debug
 
 
 def _dispatch(args: list[str]) -> int:
@@ -102,111 +71,113 @@ def _dispatch(args: list[str]) -> int:
     if args[:1] == ["--"]:
         return run(args[1:])
     if args[:1] in ([c] for c in SUBCOMMANDS) and {"-h", "--help"} & set(args[1:]):
-        # `gc --help` is a question, not a usage error (and must not need valid settings to answer)
         log.out("usage:\n" + "\n".join(line for line in USAGE.splitlines() if line.split()[1:2] == args[:1]))
         return 0
     if args[:1] == ["unpack"]:
         if len(args) > 1:
-            raise ConfigError(f"unpack takes no arguments (got {' '.join(args[1:])}); configure it with MLSERVER_ENV_*")
+            raise ConfigError(
+                f"unpack takes no arguments (got {' '.join(args[1:])})", "configure it with MLSERVER_ENV_*"
+            )
         return unpack()
-    if args[:1] in (["inspect"], ["gc"]):
-        from entrypoint import gc, inspection
-        from entrypoint.settings import load_settings
+    if args[:1] == ["inspect"]:
+        from entrypoint import inspection
 
-        return (inspection.main if args[0] == "inspect" else gc.main)(args[1:], load_settings())
+        worker.run(in_worker(lambda send: inspection.main(args[1:], send)), inspection.undo)
+        return 0
+    if args[:1] == ["gc"]:
+        from entrypoint import gc
+
+        worker.run(in_worker(lambda _: gc.main(args[1:])), lambda _: ("collecting", "run gc again to finish"))
+        return 0
     return run(args)
 
 
 def unpack() -> int:
     """Prepare the environment (for init containers and scripts); its prefix is stdout's last line."""
-    from entrypoint import supervise
-
-    # Not used here, but refused as a cold `unpack` (the settings model) and the server's start
-    # refuse them: an init container must not pass on values its pod's server then fails on.
-    supervise.options(os.environ)
-    hit = _warm(())
-    if hit is not None:
-        log.out(str(hit.entry.prefix))
-        return 0
-
-    from entrypoint.prepare import prepare
-    from entrypoint.settings import load_settings
-    from entrypoint.source import locate
-
-    settings = load_settings()
-    tarball = locate(settings)
-    if tarball is None:
-        raise ConfigError(
-            "no environment to unpack: set MLSERVER_ENV_TARBALL, or put environment.tar.gz in "
-            f"MLSERVER_MODELS_DIR ({settings.models_dir})"
-        )
-    prepared = prepare(settings, tarball)
-    Stopped.honour()
-    log.out(str(prepared.prefix))
-    sys.stderr.flush()
-    # Done, the entry is published and durable, every lock released: skip the interpreter's teardown,
-    # which spent ~0.1 s freeing the extraction's bookkeeping (a `run` start execs instead).
-    os._exit(0)
+    ready = prepared((), need_environment=True)
+    if (stop := worker.pending_stop()) is not None:
+        raise Stopped(stop, "starting", f"{ready.prefix} is unpacked and cached; it was not printed")
+    log.out(str(ready.prefix))
+    return 0
 
 
-def _warm(require: tuple[str, ...]) -> Hit | None:
-    """A cache hit found without loading the settings model (see fastpath), logged as `locate`.
-
-    On a miss, a local tarball whose key is not remembered starts being hashed right away."""
-    from entrypoint import fastpath
-
-    t0 = time.monotonic()
-    hit = fastpath.lookup(os.environ, require)
-    if hit is not None:
-        log.info(f"locate: {(time.monotonic() - t0) * 1000:.0f} ms, cache hit {hit.entry.prefix}")
-    elif (path := fastpath.to_hash(os.environ)) is not None:
-        from entrypoint import source
-
-        source.prehash(path)
-    return hit
-
-
-def run(command: list[str]) -> int:
+def run(command: list[str]) -> NoReturn:
     """Prepare the environment if there is one, activate it and exec the command."""
     require = ("mlserver",) if (command or ["mlserver"])[0] == "mlserver" else ()
-    if (serves := _served_folder(command)) is not None and "MLSERVER_MODELS_DIR" not in os.environ:
+    if command[:2] == ["mlserver", "start"] and len(command) == 3 and "MLSERVER_MODELS_DIR" not in os.environ:
         # `mlserver start /models` with /models/environment.tar.gz beside the model: that folder is
-        # the models dir (MLServer's images set the variable and the command alike); the server
-        # sees the variable too, as there
-        os.environ["MLSERVER_MODELS_DIR"] = serves
-    hit = _warm(require)
+        # the models folder (MLServer's images set the variable and the command alike)
+        os.environ["MLSERVER_MODELS_DIR"] = command[2]
+    ready = prepared(require, need_environment=False)
+    launch(command or ["mlserver", "start", str(ready.config.models_dir)], ready)
+
+
+def prepared(require: tuple[str, ...], need_environment: bool) -> Ready:
+    """The environment to run in: a published entry found at once, or one the cold path made in a
+    worker (prepare.py), then held by this process for as long as it and its server live."""
+    t0 = time.monotonic()
+    hit = warm.lookup(os.environ, require)
     if hit is not None:
-        launch(command or _default_command(hit.models_dir), hit.entry.prefix)
+        log.info(f"locate: {(time.monotonic() - t0) * 1000:.0f} ms, cache hit {hit.prefix}")
+        return hit
+    from entrypoint import prepare
 
-    from entrypoint.prepare import prepare
-    from entrypoint.settings import load_settings
-    from entrypoint.source import locate
-
-    settings = load_settings()
-    tarball = locate(settings)
-    if tarball is None:
-        log.info("no environment tarball configured: running the command as is")
-        launch(command or _default_command(settings.models_dir), None)
-    prepared = prepare(settings, tarball, require)
-    launch(command or _default_command(settings.models_dir), prepared.prefix)
-
-
-def _served_folder(command: list[str]) -> str | None:
-    """The folder a `mlserver start FOLDER` command serves."""
-    return command[2] if command[:2] == ["mlserver", "start"] and len(command) == 3 else None
+    for _ in range(ATTEMPTS):
+        messages = worker.run(in_worker(lambda send: prepare.main(send, require, need_environment)), prepare.abandon)
+        result = next(m["result"] for m in reversed(messages) if "result" in m)
+        config = settings.restore(result["settings"])
+        if result["key"] is None:
+            return Ready(None, config)
+        found = Entry(config.cache_dir, result["key"])
+        # Not waiting: a gc holding it now is removing it (and a stop must be seen); unpacked again
+        if lease.hold(found, wait=False) and read_marker(found) is not None:
+            return Ready(found.prefix, config)
+    raise ConfigError(
+        f"the cache entry was removed {ATTEMPTS} times right after it was unpacked",
+        "check what else trims MLSERVER_ENV_CACHE_DIR (gc, MLSERVER_ENV_CACHE_MAX_BYTES of other starts)",
+    )
 
 
-def _default_command(models_dir: Path) -> list[str]:
-    return ["mlserver", "start", str(models_dir)]
+def launch(command: list[str], ready: Ready) -> NoReturn:
+    """Activate the environment (None: run as is) and exec the command, or run it under the tiny
+    init when this process is a container's PID 1 (supervise.py)."""
+    from entrypoint import activate, supervise
+
+    env = dict(os.environ) if ready.prefix is None else _activated(ready.prefix)
+    _warn_other_models_dir(command)
+    argv = activate.resolve_command(command, env, ready.prefix)
+    if (stop := worker.pending_stop()) is not None:  # the last moment a stop keeps the command from running
+        raise Stopped(stop, "starting", "the command was not run")
+    mode = ready.config.init
+    if supervise.wanted(mode):
+        log.info(
+            f"run: {' '.join(argv)} as the child of this init (pid {os.getpid()}, MLSERVER_ENV_INIT={mode}) "
+            f"(entrypoint work {log.elapsed_ms():.0f} ms)"
+        )
+        sys.exit(supervise.run(argv, env, ready.config.stop_grace))
+    log.info(f"exec: {' '.join(argv)} (entrypoint work {log.elapsed_ms():.0f} ms)")
+    activate.exec_command(argv, env)
+
+
+def _activated(prefix: Path) -> dict[str, str]:
+    from entrypoint import activate
+
+    env = activate.activated_environ(prefix, os.environ)
+    env["PYTHONDONTWRITEBYTECODE"] = "1"  # the entry is shared and may be read-only: never write into it
+    if os.environ.get("PYTHONPATH"):
+        log.info(
+            "warning: PYTHONPATH is not passed to the environment (another Python's modules would shadow its "
+            "own); put a custom runtime's code in its model's folder (MLServer imports from there) or pack it"
+        )
+    return env
 
 
 def _warn_other_models_dir(command: list[str]) -> None:
-    """The image's CMD names /mnt/models (as its issue asks); MLServer's own images serve
-    $MLSERVER_MODELS_DIR. Whoever sets only the variable would get another folder served than
-    the one their environment.tar.gz was looked for in, with no word why."""
+    """The image's command names /mnt/models; MLServer's own images serve $MLSERVER_MODELS_DIR:
+    whoever sets only the variable gets another folder served than the one searched."""
     wanted = os.environ.get("MLSERVER_MODELS_DIR", "")
-    serves = _served_folder(command)
-    if serves is not None and not os.path.isdir(serves):  # mlserver 1.x serves no model then, and reports ready
+    serves = command[2] if command[:2] == ["mlserver", "start"] and len(command) == 3 else None
+    if serves is not None and not os.path.isdir(serves):  # mlserver serves no model then, and reports ready
         log.info(f"warning: the models folder {serves} does not exist: no model will be served; mount it there")
     if wanted and serves is not None and os.path.realpath(serves) != os.path.realpath(wanted):
         log.info(
@@ -214,35 +185,3 @@ def _warn_other_models_dir(command: list[str]) -> None:
             f"to serve that one, give the command `mlserver start {wanted}` (or mount it at {serves}); to serve "
             f"{serves} (and find its environment.tar.gz), set MLSERVER_MODELS_DIR={serves} too"
         )
-
-
-def launch(command: list[str], prefix: Path | None) -> NoReturn:
-    """Activate the environment at `prefix` (None: run as is) and exec the command (or, as PID 1,
-    run it under a tiny init: see supervise.py)."""
-    from entrypoint.activate import activated_environ, exec_command, resolve_command
-
-    if prefix is None:
-        env = dict(os.environ)
-    else:
-        env = activated_environ(prefix, os.environ)
-        env["PYTHONDONTWRITEBYTECODE"] = "1"  # the entry is shared and may be read-only: never write into it
-        if os.environ.get("PYTHONPATH"):  # dropped: said, or a custom runtime found only through it fails unexplained
-            log.info(
-                "warning: PYTHONPATH is not passed to the environment (another Python's modules would shadow its "
-                "own); put a custom runtime's code in its model's folder (MLServer imports from there) or pack it"
-            )
-    _warn_other_models_dir(command)
-    argv = resolve_command(command, env, prefix)
-    Stopped.honour()  # the last moment a stop can still keep the command from running
-    from entrypoint import supervise
-
-    mode, grace = supervise.options(os.environ)
-    if supervise.wanted(mode):  # PID 1 of a container: stay as a tiny init (see supervise.py)
-        log.info(
-            f"run: {' '.join(argv)} as the child of this init (pid {os.getpid()}, MLSERVER_ENV_INIT={mode}) "
-            f"(entrypoint work {log.elapsed_ms():.0f} ms)"
-        )
-        sys.exit(supervise.run(argv, env, grace))
-    log.info(f"exec: {' '.join(argv)} (entrypoint work {log.elapsed_ms():.0f} ms)")
-    supervise.reset_signals()
-    exec_command(argv, env)

@@ -8,18 +8,15 @@ script is run by the environment's own interpreter (`run_conda_unpack`).
 from __future__ import annotations
 
 import ast
-import ctypes
 import errno
-import functools
 import hashlib
 import os
 import re
-import signal
-from collections.abc import Callable
-from dataclasses import dataclass
+import subprocess
 from pathlib import Path
+from typing import NamedTuple
 
-from entrypoint import child
+from entrypoint import worker
 from entrypoint.errors import ConfigError, EnvError
 
 UNPACK_SCRIPT = "bin/conda-unpack"
@@ -43,8 +40,7 @@ KNOWN_SCRIPTS = {
 MAX_REWRITE_BYTES = 8 << 20
 
 
-@dataclass(frozen=True)
-class UnpackScript:
+class UnpackScript(NamedTuple):
     records: list[tuple[str, str, str]]  # (path, placeholder, "text" | "binary"), in the script's order
     known: str | None  # the conda-pack release that wrote it, when `rewrite_prefixes` reproduces it
 
@@ -68,7 +64,7 @@ def read_unpack_script(prefix: Path) -> UnpackScript | None:
         return None
     except (OSError, UnicodeDecodeError) as exc:  # a directory, a symlink loop, not text
         why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise EnvError(f"{script} cannot be read ({why}); pack the environment again with conda-pack") from None
+        raise EnvError(f"{script} cannot be read ({why})", "pack the environment again with conda-pack") from exc
     return UnpackScript.parse(source, str(script))
 
 
@@ -103,11 +99,11 @@ def parse_prefix_records(source: str, where: str) -> list[tuple[str, str, str]]:
             if "\0" in path + placeholder:  # a path no system call takes, a placeholder no file holds
                 raise ValueError
             path.encode(), placeholder.encode()  # lone surrogates ("\udc80") have no bytes to match
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):  # UnicodeEncodeError is a ValueError
-            raise EnvError(f"{where}: cannot read its prefix records; re-pack with conda-pack") from None
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as exc:  # UnicodeEncodeError too
+            raise EnvError(f"{where}: cannot read its prefix records", "pack it again with conda-pack") from exc
         records.append((path, placeholder, mode))
     if end < 0:
-        raise EnvError(f"{where}: its prefix records do not end; re-pack with conda-pack")
+        raise EnvError(f"{where}: its prefix records do not end", "pack it again with conda-pack")
     return records
 
 
@@ -121,41 +117,30 @@ def check_prefix_length(records: list[tuple[str, str, str]], prefix: Path) -> No
         over = len(str(prefix)) - limit
         raise ConfigError(
             f"the environment's binary files were packed with a {limit}-character prefix ({min(binary, key=len)}), "
-            f"but it would be unpacked at {prefix} ({len(str(prefix))} characters); set MLSERVER_ENV_CACHE_DIR "
-            f"to a path at least {over} characters shorter"
+            f"but it would be unpacked at {prefix} ({len(str(prefix))} characters)",
+            f"set MLSERVER_ENV_CACHE_DIR to a path at least {over} characters shorter",
         )
 
 
-def _in_child(prctl: Callable[..., int], parent: int) -> None:
-    """In the child, before exec: PR_SET_PDEATHSIG, so a kill -9 of the entrypoint also kills
-    conda-unpack, instead of leaving it rewriting files the next start is already extracting; a
-    parent killed before that (no signal then) is seen by getppid."""
-    prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() != parent:
-        os._exit(1)
-
-
 def run_conda_unpack(prefix: Path, python: Path) -> None:
-    """Run the packed conda-unpack with the environment's own interpreter."""
+    """Run the packed conda-unpack with the environment's own interpreter. It dies with the process
+    that runs it, so a killed start leaves nothing rewriting files under the next one."""
     script = prefix / UNPACK_SCRIPT
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH", "PYTHONSTARTUP")}
-    env["PYTHONNOUSERSITE"] = "1"
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
-    prctl = ctypes.CDLL(None).prctl  # resolved here: no dlopen in a child forked beside threads
+    env.update(PYTHONNOUSERSITE="1", PYTHONDONTWRITEBYTECODE="1")
     try:
-        # Killed on a stop: conda-unpack must not write on while the entry is removed.
-        code, _, stderr = child.run(
-            [str(python), str(script)], own_group=False, cwd=prefix, env=env, text=True,
-            preexec_fn=functools.partial(_in_child, prctl, os.getpid()),
+        proc = subprocess.run(
+            [str(python), str(script)], cwd=prefix, env=env, capture_output=True, text=True, check=False,
+            preexec_fn=worker.dies_with_parent(),
         )  # fmt: skip
     except OSError as exc:  # not executable, or not for this kernel (a loader it lacks)
         raise EnvError(
-            f"cannot run {script} with the environment's {python} ({exc.strerror}); pack the "
-            "environment again with its interpreter executable and built for this machine"
-        ) from None
-    if code != 0:
-        last = (stderr.strip().splitlines() or ["no output"])[-1]
-        raise EnvError(f"{script} failed (exit {code}): {last}")
+            f"cannot run {script} with the environment's {python} ({exc.strerror})",
+            "pack the environment again with its interpreter executable and built for this machine",
+        ) from exc
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise EnvError(f"{script} failed (exit {proc.returncode}): {last}")
 
 
 def rewrite_prefixes(prefix: Path, records: list[tuple[str, str, str]]) -> int | None:
@@ -173,9 +158,9 @@ def rewrite_prefixes(prefix: Path, records: list[tuple[str, str, str]]) -> int |
     paths = []
     for path, _, mode in records:
         if path.startswith("/") or ".." in path.split("/"):
-            raise EnvError(f"{script} lists {path}, outside the environment; pack it again with conda-pack")
+            raise EnvError(f"{script} lists {path}, outside the environment", "pack it again with conda-pack")
         if mode not in ("text", "binary"):
-            raise EnvError(f"{script} gives {path} the unknown mode {mode!r}; pack it again with conda-pack")
+            raise EnvError(f"{script} gives {path} the unknown mode {mode!r}", "pack it again with conda-pack")
         paths.append(f"{new}/{path}")
     try:
         if any(os.stat(p).st_size > MAX_REWRITE_BYTES for p in paths):
@@ -186,8 +171,9 @@ def rewrite_prefixes(prefix: Path, records: list[tuple[str, str, str]]) -> int |
         if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ELOOP):
             raise  # the cache's trouble (full, read-only): the caller names the setting
         raise EnvError(  # the archive's: conda-unpack would have failed on it too
-            f"{script} lists {exc.filename}, which cannot be rewritten ({exc.strerror}); pack it again with conda-pack"
-        ) from None
+            f"{script} lists {exc.filename}, which cannot be rewritten ({exc.strerror})",
+            "pack it again with conda-pack",
+        ) from exc
 
 
 def _rewrite(path: str, old: bytes, mode: str, new: bytes) -> bool:

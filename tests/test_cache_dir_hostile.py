@@ -237,35 +237,35 @@ def test_gc_with_a_directory_as_a_marker_is_one_line(tmp_path: Path) -> None:
 def test_marker_temporary_is_never_written_through_a_symlink(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`.<key8>.ready.<pid>.tmp` was opened by a predictable name, following a symlink there
     (planted while an unpack runs, after its discard): its target was truncated and rewritten."""
-    from entrypoint import cache
+    from entrypoint import fs
 
     outside = canary(tmp_path)
     root = tmp_path / "cache"
     root.mkdir()
     marker = root / "0123abcd.ready"
     (root / f".{marker.name}.{os.getpid()}.tmp").symlink_to(outside / "id_ed25519")
-    cache._write_atomic(marker, b"{}")
+    fs.write_atomic(marker, b"{}")
     assert marker.read_bytes() == b"{}" and untouched(outside)
     # The name guessed after all (its random part fixed here): O_EXCL and O_NOFOLLOW still refuse it.
     monkeypatch.setattr(os, "urandom", lambda n: b"\x01" * n)
     (root / f".{marker.name}.{os.getpid()}.{'01' * 8}.tmp").symlink_to(outside / "id_ed25519")
     with pytest.raises(FileExistsError):
-        cache._write_atomic(marker, b"{...}")
+        fs.write_atomic(marker, b"{...}")
     assert marker.read_bytes() == b"{}" and untouched(outside)
 
 
 def test_memo_temporary_guessed_is_still_not_followed(
     small_tarball: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from entrypoint import cache, source
+    from entrypoint import keys
 
     outside = canary(tmp_path)
     root = tmp_path / "cache"
-    memo = cache.key_memo(root, small_tarball)
+    memo = keys.memo_path(root, small_tarball)
     memo.parent.mkdir(parents=True)
     monkeypatch.setattr(os, "urandom", lambda n: b"\x02" * n)
     (memo.parent / f"{memo.name}.{os.getpid()}.{'02' * 8}.tmp").symlink_to(outside / "id_ed25519")
-    source._remember(memo, {"path": "x", "identity": [], "sha256": "ab" * 32})  # best effort: nothing written
+    keys.remember(root, small_tarball, (), "ab" * 32)  # best effort: nothing written
     assert untouched(outside) and not memo.exists()
 
 
@@ -314,9 +314,10 @@ def test_a_bloated_manifest_is_read_in_linear_time_and_bounded_memory(tmp_path: 
     the whole buffer each time (100 MB: 86 s, 232 MB RSS). Now at most a few MB are read."""
     import tracemalloc
 
-    from entrypoint import cache
+    from entrypoint import manifest
+    from entrypoint.entry import Entry
 
-    entry = cache.Entry(tmp_path, "ab" * 32)
+    entry = Entry(tmp_path, "ab" * 32)
     entry.prefix.mkdir()
     with open(entry.manifest, "wb") as f:
         for _ in range(40):
@@ -324,7 +325,7 @@ def test_a_bloated_manifest_is_read_in_linear_time_and_bounded_memory(tmp_path: 
     tracemalloc.start()
     t0 = time.monotonic()
     try:
-        problem = cache.verify(entry, full=False)
+        problem = manifest.verify(entry, full=False)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

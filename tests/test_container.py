@@ -101,13 +101,12 @@ def test_image_metadata(podman: Podman, image: str) -> None:
     assert login.stdout.strip() == "/opt/mlserver/bin/mlserver", login.stdout + login.stderr
 
 
-def test_seed_flow_serves_the_right_digits_and_stops_in_time(
-    podman: Podman, image: str, models: Path, names: list[str]
-) -> None:
-    """The README's `docker run`: the folder mounted, MLSERVER_ENV_TARBALL set, port 8080 published."""
-    volume = _name(names, "vol", "seed-envs")
+def seed_mounts(podman: Podman, names: list[str], models: Path, cache: str) -> list[str]:
+    """The README's `docker run` options: the models folder read-only, a cache volume of its own,
+    MLSERVER_ENV_TARBALL set."""
+    volume = _name(names, "vol", cache)
     podman("volume", "create", volume)
-    mounts = [
+    return [
         "-v",
         f"{models}:/mnt/models:ro",
         "-v",
@@ -115,6 +114,13 @@ def test_seed_flow_serves_the_right_digits_and_stops_in_time(
         "-e",
         f"MLSERVER_ENV_TARBALL={TARBALL_IN_CONTAINER}",
     ]
+
+
+def test_seed_flow_serves_the_right_digits_and_stops_in_time(
+    podman: Podman, image: str, models: Path, names: list[str]
+) -> None:
+    """The README's `docker run`: the folder mounted, MLSERVER_ENV_TARBALL set, port 8080 published."""
+    mounts = seed_mounts(podman, names, models, "seed-envs")
     ctr = _name(names, "ctr", "seed")
     port = free_port()
     run_detached(podman, ctr, [*mounts, "-p", f"127.0.0.1:{port}:8080"])
@@ -152,16 +158,7 @@ def test_seed_flow_serves_the_right_digits_and_stops_in_time(
 def test_restart_with_the_same_cache_volume_is_a_cache_hit(
     podman: Podman, image: str, models: Path, names: list[str]
 ) -> None:
-    volume = _name(names, "vol", "restart-envs")
-    podman("volume", "create", volume)
-    mounts = [
-        "-v",
-        f"{models}:/mnt/models:ro",
-        "-v",
-        f"{volume}:/opt/envs",
-        "-e",
-        f"MLSERVER_ENV_TARBALL={TARBALL_IN_CONTAINER}",
-    ]
+    mounts = seed_mounts(podman, names, models, "restart-envs")
     times = []
     for run in ("cold", "warm"):
         ctr = _name(names, "ctr", f"restart-{run}")

@@ -212,7 +212,7 @@ def test_error_after_progress_on_a_terminal_starts_its_own_line(tmp_path: Path) 
 
 
 def test_plain_log_progress_never_says_100_before_the_members_are_written(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The position is the archive's, read ahead by the decompressing thread: the seed logged
     "extract: 100% (14656 files)" and then "files 14871". Percentages stay below 100 while members
@@ -224,7 +224,7 @@ def test_plain_log_progress_never_says_100_before_the_members_are_written(
     for _ in range(64 * 3):
         progress.tick()
     progress.done()
-    lines = capsys.readouterr().err.splitlines()
+    lines = capfd.readouterr().err.splitlines()
     assert lines and all(line.endswith("% (64 members)") for line in lines), lines
     assert not any("100%" in line for line in lines), lines
 
@@ -711,3 +711,109 @@ def test_an_empty_cache_dir_or_models_dir_is_the_default_not_the_working_directo
     assert f"cache entry:   /tmp/mlenv-{os.getuid()}/" in proc.stdout, proc.stdout + proc.stderr
     proc = run_entrypoint(["unpack"], entry_env(MLSERVER_MODELS_DIR=""), timeout=60)
     assert "environment.tar.gz in MLSERVER_MODELS_DIR (/mnt/models)" in error_line(proc)
+
+
+# A bug in the extractor, not a fault of the archive: it must not be reported as "corrupt archive".
+BUG_IN_THE_EXTRACTOR = """
+from entrypoint import cli, extract
+def broken(self, *args):
+    raise ValueError("a bug")
+extract.Extractor._write_file = broken
+cli.main(["unpack"])
+"""
+
+
+def test_a_bug_is_a_traceback_not_a_corrupt_archive(tmp_path: Path) -> None:
+    """Errors of the decoders become archive errors inside the decoders only: a ValueError raised
+    elsewhere ends the start with its traceback and exit 1, and nothing is cached."""
+    tarball = write_tar(tmp_path / "env.tar.gz", tiny_env())
+    env = entry_env(MLSERVER_ENV_TARBALL=tarball, MLSERVER_ENV_CACHE_DIR=tmp_path / "c")
+    proc = subprocess.run(
+        [sys.executable, "-c", BUG_IN_THE_EXTRACTOR], env=env, cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" in proc.stderr and "ValueError: a bug" in proc.stderr, proc.stderr
+    assert "corrupt" not in proc.stderr and "error:" not in proc.stderr, proc.stderr
+    assert no_entries(tmp_path / "c")
+
+
+def test_debug_prints_the_traceback_after_the_one_line(tmp_path: Path) -> None:
+    """MLSERVER_ENV_DEBUG=1: the error line, then the chained traceback behind it (here from the
+    worker that unpacked); without it, the line alone."""
+    tarball = write_tar(tmp_path / "env.tar.gz", [*tiny_env(), M("../evil", data=b"x")])
+    quiet = start(tarball, tmp_path / "c")
+    line = refused(quiet, 3, "'..' in path")
+    assert "Traceback" not in quiet.stderr
+    loud = start(tarball, tmp_path / "c", MLSERVER_ENV_DEBUG="1")
+    assert loud.returncode == 3 and [x for x in loud.stderr.splitlines() if "error:" in x] == [line], loud.stderr
+    after = loud.stderr.split(line, 1)[1]
+    assert "Traceback (most recent call last)" in after and "member ../evil: '..' in path" in after, loud.stderr
+    assert 'extract.py", line' in after, loud.stderr  # chained: where the rule refused it
+
+
+def test_an_error_longer_than_a_pipe_holds_is_one_line_not_a_hang(tmp_path: Path) -> None:
+    """The unpacking worker hands its error line to the start to print; a line of 90,000
+    characters (a member's name) must neither block the worker nor be lost."""
+    tarball = write_tar(tmp_path / "long.tar.gz", [*tiny_env(), M("../" + "a" * 90_000, data=b"x")])
+    line = refused(start(tarball, tmp_path / "c"), 3, "'..' in path")
+    assert len(line) > 90_000
+    long_models = tmp_path / ("m" * 200) / ("m" * 200)
+    huge = str(long_models) + "/" + "/".join(["m" * 200] * 350)  # 70,000 characters, in the settings handed over
+    proc = start(write_tar(tmp_path / "env.tar.gz", tiny_env()), tmp_path / "c", MLSERVER_MODELS_DIR=huge)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_closed_or_broken_standard_streams_neither_stop_the_command_nor_reach_the_cache(tmp_path: Path) -> None:
+    """Started with stdin, stdout or stderr closed, the command still runs, and a cache file the
+    entrypoint opened does not become its stdin or stdout; with stderr a pipe nobody reads, the
+    entry is still unpacked and the command run."""
+    tarball = write_tar(tmp_path / "env.tar.gz", tiny_env())
+    cache = tmp_path / "c"
+    env = entry_env(MLSERVER_ENV_TARBALL=tarball, MLSERVER_ENV_CACHE_DIR=cache, MLSERVER_ENV_INIT="always")
+    marker = tmp_path / "ran"
+    for redirect in ("<&-", ">&-", "2>&-", "<&- >&- 2>&-"):
+        for init in ("always", "never"):
+            marker.unlink(missing_ok=True)
+            script = f'"$@" {redirect}; echo $? > {marker}'
+            command = ["sh", "-c", f"cat 2>/dev/null; echo hi; touch {marker}.cmd"]
+            subprocess.run(["sh", "-c", script, "sh", *ENTRYPOINT, *command], env={**env, "MLSERVER_ENV_INIT": init},
+                           cwd=REPO, timeout=120, check=False)  # fmt: skip
+            assert marker.read_text().strip() == "0", (redirect, init)
+            assert (tmp_path / "ran.cmd").exists(), (redirect, init)
+            (tmp_path / "ran.cmd").unlink()
+    assert all(p.stat().st_size == 0 for p in cache.glob("*.use")), "a command wrote into a lease file"
+    shutil.rmtree(cache)
+    subprocess.run(
+        ["sh", "-c", '"$@" 2>&1 >/dev/null | head -c1 >/dev/null', "sh", *ENTRYPOINT, "sh", "-c", f"touch {marker}"],
+        env=env, cwd=REPO, timeout=120, check=False,
+    )  # fmt: skip
+    assert marker.exists() and list(cache.glob("*.ready")), "a lost log line stopped the start"
+
+
+def test_activation_scripts_that_use_the_terminal_do_not_hang(tmp_path: Path) -> None:
+    """activate.d scripts run in a session of their own, with no controlling terminal: on a
+    terminal, `stty` does not stop the script for good (SIGTTOU, as a background job's)."""
+    import pty
+    import select
+
+    scripts = [
+        M("etc/conda/activate.d/a.sh", data=b"stty sane 2>/dev/null || true\n"),
+        M("etc/conda/activate.d/b.sh", data=b"stty -echo 2>/dev/null || true\nexport ACTIVATED=1\n"),
+    ]
+    tarball = write_tar(tmp_path / "env.tar.gz", [*tiny_env(), *scripts])
+    env = entry_env(MLSERVER_ENV_TARBALL=tarball, MLSERVER_ENV_CACHE_DIR=tmp_path / "c")
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.chdir(REPO)
+        os.execve(sys.executable, [sys.executable, "-m", "entrypoint", "sh", "-c", "echo ACTIVATED=$ACTIVATED"], env)
+    out = b""
+    with contextlib.suppress(OSError):  # EIO once the child is gone
+        while select.select([fd], [], [], 60)[0] and (chunk := os.read(fd, 65536)):
+            out += chunk
+    _, status = os.waitpid(pid, os.WNOHANG)
+    if not _:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    os.close(fd)
+    assert _ and os.waitstatus_to_exitcode(status) == 0, out.decode(errors="replace")
+    assert b"ACTIVATED=1" in out, out.decode(errors="replace")

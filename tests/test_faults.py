@@ -12,6 +12,7 @@ Set MLSERVER_TEST_SEED to replay the random kill moments of a failed run (it is 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import random
@@ -26,13 +27,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import pytest
 from archives import M, content_tree, ram_dir, raw_header, tiny_env, unpack_script_with, write_tar
 from support import ENTRYPOINT, REPO, entry_env, error_line, run_entrypoint
 
-from entrypoint import cache, cli, prepare
-from entrypoint.errors import Stopped, StopSignal
+from entrypoint import entry as entries
+from entrypoint import manifest
 
 PY_CHECK = "import json, os, sqlite3, ssl, sys; print(json.dumps([sys.prefix, os.__file__]))"
 
@@ -62,7 +64,7 @@ LEFT_FOR_THE_NEXT_START = "left part of the unfinished entry"
 
 def removed_or_left_unmarked(ref: Reference, done: subprocess.CompletedProcess[str]) -> None:
     """After a stop: the partial entry is gone, or (its removal took longer than a stop may wait,
-    prepare.STOP_CLEANUP_SECONDS) said to be left, unmarked, to the next start, as after a kill -9."""
+    worker.UNDO_TIME) said to be left, unmarked, to the next start, as after a kill -9."""
     assert not list(ref.cache.glob("*.ready")) and not list(ref.cache.glob("*.manifest")), done.stderr
     if LEFT_FOR_THE_NEXT_START in done.stderr:
         # what the next start does first (test_a_stop_leaves_what_it_cannot_remove_quickly_to_the_next_start)
@@ -83,6 +85,7 @@ class Start:
             preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None,
         )  # fmt: skip
         self.lines: list[tuple[float, str]] = []
+        self.frozen: list[int] = []  # process groups frozen_mid_unpack stopped
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -123,9 +126,10 @@ class Start:
         return "".join(line + "\n" for _, line in self.lines)
 
     def kill_group(self) -> None:
-        """Whatever the start left running (an orphaned child) goes too."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        """Whatever the start left running (its worker, an orphaned child) goes too."""
+        for pgid in [*self.frozen, self.proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
         self.proc.wait()
 
 
@@ -318,12 +322,34 @@ def test_eight_starters_at_once_one_extraction(ref: Reference) -> None:
     assert_works(ref.prefix)
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes below `pid`, children first."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        with contextlib.suppress(OSError):
+            children = [int(c) for c in Path(f"/proc/{todo[0]}/task/{todo[0]}/children").read_text().split()]
+            found += children
+            todo += children
+        todo.pop(0)
+    return found
+
+
+def groups(start: Start) -> list[int]:
+    """The process groups of a start: its worker's (worker.py), then the start's own."""
+    pgids = []
+    for pid in descendants(start.proc.pid):
+        with contextlib.suppress(OSError):
+            pgids.append(int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[2]))
+    return [*dict.fromkeys(pgids), start.proc.pid]
+
+
 def frozen_mid_unpack(
     ref: Reference, reached: Callable[[Start], bool], start: Callable[[], Start] | None = None
 ) -> Start:
-    """A start stopped (SIGSTOP, its whole group) once `reached` says it got to the phase wanted,
-    before publishing: a signal sent now is handled there when the group is continued, however
-    loaded the machine (a test that signals a running start can see its phase end first).
+    """A start stopped (SIGSTOP to its worker's group and its own) once `reached` says it got to
+    the phase wanted, before publishing: a signal sent now is handled there when the groups are
+    continued, however loaded the machine.
 
     The small tarball unpacks in well under a second, so a start that got further is tried again."""
     for _ in range(10):
@@ -331,8 +357,10 @@ def frozen_mid_unpack(
         begun = start() if start else Start(ref.env())
         while not reached(begun) and begun.proc.poll() is None:
             time.sleep(0.0005)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(begun.proc.pid, signal.SIGSTOP)
+        for pgid in groups(begun):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGSTOP)
+        begun.frozen = groups(begun)
         if not ref.prefix.with_name(ref.prefix.name + ".ready").exists() and begun.proc.poll() is None:
             return begun
         begun.kill_group()
@@ -345,21 +373,21 @@ def frozen_mid_extraction(ref: Reference) -> Start:
 
 
 def running_conda_unpack(start: Start) -> bool:
-    """The start's child runs the packed conda-unpack (exec'd: not just forked)."""
-    pid = start.proc.pid
-    with contextlib.suppress(OSError):
-        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
-            if b"conda-unpack" in Path(f"/proc/{child}/cmdline").read_bytes():
+    """A process of the start runs the packed conda-unpack (exec'd: not just forked)."""
+    for pid in descendants(start.proc.pid):
+        with contextlib.suppress(OSError):
+            if b"conda-unpack" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 return True
     return False
 
 
 def stop_frozen(start: Start, sig: signal.Signals) -> None:
-    """Send `sig` to a start frozen by frozen_mid_unpack, then let its group go on: it meets the
-    signal where it was stopped."""
+    """Send `sig` to a start frozen by frozen_mid_unpack, then let its groups go on, its own
+    first: it meets the signal where it was stopped."""
     start.proc.send_signal(sig)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(start.proc.pid, signal.SIGCONT)
+    for pgid in reversed(start.frozen):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGCONT)
 
 
 @pytest.mark.slow
@@ -398,76 +426,46 @@ def test_signal_during_unpack_cleans_up(ref: Reference, sig: signal.Signals, pha
     assert done.returncode == 128 + sig  # 143 for a container stop, as before the unpack and after
     assert f"stopped by {sig.name}" in error_line(done), done.stderr
     removed_or_left_unmarked(ref, done)
-    with pytest.raises(ProcessLookupError):  # conda-unpack, if it ran, was stopped too
-        os.killpg(start.proc.pid, 0)
+    for pgid in start.frozen:  # the worker and conda-unpack, if it ran, were stopped too
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pgid, 0)
     nxt = run_entrypoint(["unpack"], ref.env())
     assert nxt.returncode == 0, nxt.stderr
     assert content_tree(ref.prefix) == ref.tree
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped exception
-def test_a_stop_whose_exception_python_dropped_is_still_honoured() -> None:
-    """A stop that lands in a finalizer: its handler's exception is printed and dropped by Python
-    ("Exception ignored in …", seen once in a CI run during relocation, after which the start
-    published and went on). The unpack checks for such a stop before publishing and returning."""
+def caught_and_blocked(pid: int) -> tuple[int, int]:
+    """A process's caught and blocked signal masks (/proc/PID/status)."""
+    fields = dict(
+        line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line
+    )
+    return int(fields["SigCgt"], 16), int(fields["SigBlk"], 16)
 
-    class Finalized:
-        def __del__(self) -> None:
-            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs here, inside __del__
 
-    previous = prepare._trap_signals()
+def test_no_process_of_a_start_has_a_stop_signal_handler(ref: Reference) -> None:
+    """Stops are handled by process structure: the start waits for SIGTERM and SIGINT beside its
+    worker (sigwaitinfo, which shows them unblocked while it waits); neither process has a handler
+    for them, and the worker does not even block them."""
+    start = frozen_mid_unpack(ref, lambda _: (ref.prefix / "lib").exists())
     try:
-        Finalized()  # returns: Python dropped the handler's exception
-        with pytest.raises(prepare.Interrupted, match="stopped by SIGTERM"):
-            prepare.Interrupted.honour()
+        stops = (1 << (signal.SIGTERM - 1)) | (1 << (signal.SIGINT - 1))
+        caught, _ = caught_and_blocked(start.proc.pid)
+        assert not caught & stops, hex(caught)
+        workers = descendants(start.proc.pid)
+        assert workers, "no worker process"
+        caught, blocked = caught_and_blocked(workers[0])
+        assert not caught & stops and not blocked & stops, (hex(caught), hex(blocked))
     finally:
-        prepare._restore_signals(previous)
-        StopSignal.caught.clear()
-
-
-def test_a_dropped_stop_prints_nothing_and_still_stops_the_start(capfd: pytest.CaptureFixture[str]) -> None:
-    """The same, seen in CI as "Exception ignored in: <function _get_module_lock.<locals>.cb>" and a
-    traceback on stderr beside the one error line: cli's unraisable hook keeps a stop's exception
-    quiet, during the unpack (prepare.Interrupted) and before it (cli.Stopped, which launch and
-    unpack check for before anything runs)."""
-
-    class Finalized:
-        def __del__(self) -> None:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    previous_hook, previous_handler = sys.unraisablehook, signal.getsignal(signal.SIGTERM)
-    sys.unraisablehook = cli._quiet_stops(previous_hook)
-    try:
-        signal.signal(signal.SIGTERM, Stopped.handler)
-        Finalized()
-        with pytest.raises(Stopped, match="stopped by SIGTERM while starting"):
-            Stopped.honour()
-        previous = prepare._trap_signals()
-        try:
-            Finalized()
-            with pytest.raises(prepare.Interrupted):
-                prepare.Interrupted.honour()
-        finally:
-            prepare._restore_signals(previous)
-        assert capfd.readouterr().err == ""
-    finally:
-        sys.unraisablehook = previous_hook
-        signal.signal(signal.SIGTERM, previous_handler)
-        StopSignal.caught.clear()
+        start.kill_group()
 
 
 STOP_IN_A_LIBRARY = """
-import os, signal, sys
+import os, signal, sys, time
 from pydantic_settings.sources.providers import env
 read = env.EnvSettingsSource.get_field_value
 def stopped_here(self, field, name):
-    if sys.argv[1] == "swallowed":  # a library's `except Exception` keeps the stop to itself
-        try:
-            os.kill(os.getpid(), signal.SIGTERM)
-        except Exception:
-            pass
-    else:  # the handler's exception goes up through pydantic-settings, which wraps it in SettingsError
-        os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getppid(), signal.SIGTERM)  # docker stop, while the worker reads the settings
+    time.sleep(30)
     return read(self, field, name)
 env.EnvSettingsSource.get_field_value = stopped_here
 from entrypoint import cli
@@ -475,48 +473,46 @@ cli.main(["unpack"])
 """
 
 
-@pytest.mark.parametrize("how", ["wrapped", "swallowed"])
-def test_a_stop_a_library_wraps_or_swallows_still_ends_the_start(how: str, tmp_path: Path) -> None:
-    """SIGTERM while the settings load (an init container stopped as it starts): pydantic-settings
-    wrapped the stop's exception in its SettingsError, a traceback and exit 1; a library that
-    swallows it let the start go on to another error (here: no such tarball) and its exit code."""
+def test_a_stop_while_a_library_works_ends_the_start(tmp_path: Path) -> None:
+    """SIGTERM while pydantic-settings reads the settings (an init container stopped as it starts):
+    no handler raises inside the library, so nothing can wrap or swallow the stop."""
     env = entry_env(MLSERVER_ENV_TARBALL=tmp_path / "missing.tar.gz", MLSERVER_ENV_CACHE_DIR=tmp_path / "c")
     proc = subprocess.run(
-        [sys.executable, "-c", STOP_IN_A_LIBRARY, how], env=env, cwd=REPO, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", STOP_IN_A_LIBRARY], env=env, cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 143, proc.stderr
     assert "stopped by SIGTERM" in error_line(proc)
 
 
-STOP_WITH_NO_TIME_TO_CLEAN_UP = """
-import os, signal, sys
-from entrypoint import cli, extract, prepare
-prepare.STOP_CLEANUP_SECONDS = 0.0  # what a loaded disk comes to: no time to remove anything
+# Run as the start: patches made before cli.main are the worker's too (it is a fork).
+STOPPED_AT_FILE_50 = """
+import os, signal, sys, time
+from entrypoint import cli, extract, fs, prepare, worker
 write = extract.Extractor._write_file
-def stopped_here(self, m, path):
-    write(self, m, path)
+def stopped_here(self, *args):
+    write(self, *args)
     if self.stats.files == 50:
-        if sys.argv[1] == "swallowed":  # a library keeps the stop to itself; another error ends the start
-            try:
-                os.kill(os.getpid(), signal.SIGTERM)
-            except Exception:
-                pass
-            raise OSError(5, "Input/output error")
-        os.kill(os.getpid(), signal.SIGTERM)
+        {before}
+        os.kill(os.getppid(), signal.SIGTERM)  # the start is the worker's parent
+        time.sleep(60)
 extract.Extractor._write_file = stopped_here
+{patch}
 cli.main(["unpack"])
 """
 
 
-@pytest.mark.parametrize("how", ["raised", "swallowed"])
-def test_a_stop_leaves_what_it_has_no_time_to_remove_to_the_next_start(ref: Reference, how: str) -> None:
-    """A stop's cleanup is bounded (prepare.STOP_CLEANUP_SECONDS), also when a library swallowed
-    the stop and another error ended the start: what is left is unmarked, and said to be."""
+def run_stopped_at_file_50(ref: Reference, before: str = "", patch: str = "", timeout: float = 120) -> CompletedProcess:
     shutil.rmtree(ref.cache, ignore_errors=True)
-    proc = subprocess.run(
-        [sys.executable, "-c", STOP_WITH_NO_TIME_TO_CLEAN_UP, how],
-        env=ref.env(), cwd=REPO, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    code = STOPPED_AT_FILE_50.format(before=before or "pass", patch=patch)
+    return subprocess.run(
+        [sys.executable, "-c", code], env=ref.env(), cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_a_stop_leaves_what_it_has_no_time_to_remove_to_the_next_start(ref: Reference) -> None:
+    """A stop's cleanup is bounded (worker.UNDO_TIME, here 0 s, what a loaded disk comes to):
+    what is left is unmarked, and said to be."""
+    proc = run_stopped_at_file_50(ref, patch="worker.UNDO_TIME = 0.0")
     assert proc.returncode == 143 and "stopped by SIGTERM" in error_line(proc), proc.stderr
     assert LEFT_FOR_THE_NEXT_START in proc.stderr
     assert ref.prefix.is_dir() and not list(ref.cache.glob("*.ready")) and not list(ref.cache.glob("*.manifest"))
@@ -526,57 +522,27 @@ def test_a_stop_leaves_what_it_has_no_time_to_remove_to_the_next_start(ref: Refe
     no_partial_state(ref.cache)
 
 
-STOP_DURING_A_SLOW_SYNC = """
-import os, signal, sys, time
-from entrypoint import cache, cli, extract
-cache._syncfs = lambda path: time.sleep(60)  # the background write-back on a disk that keeps it busy
-write = extract.Extractor._write_file
-def stopped_here(self, m, path):
-    write(self, m, path)
-    if self.stats.files == 50:
-        time.sleep(1)  # the background sync has begun
-        os.kill(os.getpid(), signal.SIGTERM)
-extract.Extractor._write_file = stopped_here
-cli.main(["unpack"])
-"""
-
-
 def test_a_stop_does_not_wait_for_the_background_sync(ref: Reference) -> None:
-    """The stop's exit waited for a write-back in flight (the sync thread was joined on the way out)."""
-    shutil.rmtree(ref.cache, ignore_errors=True)
-    proc = subprocess.run(
-        [sys.executable, "-c", STOP_DURING_A_SLOW_SYNC], env=ref.env(), cwd=REPO, capture_output=True, text=True,
-        timeout=30,  # the sync "takes" 60 s
-    )  # fmt: skip
+    """A write-back in flight (a sync that "takes" 60 s) does not hold up the stop."""
+    slow_sync = "fs.syncfs = lambda path: time.sleep(60)"
+    proc = run_stopped_at_file_50(
+        ref, before="time.sleep(1)  # the background sync has begun", patch=slow_sync, timeout=30
+    )
     assert proc.returncode == 143 and "stopped by SIGTERM" in error_line(proc), proc.stderr
 
 
-SECOND_STOP_AFTER_THE_CLEANUP = """
-import os, signal
-from entrypoint import cli, extract
-write = extract.Extractor._write_file
-def stopped_here(self, m, path):
-    write(self, m, path)
-    if self.stats.files == 50:
-        os.kill(os.getpid(), signal.SIGTERM)
-extract.Extractor._write_file = stopped_here
-reported = cli._reported
-def again(exc):
-    os.kill(os.getpid(), signal.SIGINT)  # a second stop: the cleanup is done, the error line not yet out
-    return reported(exc)
-cli._reported = again
-cli.main(["unpack"])
-"""
-
-
 def test_a_second_stop_after_the_cleanup_changes_nothing(ref: Reference) -> None:
-    """The unpack put the start's own handlers back after its cleanup: a second stop then replaced
-    the first's line and code, or added a traceback (seen: 25 of 270 double stops)."""
-    shutil.rmtree(ref.cache, ignore_errors=True)
-    proc = subprocess.run(
-        [sys.executable, "-c", SECOND_STOP_AFTER_THE_CLEANUP], env=ref.env(), cwd=REPO, capture_output=True,
-        text=True, timeout=60,
-    )  # fmt: skip
+    """A second stop once the partial entry is removed, before the error line: the first one's
+    line and exit code stand, and nothing else is printed."""
+    again = (
+        "abandon = prepare.abandon\n"
+        "def again(messages):\n"
+        "    outcome = abandon(messages)\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    return outcome\n"
+        "prepare.abandon = again"
+    )
+    proc = run_stopped_at_file_50(ref, patch=again, timeout=60)
     assert proc.returncode == 143, proc.stderr
     assert [line for line in proc.stderr.splitlines() if "error" in line.lower() or "Traceback" in line] == [
         "mlserver-entrypoint: error: stopped by SIGTERM while unpacking; nothing was cached"
@@ -610,20 +576,20 @@ def test_sigint_stops_the_unpack_also_when_the_start_inherited_it_ignored(ref: R
 
 
 def test_a_stop_leaves_what_it_cannot_remove_quickly_to_the_next_start(ref: Reference) -> None:
-    """A stop removes the partial entry for STOP_CLEANUP_SECONDS at most (it took 37 s once on a
-    loaded disk, past docker stop's 10 s): the marker goes first, the rest stays unmarked, and the
-    next start removes it and unpacks the same tree."""
+    """A stop removes the partial entry for worker.UNDO_TIME at most (a loaded disk can take
+    longer than `docker stop` waits): the marker goes first, the rest stays unmarked, and the next
+    start removes it and unpacks the same tree."""
     shutil.rmtree(ref.cache, ignore_errors=True)
     assert run_entrypoint(["unpack"], ref.env()).returncode == 0
-    entry = cache.Entry(ref.cache, ref.prefix.name)  # the Entry of this key: its name is the prefix's
+    entry = entries.Entry(ref.cache, ref.prefix.name)  # the Entry of this key: its name is the prefix's
     assert entry.prefix == ref.prefix
-    assert cache.discard(entry, deadline=time.monotonic()) is False  # out of time at once
+    assert entries.discard(entry, deadline=time.monotonic()) is False  # out of time at once
     assert ref.prefix.is_dir() and not entry.marker.exists() and not entry.manifest.exists()
     nxt = run_entrypoint(["unpack"], ref.env())
     assert nxt.returncode == 0 and "cache hit" not in nxt.stderr, nxt.stderr
     assert content_tree(ref.prefix) == ref.tree
     no_partial_state(ref.cache)
-    assert cache.discard(entry) is True and not ref.prefix.exists()
+    assert entries.discard(entry) is True and not ref.prefix.exists()
 
 
 # --- A full disk -----------------------------------------------------------------------------------------
@@ -897,15 +863,15 @@ def test_quick_check_is_bounded_whatever_the_size(tmp_path: Path) -> None:
     (prefix / "bin" / "python").write_text("x")
     (prefix / "bin" / "tool--").write_text("x")  # a line ending like the section marker's
     (prefix / "lib" / "libpython3.8.so.1.0").write_text("x")
-    entry = cache.Entry(tmp_path / "c", "e" * 64)
+    entry = entries.Entry(tmp_path / "c", "e" * 64)
     prefix.rename(entry.prefix)
-    cache.write_manifest(entry)
-    quick, _, rest = entry.manifest.read_text().partition("\n" + cache.QUICK_END)
+    manifest.write(entry)
+    quick, _, rest = entry.manifest.read_text().partition("\n" + manifest.QUICK_END)
     lines = quick.splitlines()
-    assert len(lines) <= cache.QUICK_LINES < len(lines) + len(rest.splitlines())
+    assert len(lines) <= manifest.QUICK_LINES < len(lines) + len(rest.splitlines())
     names = {line.split("\t", 2)[2] for line in lines}
     assert {"", "bin/python", "bin/tool--", "lib/libpython3.8.so.1.0", "lib/python3.8/site-packages/pkg7"} <= names
-    assert cache.verify(entry, full=False) is None and cache.verify(entry, full=True) is None
+    assert manifest.verify(entry, full=False) is None and manifest.verify(entry, full=True) is None
 
 
 def test_damaged_manifest_is_unpacked_again(
@@ -1113,3 +1079,72 @@ def test_tarball_replaced_by_rename_while_read_stays_consistent(fast_root: Path,
     second = Path(nxt.stdout.splitlines()[-1])
     assert (second / "z_last").read_bytes() == b"SECOND VERSION"
     shutil.rmtree(cache, ignore_errors=True)
+
+
+STOPPED_AFTER_PUBLISHING = """
+import os, signal, time
+from entrypoint import cli, gc
+calls = []
+def at_start(config):
+    calls.append(1)
+    if len(calls) == 2:  # after publishing: the start is stopped before the worker reports
+        os.kill(os.getppid(), signal.SIGTERM)
+        time.sleep(30)
+gc.at_start = at_start
+cli.main(["sh", "-c", "echo RAN"])
+"""
+
+
+def test_a_stop_after_publishing_keeps_the_entry_and_runs_nothing(ref: Reference) -> None:
+    """The worker published the entry, then the stop came: the command is not run, the entry is
+    kept (complete, it is the next start's cache hit), and the line says so."""
+    shutil.rmtree(ref.cache, ignore_errors=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", STOPPED_AFTER_PUBLISHING], env=ref.env(), cwd=REPO, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 143 and "RAN" not in proc.stdout, proc.stderr
+    line = error_line(proc)
+    assert "stopped by SIGTERM while starting" in line and "nothing was cached" not in line, line
+    assert content_tree(ref.prefix) == ref.tree and list(ref.cache.glob("*.ready"))
+    assert "cache hit" in run_entrypoint(["unpack"], ref.env()).stderr
+
+
+def test_a_stop_while_a_gc_removes_the_new_entry_is_seen(ref: Reference) -> None:
+    """A gc holding the new entry's lease as the worker ends (it is removing it): the start does
+    not wait for it with the stops blocked, it unpacks again in a worker, and a stop ends that."""
+    shutil.rmtree(ref.cache, ignore_errors=True)
+    start = Start(ref.env())
+    while not ref.prefix.exists():
+        assert start.proc.poll() is None, start.stderr
+        time.sleep(0.001)
+    use = ref.cache / f"{ref.prefix.name}.use"
+    fd = os.open(use, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # granted once the worker's shared lease is gone: as gc's
+        waiting = time.monotonic()
+        while time.monotonic() - waiting < 0.5 and start.proc.poll() is None:
+            time.sleep(0.01)
+        stopped = time.monotonic()
+        start.proc.send_signal(signal.SIGTERM)
+        done = start.finish(timeout=30)
+        took = time.monotonic() - stopped
+    finally:
+        os.close(fd)
+    assert done.returncode == 143 and "stopped by SIGTERM" in error_line(done), done.stderr
+    assert took < 2, f"the stop waited {took:.1f} s for the lease"
+
+
+def test_a_stop_during_inspect_leaves_no_scratch_tree(ref: Reference, tmp_path: Path) -> None:
+    """inspect extracts into a scratch tree of its own; a stop removes it, with one line and 143."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = entry_env(MLSERVER_ENV_CACHE_DIR=ref.cache, TMPDIR=scratch)
+    start = Start(env, ("inspect", str(ref.tarball)))
+    while not list(scratch.glob("*/t/lib")):
+        assert start.proc.poll() is None, start.stderr
+        time.sleep(0.001)
+    start.proc.send_signal(signal.SIGTERM)
+    done = start.finish(timeout=30)
+    assert done.returncode == 143 and "stopped by SIGTERM while inspecting" in error_line(done), done.stderr
+    assert not list(scratch.iterdir()) or "left part of inspect's scratch tree" in done.stderr

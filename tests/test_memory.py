@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from archives import M, end_of_archive, raw_header, tiny_env, write_tar, write_zip
 
-from entrypoint import archive, cache, inspection
+from entrypoint import archive, inspection, manifest, settings, zipindex
+from entrypoint import entry as entries
 from entrypoint.archive import Kind, Member
 from entrypoint.errors import ArchiveError
 from entrypoint.extract import Limits, extract
@@ -54,46 +55,50 @@ def test_extraction_keeps_nothing_per_file(tmp_path: Path) -> None:
     assert large - small < 4000 * PER_FILE_BYTES, (small, large)
 
 
-def manifest_peak(root: Path, files: int) -> tuple[int, cache.Entry]:
-    entry = cache.Entry(root / f"c{files}", f"{files:x}".rjust(64, "e"))
+def manifest_peak(root: Path, files: int) -> tuple[int, entries.Entry]:
+    entry = entries.Entry(root / f"c{files}", f"{files:x}".rjust(64, "e"))
     for i in range(files):
         d = entry.prefix / "lib" / "python3.8" / "site-packages" / f"pkg{i % DIRS}" / f"sub{i // 2}"  # deep ones too
         d.mkdir(parents=True, exist_ok=True)
         (d / f"m{i}.py").write_bytes(b"x")
-    return peak(lambda: cache.write_manifest(entry)), entry
+    return peak(lambda: manifest.write(entry)), entry
 
 
 def test_manifest_listing_keeps_nothing_per_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cache, "QUICK_LINES", 64)  # the sample it holds is full in both trees
+    monkeypatch.setattr(manifest, "QUICK_LINES", 64)  # the sample it holds is full in both trees
     (small, _), (large, entry) = manifest_peak(tmp_path, 500), manifest_peak(tmp_path, 4500)
     assert large - small < 4000 * PER_FILE_BYTES, (small, large)
     # Nothing lost or doubled by spilling lines to a temporary file: every file and directory
     # once, the quick section first, the end line last, and the temporary file gone.
-    quick, _, rest = entry.manifest.read_text().partition("\n" + cache.QUICK_END)
-    assert rest.endswith("\n" + cache.MANIFEST_END)
-    rest = rest.removesuffix(cache.MANIFEST_END)
+    quick, _, rest = entry.manifest.read_text().partition("\n" + manifest.QUICK_END)
+    assert rest.endswith("\n" + manifest.MANIFEST_END)
+    rest = rest.removesuffix(manifest.MANIFEST_END)
     listed = [line.split("\t", 2)[2] for line in (quick + "\n" + rest).splitlines()]
     on_disk = [""] + [str(p.relative_to(entry.prefix)) for p in entry.prefix.rglob("*")]
     assert sorted(listed) == sorted(on_disk)
-    assert len(quick.splitlines()) <= cache.QUICK_LINES
+    assert len(quick.splitlines()) <= manifest.QUICK_LINES
     assert sorted(os.listdir(entry.root)) == sorted([entry.name, f"{entry.name}.manifest"])
-    assert cache.verify(entry, full=True) is None
+    assert manifest.verify(entry, full=True) is None
 
 
 def test_full_verification_keeps_nothing_per_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """MLSERVER_ENV_VERIFY=full read the whole manifest and split it into lines: 200,000 files
     took a warm start to 55 MiB (2,000,000 members, to hundreds). A damaged one is still found."""
-    monkeypatch.setattr(cache, "QUICK_LINES", 64)
+    monkeypatch.setattr(manifest, "QUICK_LINES", 64)
     (_, small), (_, large) = manifest_peak(tmp_path, 500), manifest_peak(tmp_path, 4500)
-    used = [peak(lambda e=e: cache.verify(e, full=True)) for e in (small, large)]
+    used = [peak(lambda e=e: manifest.verify(e, full=True)) for e in (small, large)]
     assert used[1] - used[0] < 4000 * PER_FILE_BYTES, used
-    assert cache.verify(large, full=True) is None
+    assert manifest.verify(large, full=True) is None
     text = large.manifest.read_bytes()
-    for damaged in (text[:-1], text.replace(b"\n" + cache.QUICK_END.encode(), b"\n", 1), text[text.index(b"\n") + 1 :]):
+    for damaged in (
+        text[:-1],
+        text.replace(b"\n" + manifest.QUICK_END.encode(), b"\n", 1),
+        text[text.index(b"\n") + 1 :],
+    ):
         large.manifest.write_bytes(damaged)
-        assert cache.verify(large, full=True) == "its manifest is damaged"
+        assert manifest.verify(large, full=True) == "its manifest is damaged"
     large.manifest.unlink()
-    assert cache.verify(large, full=True) == "its manifest is missing"
+    assert manifest.verify(large, full=True) == "its manifest is missing"
 
 
 def test_manifest_of_many_shared_libraries_or_long_names_is_bounded(
@@ -102,23 +107,23 @@ def test_manifest_of_many_shared_libraries_or_long_names_is_bounded(
     """bin/ and the shared libraries always made the quick section, however many: 60,000 files
     named "*.so" (a 150 kB tar.zst) took a start to 93 MiB and every warm start to 60,000 stats.
     Lines of thousands of characters were held in memory the same way."""
-    monkeypatch.setattr(cache, "QUICK_LINES", 64)
+    monkeypatch.setattr(manifest, "QUICK_LINES", 64)
 
-    def listing_peak(files: int) -> tuple[int, cache.Entry]:
-        entry = cache.Entry(tmp_path / f"c{files}", f"{files:x}".rjust(64, "e"))
+    def listing_peak(files: int) -> tuple[int, entries.Entry]:
+        entry = entries.Entry(tmp_path / f"c{files}", f"{files:x}".rjust(64, "e"))
         lib = entry.prefix / "lib"
         long = lib / "/".join(["d" * 250] * 4)
         long.mkdir(parents=True)
         for i in range(files):
             (lib / f"lib{i}{'s' * 150}.so").write_bytes(b"x")
             (long / f"m{i}.py").write_bytes(b"x")
-        return peak(lambda: cache.write_manifest(entry)), entry
+        return peak(lambda: manifest.write(entry)), entry
 
     (small, _), (large, entry) = listing_peak(300), listing_peak(3300)
     assert large - small < 3000 * 2 * PER_FILE_BYTES, (small, large)
-    quick = entry.manifest.read_text().partition("\n" + cache.QUICK_END)[0]
-    assert len(quick.splitlines()) <= cache.QUICK_LINES
-    assert cache.verify(entry, full=False) is None and cache.verify(entry, full=True) is None
+    quick = entry.manifest.read_text().partition("\n" + manifest.QUICK_END)[0]
+    assert len(quick.splitlines()) <= manifest.QUICK_LINES
+    assert manifest.verify(entry, full=False) is None and manifest.verify(entry, full=True) is None
 
 
 def test_the_interpreter_makes_the_quick_section_past_its_budget_of_shared_libraries(
@@ -126,8 +131,8 @@ def test_the_interpreter_makes_the_quick_section_past_its_budget_of_shared_libra
 ) -> None:
     """With more shared libraries than the quick section holds, bin/ still makes it (walked first):
     a deleted or truncated bin/python is what a warm start must not miss."""
-    monkeypatch.setattr(cache, "QUICK_LINES", 64)
-    entry = cache.Entry(tmp_path / "c", "e" * 64)
+    monkeypatch.setattr(manifest, "QUICK_LINES", 64)
+    entry = entries.Entry(tmp_path / "c", "e" * 64)
     for top in (f"pkg{i}" for i in range(100)):  # bin/ would be walked among the first few by chance only
         (entry.prefix / top).mkdir(parents=True)
         for i in range(10):
@@ -135,34 +140,29 @@ def test_the_interpreter_makes_the_quick_section_past_its_budget_of_shared_libra
     (entry.prefix / "bin").mkdir()
     for name in ("python", "python3.8", "mlserver"):
         (entry.prefix / "bin" / name).write_bytes(b"x")
-    cache.write_manifest(entry)
-    quick = entry.manifest.read_text().partition("\n" + cache.QUICK_END)[0]
-    assert len(quick.splitlines()) <= cache.QUICK_LINES
+    manifest.write(entry)
+    quick = entry.manifest.read_text().partition("\n" + manifest.QUICK_END)[0]
+    assert len(quick.splitlines()) <= manifest.QUICK_LINES
     for name in ("python", "python3.8", "mlserver"):
         assert f"\tbin/{name}\n" in quick + "\n", quick
     (entry.prefix / "bin" / "python").write_bytes(b"")
-    assert cache.verify(entry, full=False) is not None
+    assert manifest.verify(entry, full=False) is not None
 
 
-def inspect_peak(root: Path, files: int) -> tuple[int, inspection._Scan]:
+def inspect_peak(root: Path, files: int) -> tuple[int, inspection.Report]:
     many = [M(f"lib/pkg{i % DIRS}/m{i}.py", data=b"x = 1\n") for i in range(files)]
     # Plain tar: read in this thread, so no decompressed chunks queue up ahead (up to 4 MiB, by timing).
     tarball = write_tar(root / f"many{files}.tar", [*tiny_env(), *many], fmt="tar")
-    report = inspection.Report(str(tarball), "tar", "0" * 64, tarball.stat().st_size)
-    scan = inspection._Scan()
-
-    def scan_all() -> None:  # the pass that sees every member; hashing the tarball is flat anyway
-        with open(tarball, "rb") as raw:
-            for m in archive.members(raw):
-                scan.add(m, report)
-
-    return peak(scan_all), scan
+    config = settings.Settings(cache_dir=root / "cache")
+    reports: list[inspection.Report] = []
+    used = peak(lambda: reports.append(inspection.inspect(tarball, config, lambda _: None)))
+    return used, reports[0]
 
 
 def test_inspect_keeps_nothing_per_file(tmp_path: Path) -> None:
-    (small, _), (large, scan) = inspect_peak(tmp_path, 500), inspect_peak(tmp_path, 4500)
+    (small, _), (large, report) = inspect_peak(tmp_path, 500), inspect_peak(tmp_path, 4500)
     assert large - small < 4000 * PER_FILE_BYTES, (small, large)
-    assert scan.resolve("bin/python") is not None  # links are still followed to the interpreter
+    assert report.files >= 4500 and report.interpreter is not None  # links are still followed to the interpreter
 
 
 def zip_peak(root: Path, files: int) -> int:
@@ -183,14 +183,14 @@ def test_zip_reading_keeps_nothing_per_member(tmp_path: Path, monkeypatch: pytes
     """conda-pack writes zips too: zipfile.ZipFile reads the whole central directory into a
     ZipInfo per member (and a dict of them) before the first one, ~800 bytes each: a 100,000-file
     zip took the start 121 MiB resident."""
-    monkeypatch.setattr(archive, "ZIP_INDEX_CHUNK", 4096)  # the index bytes held at once: as few in both
+    monkeypatch.setattr(zipindex, "INDEX_CHUNK", 4096)  # the index bytes held at once: as few in both
     small, large = zip_peak(tmp_path, 500), zip_peak(tmp_path, 4500)
     assert large - small < 4000 * PER_FILE_BYTES, (small, large)
 
 
 def test_sample_is_even_bounded_and_loses_nothing() -> None:
     for total in (0, 1, 7, 8, 9, 100, 1000, 12345):
-        sample = cache._Sample(8)
+        sample = manifest._Sample(8)
         out = [line for i in range(total) for line in sample.add(f"{i}\n")]
         assert len(sample.kept) <= 8
         assert sorted(out + sample.kept, key=int) == [f"{i}\n" for i in range(total)]
@@ -248,8 +248,8 @@ def test_removing_an_entry_keeps_nothing_per_file(tmp_path: Path) -> None:
     outside.mkdir()
     (outside / "keep").write_bytes(b"x")
 
-    def tree(files: int) -> cache.Entry:
-        entry = cache.Entry(tmp_path / f"c{files}", f"{files:x}".rjust(64, "e"))
+    def tree(files: int) -> entries.Entry:
+        entry = entries.Entry(tmp_path / f"c{files}", f"{files:x}".rjust(64, "e"))
         top = entry.prefix
         flat = top / "lib" / "flat"
         flat.mkdir(parents=True)
@@ -264,7 +264,7 @@ def test_removing_an_entry_keeps_nothing_per_file(tmp_path: Path) -> None:
         return entry
 
     small, large = tree(500), tree(4500)
-    used = [peak(lambda e=e: cache.discard(e)) for e in (small, large)]
+    used = [peak(lambda e=e: entries.discard(e)) for e in (small, large)]
     assert used[1] - used[0] < 4000 * PER_FILE_BYTES, used
     assert not small.prefix.exists() and not large.prefix.exists()
     assert (outside / "keep").read_bytes() == b"x"

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import zipfile
 from pathlib import Path
@@ -23,8 +22,7 @@ import pytest
 from archives import CONDA_PACK, M, conda_pack_tiny, content_tree, tiny_env, unpack_script_with, write_tar
 from support import ENTRYPOINT, REPO, entry_env, error_line, run_entrypoint
 
-from entrypoint import archive, extract, prepare, relocate
-from entrypoint.errors import StopSignal
+from entrypoint import archive, extract, relocate
 
 RELEASES = ["0.7.0", "0.7.1", "0.8.0", "0.8.1", "0.9.1", "0.9.2"]
 INSTALLED = "0.9.2"  # pyproject.toml's pin; the others are fetched from PyPI once per machine
@@ -240,73 +238,62 @@ def test_an_interpreter_that_cannot_be_launched_for_the_script_is_one_line(tmp_p
     assert not [p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")]
 
 
-def _children() -> set[int]:
-    """This process's children that its main thread forked (Popen runs there)."""
-    pid = os.getpid()
-    return {int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+def _processes_running(pattern: str) -> list[str]:
+    return subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
 
 
-def test_a_stop_while_conda_unpack_is_launched_kills_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A stop taken by another thread (the background sync runs beside the relocation) while the main
-    thread was inside Popen, after its fork: the stop was raised there, before Popen returned the
-    child, which nobody killed (it ran on, rewriting files in an entry being removed)."""
-    (tmp_path / "bin").mkdir()
-    (tmp_path / relocate.UNPACK_SCRIPT).write_text("import time\ntime.sleep(60)\n")
-    launch = relocate._in_child
-
-    def stopped_in_the_fork(*args: object) -> None:
-        os.kill(os.getppid(), signal.SIGTERM)  # the parent is inside Popen, waiting for the exec
-        launch(*args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(relocate, "_in_child", stopped_in_the_fork)
-    other = threading.Event()
-    threading.Thread(target=other.wait, daemon=True).start()
-    before = _children()
-    previous = prepare._trap_signals()
-    try:
-        with pytest.raises(prepare.Interrupted, match="stopped by SIGTERM"):
-            relocate.run_conda_unpack(tmp_path, Path(sys.executable))
-    finally:
-        prepare._restore_signals(previous)
-        StopSignal.caught.clear()
-        other.set()
-        left = _children() - before
-        for pid in left:
-            os.kill(pid, signal.SIGKILL)
-    assert not left  # conda-unpack was killed and reaped
+# The stop comes after the fork of conda-unpack, before it is exec'd or handed back: the start
+# ends the worker's whole process group, which that fork belongs to.
+STOPPED_IN_THE_FORK = """
+import os, signal, subprocess, sys, time
+launch = subprocess.Popen._execute_child
+def stopped_in_the_fork(self, *args):
+    launch(self, *args)
+    os.kill(os.getppid(), signal.SIGTERM)  # the start, parent of the worker running Popen
+    time.sleep(60)
+subprocess.Popen._execute_child = stopped_in_the_fork
+from entrypoint import cli
+cli.main(["unpack"])
+"""
 
 
-def test_a_stop_while_activation_scripts_are_launched_kills_them(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The same for the environment's activate.d scripts, run by `sh` (subprocess.run raised inside
-    Popen and left `sh` running); the processes the scripts started go too."""
-    from entrypoint import activate
+def test_a_stop_while_conda_unpack_is_launched_kills_it(tmp_path: Path) -> None:
+    """Whatever the launch had got to, conda-unpack does not outlive the stopped start."""
+    script = b"import time\ntime.sleep(60)\n"  # not a known release's: it is run
+    tarball = write_tar(tmp_path / "env.tar.gz", [*tiny_env(), M("bin/conda-unpack", data=script, mode=0o755)])
+    env = entry_env(MLSERVER_ENV_TARBALL=tarball, MLSERVER_ENV_CACHE_DIR=tmp_path / "c")
+    proc = subprocess.run(
+        [sys.executable, "-c", STOPPED_IN_THE_FORK], env=env, cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 143 and "stopped by SIGTERM" in error_line(proc), proc.stderr
+    assert not _processes_running(f"{tmp_path}/c/[0-9a-f]*/bin/conda-unpack")
+    assert not list((tmp_path / "c").glob("*.ready"))
 
-    script = tmp_path / "busy.sh"
-    script.write_text(f"sleep 60 &\necho $! > {tmp_path / 'grandchild'}\nwait\n")
 
-    class StoppedInPopen(subprocess.Popen):  # type: ignore[type-arg]
-        def _execute_child(self, *args: object) -> None:
-            super()._execute_child(*args)  # type: ignore[misc]
-            os.kill(os.getpid(), signal.SIGTERM)  # the child is forked; Popen has not returned it
-
-    monkeypatch.setattr(subprocess, "Popen", StoppedInPopen)
-    before = _children()
-    previous = signal.signal(signal.SIGTERM, StopSignal.handler)
-    try:
-        with pytest.raises(StopSignal, match="stopped by SIGTERM"):
-            activate._run_activate_scripts([script], dict(os.environ))
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        StopSignal.caught.clear()
-        left = _children() - before
-        for pid in left:
-            os.kill(pid, signal.SIGKILL)
-    assert not left  # sh was killed and reaped
-    grandchild = (tmp_path / "grandchild").read_text().strip() if (tmp_path / "grandchild").exists() else ""
-    if grandchild:  # the script got that far: its sleep went with it
-        assert _gone(int(grandchild))
+def test_a_stop_while_activation_scripts_run_ends_them_and_what_they_started(tmp_path: Path) -> None:
+    """The environment's activate.d scripts run in a process group of their own: a stop ends them
+    and what they started, and the command is not run."""
+    grandchild = tmp_path / "grandchild"
+    busy = f"sleep 60 &\necho $! > {grandchild}\nwait\n".encode()
+    tarball = write_tar(tmp_path / "env.tar.gz", [*tiny_env(), M("etc/conda/activate.d/busy.sh", data=busy)])
+    env = entry_env(MLSERVER_ENV_TARBALL=tarball, MLSERVER_ENV_CACHE_DIR=tmp_path / "c")
+    proc = subprocess.Popen(
+        [*ENTRYPOINT, "sh", "-c", "echo ran"],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not (grandchild.exists() and grandchild.read_text().strip()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143 and "ran" not in out, err
+    assert "stopped by SIGTERM" in error_line(subprocess.CompletedProcess(proc.args, 143, out, err))
+    assert _gone(int(grandchild.read_text()))
 
 
 def _gone(pid: int) -> bool:
@@ -323,29 +310,32 @@ def _gone(pid: int) -> bool:
 
 
 def test_a_kill_9_before_conda_unpack_set_its_death_signal_takes_it_along(tmp_path: Path) -> None:
-    """PR_SET_PDEATHSIG does nothing for a parent already dead: a kill -9 of the start between the
-    fork and the prctl left conda-unpack running (the child now checks its parent is still there)."""
+    """PR_SET_PDEATHSIG does nothing for a parent already dead: a child forked just before its
+    parent's kill -9 checks, once armed, that its parent is still there."""
     (tmp_path / "bin").mkdir()
     pidfile = tmp_path / "script-ran"
-    forked = tmp_path / "forked"  # the child's pid, written once it is in _in_child
+    forked = tmp_path / "forked"  # the child's pid, written before it arms its death signal
     (tmp_path / relocate.UNPACK_SCRIPT).write_text(
         f"import os, time\nopen({str(pidfile)!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)\n"
     )
-    # The patched _in_child announces the fork, then waits until its parent is gone: the kill
-    # lands between the fork and the prctl every time, not only when the timing happens to.
+    # The child announces the fork, then waits until its parent is gone before it arms: the kill
+    # lands between the fork and the prctl every time.
     code = f"""
-import os, signal, sys, time
+import os, sys, time
 from pathlib import Path
-from entrypoint import relocate
-launch = relocate._in_child
-def late(prctl, parent):
-    Path({str(forked)!r} + ".tmp").write_text(str(os.getpid()))
-    os.rename({str(forked)!r} + ".tmp", {str(forked)!r})
-    end = time.monotonic() + 60
-    while os.getppid() == parent and time.monotonic() < end:
-        time.sleep(0.01)
-    launch(prctl, parent)
-relocate._in_child = late
+from entrypoint import relocate, worker
+dies_with_parent = worker.dies_with_parent
+def late(*args):
+    arm, parent = dies_with_parent(*args), os.getpid()
+    def armed_late():
+        Path({str(forked)!r} + ".tmp").write_text(str(os.getpid()))
+        os.rename({str(forked)!r} + ".tmp", {str(forked)!r})
+        end = time.monotonic() + 60
+        while os.getppid() == parent and time.monotonic() < end:
+            time.sleep(0.01)
+        arm()
+    return armed_late
+worker.dies_with_parent = late
 relocate.run_conda_unpack(Path({str(tmp_path)!r}), Path(sys.executable))
 """
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)

@@ -46,7 +46,7 @@ from test_faults import mount_tmpfs, used_bytes
 from test_serve import DIGITS
 
 from entrypoint import remote
-from entrypoint.constants import URL_SCHEMES
+from entrypoint.settings import URL_SCHEMES
 
 
 class Server(ThreadingHTTPServer):
@@ -745,11 +745,11 @@ def test_warm_local_start_does_not_import_fsspec(tiny: Path, tmp_path: Path) -> 
     assert run_entrypoint(["unpack"], env).returncode == 0
     probe = (  # the full (not the pydantic-free fast) path, which is where URLs are handled
         "import sys\n"
-        "from entrypoint.settings import load_settings\n"
+        "from entrypoint import settings\n"
         "from entrypoint.source import locate\n"
         "from entrypoint.prepare import prepare\n"
-        "settings = load_settings()\n"
-        "assert prepare(settings, locate(settings)).hit\n"
+        "config = settings.load()\n"
+        "prepare(config, locate(config), (), print)\n"  # a cache hit sends nothing to print
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('fsspec', 'aiohttp', 's3fs', 'gcsfs')"
         " or m == 'entrypoint.remote'))\n"
     )

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -190,14 +191,8 @@ def test_a_stopped_command_gets_the_stop_signal_at_once(tmp_path: Path) -> None:
 
 def test_leftovers_of_the_group_are_ended_when_the_command_exits(tmp_path: Path) -> None:
     env = _no_env(tmp_path, MLSERVER_ENV_INIT="always")
-    proc = subprocess.run(
-        [*ENTRYPOINT, "sh", "-c", "sleep 300 & exit 3"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        start_new_session=True,
-    )
+    argv = [*ENTRYPOINT, "sh", "-c", "sleep 300 & exit 3"]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, start_new_session=True)
     assert proc.returncode == 3, proc.stderr
     assert "outlived the command: SIGKILL" in proc.stderr
     assert not any("sleep 300" in p for p in _session_processes(os.getpid()))
@@ -270,19 +265,10 @@ def test_each_log_line_is_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
     the server's next line was glued to ours ("...if it has not exited2026-11-29 ... INFO")."""
     from entrypoint import log
 
-    writes: list[str] = []
-
-    class Recorder:
-        def write(self, text: str) -> int:
-            writes.append(text)
-            return len(text)
-
-        def flush(self) -> None:
-            pass
-
-    monkeypatch.setattr(sys, "stderr", Recorder())
+    writes: list[tuple[int, bytes]] = []
+    monkeypatch.setattr(os, "write", lambda fd, data: writes.append((fd, bytes(data))) or len(data))
     log.info("SIGTERM forwarded to pid 9")
-    assert writes == ["mlserver-entrypoint: SIGTERM forwarded to pid 9\n"]
+    assert writes == [(2, b"mlserver-entrypoint: SIGTERM forwarded to pid 9\n")]
 
 
 def test_bad_init_settings_are_one_line_errors(tmp_path: Path) -> None:
@@ -320,14 +306,8 @@ def test_as_pid_1_it_is_an_init_that_reaps_orphans(tmp_path: Path) -> None:
         "(sleep 0.2 &) ; sleep 1; "  # the inner sleep is orphaned: PID 1 inherits it, and must reap it
         "z=$(grep -l '^State:.*Z' /proc/[0-9]*/status 2>/dev/null | wc -l); echo zombies=$z; exit 5"
     )
-    proc = subprocess.run(
-        [*_unshare(), *ENTRYPOINT, "sh", "-c", script],
-        env=_no_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-    )
+    argv = [*_unshare(), *ENTRYPOINT, "sh", "-c", script]
+    proc = subprocess.run(argv, env=_no_env(tmp_path), capture_output=True, text=True, timeout=60, cwd=REPO)
     assert proc.returncode == 5, proc.stderr
     assert "zombies=0" in proc.stdout
     assert "as the child of this init (pid 1, MLSERVER_ENV_INIT=auto)" in proc.stderr
@@ -421,3 +401,33 @@ def test_seed_server_stops_within_ten_seconds_and_leaves_nothing(seed: Example, 
     assert "Waiting for application shutdown" in text or "Shutting down" in text  # mlserver's own shutdown
     assert _session_processes(proc.pid) == []
     sys.stderr.write(f"\nseed server stopped {took:.1f} s after SIGTERM, exit status {proc.returncode}\n")
+
+
+def test_what_the_entrypoint_was_started_ignoring_the_command_ignores_too(tmp_path: Path) -> None:
+    """Started from a script's background job (SIGINT ignored) or with SIGTTOU ignored, the command
+    gets the same dispositions, and as init a SIGINT neither reaches it nor starts the grace."""
+
+    def ignoring(*signums: int) -> Callable[[], None]:
+        return lambda: [signal.signal(s, signal.SIG_IGN) for s in signums] and None
+
+    show = "grep SigIgn /proc/self/status"
+    for init in ("never", "always"):
+        proc = subprocess.run(
+            [*ENTRYPOINT, "sh", "-c", show], env=_no_env(tmp_path, MLSERVER_ENV_INIT=init), cwd=REPO, text=True,
+            capture_output=True, timeout=60, preexec_fn=ignoring(signal.SIGINT, signal.SIGTTOU),
+        )  # fmt: skip
+        ignored = int(proc.stdout.split()[1], 16)
+        assert ignored & (1 << (signal.SIGINT - 1)) and ignored & (1 << (signal.SIGTTOU - 1)), (init, proc.stdout)
+        assert not ignored & (1 << (signal.SIGTERM - 1)), (init, proc.stdout)
+    log = tmp_path / "log"
+    with open(log, "ab") as out:
+        env = _no_env(tmp_path, MLSERVER_ENV_INIT="always", MLSERVER_ENV_STOP_GRACE="0.2")
+        started = subprocess.Popen(
+            [*ENTRYPOINT, "sleep", "2"], env=env, cwd=REPO, stdout=out, stderr=out, preexec_fn=ignoring(signal.SIGINT)
+        )
+    deadline = time.monotonic() + 30
+    while "as the child of this init" not in log.read_text():
+        assert started.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.02)
+    started.send_signal(signal.SIGINT)
+    assert started.wait(30) == 0, log.read_text()  # sleep ran to its end

@@ -1,0 +1,66 @@
+"""The warm start: a published entry found with a few stats, without pydantic and without a fork."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import NamedTuple
+
+from entrypoint import activate, entry, keys, lease, settings
+from entrypoint.entry import Entry
+from entrypoint.errors import EntrypointError
+
+
+class Ready(NamedTuple):
+    prefix: Path | None  # None: run without an environment
+    config: settings.Settings
+
+
+def lookup(environ: Mapping[str, str], require: tuple[str, ...]) -> Ready | None:
+    """The published entry this start would use, if the settings are plain and nothing is amiss;
+    None sends the start down the cold path, which says what is wrong in one line."""
+    config = settings.plain(environ)
+    key = _key(config) if config is not None else None
+    if config is None or key is None:
+        return None
+    found = Entry(config.cache_dir, key)
+    try:
+        if not lease.hold(found, wait=False):  # gc is removing it right now
+            return None
+        if entry.problem(found, config.verify == "full") is not None:
+            return None
+        activate.require(found.prefix, require)
+        activate.find_python(found.prefix)
+    except EntrypointError:
+        return None
+    return Ready(found.prefix, config)
+
+
+def _key(config: settings.Settings) -> str | None:
+    """The remembered key of a local tarball, or a plain URL's pin (its key, remote.content_key)."""
+    tarball = config.local_tarball()
+    if tarball is not None:
+        try:
+            identity = keys.file_identity(os.stat(tarball))
+        except OSError:
+            return None
+        key = keys.remembered(config.cache_dir, tarball, identity)
+        return key if config.tarball_sha256 in (None, key) else None
+    if config.tarball and settings.plain_url(config.tarball):
+        return config.tarball_sha256
+    return None
+
+
+def to_hash(environ: Mapping[str, str]) -> Path | None:
+    """The local tarball a cold start will hash, when its key is not remembered: hashed while the
+    settings are read."""
+    config = settings.plain(environ, only=("tarball", "models_dir", "cache_dir"))
+    tarball = config.local_tarball() if config is not None else None
+    if config is None or tarball is None:
+        return None
+    try:
+        identity = keys.file_identity(os.stat(tarball))
+    except OSError:
+        return None
+    return tarball if keys.remembered(config.cache_dir, tarball, identity) is None else None
