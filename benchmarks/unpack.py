@@ -31,7 +31,7 @@ users meet fresh volumes, and this VM's own root filesystem slows file creation 
 deletions (see FRESH_FS_GIB below). `sync` runs (untimed) before every method, so none pays for
 another's dirty pages. Reads come
 from the page cache for all methods alike unless --cold-cache (drops it before each method; root).
-Peak RSS: the entrypoint process itself (VmHWM at exit), and each method's process tree (GNU time's
+Peak RSS: the entrypoint process and its worker, the larger (VmHWM at exit), and each method's process tree (GNU time's
 %M, which includes conda-unpack run by the entrypoint).
 """
 
@@ -70,7 +70,7 @@ LINEAR_SLACK = 1.3  # ours cold may grow at most this much faster than the file-
 
 # Runs the entrypoint exactly as `python -m entrypoint` does, and reports its own peak RSS at exit
 # (VmHWM: getrusage's ru_maxrss would include the RSS of whatever forked it), also when it ends
-# with os._exit (`unpack` skips the interpreter's teardown), which runs no atexit hook.
+# with os._exit, which runs no atexit hook; its worker (a fork) reports its own the same way.
 OURS = """\
 import atexit, os, runpy, sys
 def _peak():
@@ -163,7 +163,7 @@ class Dataset:
     ratios: dict[str, list[float]] = field(default_factory=dict)  # per round, / the limit beside it
     limits: dict[str, list[float]] = field(default_factory=dict)  # per round, that limit (seconds)
     rss: dict[str, list[int]] = field(default_factory=dict)  # KiB, the process tree
-    self_rss: list[int] = field(default_factory=list)  # KiB, the entrypoint process itself
+    self_rss: list[int] = field(default_factory=list)  # KiB, the entrypoint process or its worker, the larger
     parts: dict[str, list[float]] = field(default_factory=dict)  # phases of composite methods
     checks: list[tuple[str, bool, str]] = field(default_factory=list)
 
@@ -357,8 +357,8 @@ class Runner:
         for phase, seconds in phases(p.stderr).items():
             ds.add(ds.parts, f"ours: {phase}", seconds)
         ds.add(ds.rss, "ours_cold", p.tree_rss_kib)
-        if m := SELF_RSS.search(p.stderr):
-            ds.self_rss.append(int(m.group(1)))
+        if peaks := [int(kib) for kib in SELF_RSS.findall(p.stderr)]:  # the entrypoint's and its worker's
+            ds.self_rss.append(max(peaks))
         if round_no == 0:
             self.sanity(ds, prefix)
         for _ in range(self.warm_runs):
