@@ -21,8 +21,10 @@ def lookup(environ: Mapping[str, str], require: tuple[str, ...]) -> Ready | None
     """The published entry this start would use, if the settings are plain and nothing is amiss;
     None sends the start down the cold path, which says what is wrong in one line."""
     config = settings.plain(environ)
-    key = _key(config) if config is not None else None
-    if config is None or key is None:
+    if config is None or config.cache_max_bytes is not None or config.cache_max_age is not None:
+        return None  # the cold path applies the cache bounds (gc.at_start) on every start
+    key = _key(config)
+    if key is None:
         return None
     found = Entry(config.cache_dir, key)
     try:

@@ -110,6 +110,22 @@ def test_bound_at_start_never_removes_the_entry_being_started(tarballs: list[Pat
     assert "cache hit" in again.stderr and "gc: removed" not in again.stderr
 
 
+def test_bounds_apply_on_a_cache_hit_too(tarballs: list[Path], tmp_path: Path) -> None:
+    """Every start applies MLSERVER_ENV_CACHE_MAX_*, however it writes them, not only a first one."""
+    cache = tmp_path / "cache"
+    a = prefix_of(unpack(tarballs[0], cache))
+    b = prefix_of(unpack(tarballs[1], cache))
+    for value in ("1", "1.5"):
+        age(a, 30)
+        hit = unpack(tarballs[1], cache, MLSERVER_ENV_CACHE_MAX_AGE=value)
+        assert "cache hit" in hit.stderr and f"gc: removed {a} " in hit.stderr and gone(a)
+        assert prefix_of(unpack(tarballs[0], cache)) == a
+    for value in ("1", "1KiB"):
+        hit = unpack(tarballs[1], cache, MLSERVER_ENV_CACHE_MAX_BYTES=value)
+        assert "cache hit" in hit.stderr and f"gc: removed {a} " in hit.stderr and gone(a) and b.is_dir()
+        assert prefix_of(unpack(tarballs[0], cache)) == a
+
+
 def test_partial_entry_is_kept_while_unpacking_and_removed_once_its_process_is_killed(
     tarballs: list[Path], tmp_path: Path
 ) -> None:
