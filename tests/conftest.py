@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,6 +14,15 @@ import pytest
 from support import REPO, unavailable
 
 BUILD = REPO / "examples" / "build_env.py"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Children start as a foreground shell job's do, with SIGINT and SIGQUIT at their defaults:
+    a suite launched as a background job (`make test &`) inherits them ignored, and the entrypoint
+    keeps inherited-ignored signals ignored."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 
 @dataclass(frozen=True)
