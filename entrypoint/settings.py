@@ -183,7 +183,11 @@ def _base(kind: Any) -> Any:
     return args[0] if get_origin(kind) is not Literal and len(args) == 1 else kind
 
 
-BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
+BOOLEANS = {
+    word: value
+    for value, words in ((True, "1 on t true y yes"), (False, "0 off f false n no"))
+    for word in words.split()
+}
 
 
 def _parse(raw: str, kind: Any) -> object:
@@ -192,8 +196,8 @@ def _parse(raw: str, kind: Any) -> object:
     digits = whole.isascii() and whole.isdigit() and (not dot or (fraction.isascii() and fraction.isdigit()))
     if get_origin(kind) is Literal and raw in get_args(kind):
         return raw
-    if kind is bool and raw in BOOLEANS:
-        return BOOLEANS[raw]
+    if kind is bool and raw.lower() in BOOLEANS:  # pydantic's spellings, so both readers agree
+        return BOOLEANS[raw.lower()]
     if (kind is int and digits and not dot) or (kind is float and digits):
         return kind(raw)
     if kind is Path or kind is str:

@@ -749,6 +749,9 @@ def test_debug_prints_the_traceback_after_the_one_line(tmp_path: Path) -> None:
     after = loud.stderr.split(line, 1)[1]
     assert "Traceback (most recent call last)" in after and "member ../evil: '..' in path" in after, loud.stderr
     assert 'extract.py", line' in after, loud.stderr  # chained: where the rule refused it
+    for spelling in ("yes", "On", "TRUE"):  # any spelling the settings accept
+        assert "Traceback" in start(tarball, tmp_path / "c", MLSERVER_ENV_DEBUG=spelling).stderr, spelling
+    assert "Traceback" not in start(tarball, tmp_path / "c", MLSERVER_ENV_DEBUG="off").stderr
 
 
 def test_an_error_longer_than_a_pipe_holds_is_one_line_not_a_hang(tmp_path: Path) -> None:
