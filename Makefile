@@ -3,11 +3,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-marked lint bench
+.PHONY: serve test test-marked lint bench docs docs-serve
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,docs]'
 	touch $@
 
 # Build the example environment offline (cached), then serve it through the entrypoint on :8080.
@@ -29,7 +29,7 @@ test-marked: $(VENV)/.installed
 	scripts/install-system-deps container
 	$(PY) -m pytest -m "slow or container" $(PYTEST_ARGS)
 
-# The unpack benchmark (README "Performance"): about 20 minutes on 2 cores; BENCH_ARGS=--quick skips the
+# The unpack benchmark (docs/performance.md): about 20 minutes on 2 cores; BENCH_ARGS=--quick skips the
 # 2 GB synthetic environment. Writes benchmarks/results/unpack.{md,png,json}.
 BENCH_ARGS ?=
 bench: $(VENV)/.installed
@@ -38,6 +38,13 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/unpack.py $(BENCH_ARGS)
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check entrypoint tests examples benchmarks
-	$(VENV)/bin/ruff format --check entrypoint tests examples benchmarks
+	$(VENV)/bin/ruff check entrypoint tests examples benchmarks docs
+	$(VENV)/bin/ruff format --check entrypoint tests examples benchmarks docs
 	$(VENV)/bin/mypy
+
+# The documentation site (docs/, mkdocs.yml) into build/site, with strict checks; docs-serve serves it on :8000.
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d build/site
+
+docs-serve: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
