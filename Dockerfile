@@ -2,7 +2,7 @@
 #   docker build -t mlserver-env-entrypoint .
 #   docker run -v "$PWD":/mnt/models -e MLSERVER_ENV_TARBALL=/mnt/models/old-sklearn.tar.gz -p 8080:8080 mlserver-env-entrypoint
 # Without MLSERVER_ENV_TARBALL (and no environment.tar.gz in /mnt/models) the image's own
-# MLServer serves the model. README.md ("Docker") has the rest.
+# MLServer serves the model. docs/deployment.md has the rest.
 
 # Any Debian-like image with python3.11 and its venv module; the tests pass a local one.
 ARG BASE_IMAGE=python:3.11-slim-bookworm

@@ -174,7 +174,7 @@ def resolve_command(argv: Sequence[str], env: Mapping[str, str], prefix: Path | 
     if argv[0] == "mlserver":  # no environment: the usual cause is a tarball not configured
         raise CommandNotFound(
             "command not found: mlserver is not on PATH and no environment is configured",
-            "set MLSERVER_ENV_TARBALL to an environment with mlserver (README, Settings), or install mlserver",
+            "set MLSERVER_ENV_TARBALL to an environment with mlserver (docs/configuration.md), or install mlserver",
         )
     where = f"in the environment ({prefix}/bin), nor on PATH" if prefix is not None else "on PATH"
     raise CommandNotFound(f"command not found: {argv[0]} is not {where}", "check its spelling")

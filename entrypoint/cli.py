@@ -63,7 +63,7 @@ def _debug() -> bool:
 
 def _dispatch(args: list[str]) -> int:
     if args[:1] in (["-h"], ["--help"], ["help"]):
-        log.out(f"usage:\n{USAGE}\n\nSettings are environment variables; see README.md.")
+        log.out(f"usage:\n{USAGE}\n\nSettings are environment variables; see docs/configuration.md.")
         return 0
     if args[:1] == ["--version"]:
         log.out(f"mlserver-entrypoint {__version__}")

@@ -270,7 +270,7 @@ def _filesystem(tarball: RemoteTarball) -> tuple[Any, str]:
     except ImportError as exc:
         raise ConfigError(
             f"{tarball.display}: reading {tarball.scheme}:// URLs needs the Python package {exc.name or package}",
-            "install the entrypoint's `remote` extra where it runs (the image has http(s) only: README, Docker), "
+            "install the entrypoint's `remote` extra where it runs (the image has http(s) only: docs/deployment.md), "
             "or give a local file",
         ) from exc
     names = ("http", "https") if package == "aiohttp" else (protocol,)

@@ -288,4 +288,4 @@ def _warn_unknown(environ: Mapping[str, str]) -> None:
     for name in sorted(k for k in environ if k.startswith(PREFIX) and k[len(PREFIX) :] not in known):
         close = difflib.get_close_matches(name[len(PREFIX) :], known, n=1, cutoff=0.75)
         hint = f" (did you mean {PREFIX}{close[0]}?)" if close else ""
-        log.info(f"warning: {name} is not a setting of this entrypoint and is ignored{hint}; see README.md Settings")
+        log.info(f"warning: {name} is not a setting of this entrypoint and is ignored{hint}; see docs/configuration.md")

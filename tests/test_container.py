@@ -322,7 +322,7 @@ def test_no_tarball_serves_with_the_images_own_mlserver(
     podman: Podman, image: str, tmp_path: Path, names: list[str]
 ) -> None:
     """Without MLSERVER_ENV_TARBALL (and no environment.tar.gz) the image's MLServer serves a
-    model trained with the image's own scikit-learn, with the README's read-only root filesystem
+    model trained with the image's own scikit-learn, with the read-only root filesystem of docs/deployment.md
     (MLServer 1.7 creates its environments folder at start, ./.envs unless the image moves it)."""
     folder = tmp_path / "models"
     folder.mkdir()

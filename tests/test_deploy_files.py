@@ -1,6 +1,6 @@
 """The deployment files, checked without running them (issue 4): the Dockerfile passes hadolint,
 the Kubernetes manifests validate against the Kubernetes schema (offline, strict), the compose
-file and the image's pins say what the README promises. tests/test_container.py runs them."""
+file and the image's pins say what docs/deployment.md promises. tests/test_container.py runs them."""
 
 from __future__ import annotations
 

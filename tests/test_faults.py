@@ -607,7 +607,7 @@ def used_bytes(point: Path) -> int:
 
 
 def test_cache_mounted_noexec_is_one_line_not_another_python(tmp_path: Path, tmpfs: Path) -> None:
-    """Docker mounts a tmpfs noexec unless told `exec` (the README's --read-only recipe): nothing of
+    """Docker mounts a tmpfs noexec unless told `exec` (the --read-only recipe of docs/deployment.md): nothing of
     the environment can run from there. `python` then resolved to the host's interpreter, run
     silently in its place; `mlserver` was blamed on the archive ("has no mlserver; pack it again")."""
     tarball = write_tar(tmp_path / "env.tar.gz", tiny_env())

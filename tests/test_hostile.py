@@ -106,7 +106,7 @@ def refuse(site: Site, tarball: Path, *expected: str, **env: str) -> str:
     proc = run_entrypoint(
         ["unpack"], entry_env(MLSERVER_ENV_TARBALL=tarball, MLSERVER_ENV_CACHE_DIR=site.cache, **env), timeout=120
     )
-    assert proc.returncode == 3, proc.stderr  # "a bad archive" (README), not a setting nor the environment
+    assert proc.returncode == 3, proc.stderr  # exit 3: the archive, not a setting nor the environment
     line = error_line(proc)
     for text in expected:
         assert text in line, line
@@ -897,7 +897,7 @@ def test_zip_directory_holding_more_records_than_counted_is_refused(site: Site) 
 
 @pytest.mark.parametrize("value", ["nan", "1e400", "1.5e9", "12abc", "+5", "."])
 def test_a_pax_mtime_that_is_no_decimal_number_is_refused(site: Site, value: str) -> None:
-    """It was read as "no time", and the file got the time of the start (README: a time no clock can hold)."""
+    """It was read as "no time", and the file got the time of the start (docs/safety.md: a time no clock can hold)."""
     base = tar_bytes(tiny_env(), end=False)
     path = site.root / "pax-mtime.tar.gz"
     write_raw(path, base + pax_header({"mtime": value}) + raw_header("lib/t", b"%011o\0" % 1) + b"a" + bytes(511))

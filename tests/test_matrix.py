@@ -3,7 +3,7 @@ mlserver release it supports, and the seed's stack in every archive format conda
 
 Each combination is built (cached per machine by build_env's recipe key), inspected, unpacked and
 served through the entrypoint, and must answer V2 inference requests with the predictions the
-environment's own interpreter makes. README.md ("Compatibility") lists the same combinations.
+environment's own interpreter makes. docs/compatibility.md lists the same combinations.
 
 Budget: not every Python × mlserver × format, but each Python once in tar.gz and each format once
 on the seed's stack (the tar.gz seed is the default suite's own fixture). A fresh machine builds 8
