@@ -56,11 +56,21 @@ def _table(ds: dict[str, Any]) -> list[str]:
         f"### {ds['name']}: {ds['format']}, {ds['tarball_bytes'] / 1e6:.0f} MB → {ds['bytes'] / 1e6:.0f} MB, "
         f"{ds['files']:,} files"
     )
-    rows = [head, "", "| method | median | ÷ file creation |", "|---|---:|---:|"]
+    rows = [head, "", "| method | median | ÷ file creation | peak RSS |", "|---|---:|---:|---:|"]
     for method, samples in ds["samples"].items():
         ratio = ds["ratios_to_create"].get(method)
         shown = f"{statistics.median(ratio):.2f}×" if ratio else ("1×" if method == "create" else "–")
-        rows.append(f"| {LABELS.get(method, method)} | {_seconds(statistics.median(samples))} | {shown} |")
+        rss = ds.get("tree_rss_kib", {}).get(method)
+        memory = f"{max(rss) / 1024:.0f} MiB" if rss else "–"
+        rows.append(f"| {LABELS.get(method, method)} | {_seconds(statistics.median(samples))} | {shown} | {memory} |")
+    phases = [(k.removeprefix("ours: "), v) for k, v in ds.get("parts", {}).items() if k.startswith("ours: ")]
+    if phases:
+        rows += [
+            "",
+            "Ours, cold, by phase (medians): "
+            + ", ".join(f"{k} {_seconds(statistics.median(v))}" for k, v in phases)
+            + ".",
+        ]
     return [*rows, ""]
 
 
