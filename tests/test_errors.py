@@ -798,6 +798,7 @@ def test_activation_scripts_that_use_the_terminal_do_not_hang(tmp_path: Path) ->
     terminal, `stty` does not stop the script for good (SIGTTOU, as a background job's)."""
     import pty
     import select
+    import time
 
     scripts = [
         M("etc/conda/activate.d/a.sh", data=b"stty sane 2>/dev/null || true\n"),
@@ -813,10 +814,12 @@ def test_activation_scripts_that_use_the_terminal_do_not_hang(tmp_path: Path) ->
     with contextlib.suppress(OSError):  # EIO once the child is gone
         while select.select([fd], [], [], 60)[0] and (chunk := os.read(fd, 65536)):
             out += chunk
-    _, status = os.waitpid(pid, os.WNOHANG)
-    if not _:
+    deadline = time.monotonic() + 30  # the terminal closes a moment before the process is gone
+    while not (done := os.waitpid(pid, os.WNOHANG))[0] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not done[0]:
         os.kill(pid, 9)
         os.waitpid(pid, 0)
     os.close(fd)
-    assert _ and os.waitstatus_to_exitcode(status) == 0, out.decode(errors="replace")
+    assert done[0] and os.waitstatus_to_exitcode(done[1]) == 0, out.decode(errors="replace")
     assert b"ACTIVATED=1" in out, out.decode(errors="replace")
