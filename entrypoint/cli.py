@@ -13,13 +13,14 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from entrypoint import __version__, lease, log, settings, warm, worker
+from entrypoint import __version__, lease, log, models, settings, warm, worker
 from entrypoint.entry import Entry, read_marker
 from entrypoint.errors import ConfigError, EntrypointError, Stopped
+from entrypoint.models import ModelEnv
 from entrypoint.warm import Ready
 from entrypoint.worker import Message
 
@@ -93,45 +94,65 @@ def _dispatch(args: list[str]) -> int:
 
 
 def unpack() -> int:
-    """Prepare the environment (for init containers and scripts); its prefix is stdout's last line."""
-    ready = prepared((), need_environment=True)
+    """Prepare the environments (for init containers and scripts): each model's prefix on a line
+    of its own, the server's (if any) last."""
+    ready = prepared((), _wanted(None))
+    if ready.prefix is None and not ready.models:
+        raise ConfigError(
+            "no environment to unpack",
+            f"set MLSERVER_ENV_TARBALL, or put environment.tar.gz in MLSERVER_MODELS_DIR ({ready.config.models_dir})",
+        )
     if (stop := worker.pending_stop()) is not None:
-        raise Stopped(stop, "starting", f"{ready.prefix} is unpacked and cached; it was not printed")
-    log.out(str(ready.prefix))
+        raise Stopped(stop, "starting", "the environments are unpacked and cached; they were not printed")
+    for prefix in [*ready.models.values(), *([ready.prefix] if ready.prefix else [])]:
+        log.out(str(prefix))
     return 0
 
 
 def run(command: list[str]) -> NoReturn:
-    """Prepare the environment if there is one, activate it and exec the command."""
+    """Prepare the environments there are, activate the server's and exec the command."""
     require = ("mlserver",) if (command or ["mlserver"])[0] == "mlserver" else ()
     if command[:2] == ["mlserver", "start"] and len(command) == 3 and "MLSERVER_MODELS_DIR" not in os.environ:
         # `mlserver start /models` with /models/environment.tar.gz beside the model: that folder is
         # the models folder (MLServer's images set the variable and the command alike)
         os.environ["MLSERVER_MODELS_DIR"] = command[2]
-    ready = prepared(require, need_environment=False)
+    ready = prepared(require, _wanted(command))
+    if ready.prefix is None:
+        log.info("no environment tarball configured: running the command as is")
     launch(command or ["mlserver", "start", str(ready.config.models_dir)], ready)
 
 
-def prepared(require: tuple[str, ...], need_environment: bool) -> Ready:
-    """The environment to run in: a published entry found at once, or one the cold path made in a
+def _wanted(command: list[str] | None) -> list[ModelEnv]:
+    """The models with an environment of their own in the folder `mlserver start` serves (None:
+    the models folder, for `unpack`); none for any other command."""
+    if command and (command[:2] != ["mlserver", "start"] or len(command) != 3):
+        return []
+    config = settings.plain(os.environ, only=("models_dir",))
+    folder = command[2] if command else None if config is None else config.models_dir
+    return [] if folder is None else models.find(Path(folder))
+
+
+def prepared(require: tuple[str, ...], wanted: list[ModelEnv]) -> Ready:
+    """The environments to run in: published entries found at once, or ones the cold path made in a
     worker (prepare.py), then held by this process for as long as it and its server live."""
     t0 = time.monotonic()
-    hit = warm.lookup(os.environ, require)
+    hit = warm.lookup(os.environ, require, wanted)
     if hit is not None:
         log.info(f"locate: {(time.monotonic() - t0) * 1000:.0f} ms, cache hit {hit.prefix}")
         return hit
     from entrypoint import prepare
 
+    job = in_worker(lambda send: prepare.main(send, require, wanted))
     for _ in range(ATTEMPTS):
-        messages = worker.run(in_worker(lambda send: prepare.main(send, require, need_environment)), prepare.abandon)
+        messages = worker.run(job, prepare.abandon)
         result = next(m["result"] for m in reversed(messages) if "result" in m)
         config = settings.restore(result["settings"])
-        if result["key"] is None:
-            return Ready(None, config)
-        found = Entry(config.cache_dir, result["key"])
+        found = [Entry(config.cache_dir, key) for key in [result["key"], *result["models"]] if key is not None]
         # Not waiting: a gc holding it now is removing it (and a stop must be seen); unpacked again
-        if lease.hold(found, wait=False) and read_marker(found) is not None:
-            return Ready(found.prefix, config)
+        if all(lease.hold(e, wait=False) and read_marker(e) is not None for e in found):
+            server = Entry(config.cache_dir, result["key"]).prefix if result["key"] else None
+            own = zip(wanted, result["models"], strict=True)
+            return Ready(server, config, {m: Entry(config.cache_dir, k).prefix for m, k in own})
     raise ConfigError(
         f"the cache entry was removed {ATTEMPTS} times right after it was unpacked",
         "check what else trims MLSERVER_ENV_CACHE_DIR (gc, MLSERVER_ENV_CACHE_MAX_BYTES of other starts)",
@@ -146,6 +167,8 @@ def launch(command: list[str], ready: Ready) -> NoReturn:
     env = dict(os.environ) if ready.prefix is None else _activated(ready.prefix)
     _warn_other_models_dir(command)
     argv = activate.resolve_command(command, env, ready.prefix)
+    if ready.models:
+        argv = _handed_over(argv, ready.models)
     if (stop := worker.pending_stop()) is not None:  # the last moment a stop keeps the command from running
         raise Stopped(stop, "starting", "the command was not run")
     mode = ready.config.init
@@ -157,6 +180,15 @@ def launch(command: list[str], ready: Ready) -> NoReturn:
         sys.exit(supervise.run(argv, env, ready.config.stop_grace))
     log.info(f"exec: {' '.join(argv)} (entrypoint work {log.elapsed_ms():.0f} ms)")
     activate.exec_command(argv, env)
+
+
+def _handed_over(argv: list[str], prepared: Mapping[ModelEnv, Path]) -> list[str]:
+    """`mlserver start FOLDER` serving the same models, each in its prepared environment."""
+    server = Path(os.path.realpath(argv[0])).parent.parent  # <prefix>/bin/mlserver
+    models.check_versions(prepared, server)
+    folder = models.handover(Path(argv[2]), prepared)
+    log.info(f"models with an environment of their own: {', '.join(m.name for m in prepared)}; serving {folder}")
+    return [*argv[:2], str(folder)]
 
 
 def _activated(prefix: Path) -> dict[str, str]:

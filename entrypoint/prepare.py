@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING
 
 from entrypoint import activate, archive, entry, extract, fs, gc, lease, log, manifest, settings, source, warm, worker
 from entrypoint.entry import Entry
-from entrypoint.errors import ArchiveError, ConfigError
+from entrypoint.errors import ArchiveError, ConfigError, EntrypointError
 from entrypoint.extract import Stats
+from entrypoint.models import ModelEnv
 from entrypoint.settings import Settings
 from entrypoint.source import Tarball
 from entrypoint.worker import Message
@@ -29,24 +30,28 @@ if TYPE_CHECKING:
 Send = Callable[[Message], None]
 
 
-def main(send: Send, require: tuple[str, ...], need_environment: bool) -> int:
-    """The worker's job: prepare the environment and send its entry and the settings read."""
+def main(send: Send, require: tuple[str, ...], wanted: list[ModelEnv]) -> int:
+    """The worker's job: prepare the environment and each model's, and send their keys and the
+    settings read."""
     if (path := warm.to_hash(os.environ)) is not None:
         source.prehash(path)
     config = settings.load()
     tarball = source.locate(config)
-    if tarball is None and need_environment:
-        raise ConfigError(
-            "no environment to unpack",
-            f"set MLSERVER_ENV_TARBALL, or put environment.tar.gz in MLSERVER_MODELS_DIR ({config.models_dir})",
-        )
-    if tarball is None:
-        log.info("no environment tarball configured: running the command as is")
-        send({"result": {"key": None, "settings": settings.dump(config)}})
-        return 0
-    found = prepare(config, tarball, require, send)
-    send({"result": {"key": found.key, "settings": settings.dump(config)}})
+    key = None if tarball is None else prepare(config, tarball, require, send).key
+    keys = [_prepare_model(config, model, send) for model in wanted]
+    send({"result": {"key": key, "models": keys, "settings": settings.dump(config)}})
     return 0
+
+
+def _prepare_model(config: Settings, model: ModelEnv, send: Send) -> str:
+    """A model's environment, prepared as the server's is; its errors name the model."""
+    own = warm.for_model(config, model)
+    try:
+        tarball = source.locate(own, model.label)
+        assert tarball is not None  # a model names a tarball (models.find)
+        return prepare(own, tarball, ("mlserver",), send).key
+    except EntrypointError as exc:
+        raise exc.about(model.label) from exc
 
 
 def prepare(config: Settings, tarball: Tarball | RemoteTarball, require: tuple[str, ...], send: Send) -> Entry:

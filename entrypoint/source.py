@@ -41,8 +41,9 @@ def local_path(config: Settings) -> Path | None:
     return Path(os.path.abspath(config.tarball))
 
 
-def locate(config: Settings) -> Tarball | RemoteTarball | None:
-    """The configured tarball (a file, or a URL: remote.py), or None to run without an environment."""
+def locate(config: Settings, label: str | None = None) -> Tarball | RemoteTarball | None:
+    """The configured tarball (a file, or a URL: remote.py), or None to run without an environment.
+    `label` names it in errors (default: the setting)."""
     if config.tarball is not None and "://" in config.tarball:
         from entrypoint import remote
 
@@ -53,9 +54,9 @@ def locate(config: Settings) -> Tarball | RemoteTarball | None:
     # A dangling symlink or a directory at the default name is an environment meant and missed.
     if config.tarball is None and not os.path.lexists(path):
         return None
-    label = (
-        f"{path} (MLSERVER_ENV_TARBALL unset)" if config.tarball is None else f"MLSERVER_ENV_TARBALL={config.tarball}"
-    )
+    if label is None:
+        unset = config.tarball is None
+        label = f"{path} (MLSERVER_ENV_TARBALL unset)" if unset else f"MLSERVER_ENV_TARBALL={config.tarball}"
     st = _stat(path, label)
     if not stat.S_ISREG(st.st_mode):
         fix = "point it at the .tar.gz itself" if config.tarball is not None else (

@@ -3,26 +3,50 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import NamedTuple
 
 from entrypoint import activate, entry, keys, lease, settings
 from entrypoint.entry import Entry
 from entrypoint.errors import EntrypointError
+from entrypoint.models import ModelEnv
 
 
 class Ready(NamedTuple):
     prefix: Path | None  # None: run without an environment
     config: settings.Settings
+    models: Mapping[ModelEnv, Path] = MappingProxyType({})  # each per-model environment's prefix (models.py)
 
 
-def lookup(environ: Mapping[str, str], require: tuple[str, ...]) -> Ready | None:
-    """The published entry this start would use, if the settings are plain and nothing is amiss;
+def lookup(environ: Mapping[str, str], require: tuple[str, ...], wanted: Sequence[ModelEnv] = ()) -> Ready | None:
+    """The published entries this start would use, if the settings are plain and nothing is amiss;
     None sends the start down the cold path, which says what is wrong in one line."""
     config = settings.plain(environ)
     if config is None or config.cache_max_bytes is not None or config.cache_max_age is not None:
         return None  # the cold path applies the cache bounds (gc.at_start) on every start
+    unset = not _configured(config)
+    prefix = None if unset else _found(config, require)
+    found = {m: _found(for_model(config, m), ("mlserver",)) for m in wanted}
+    if (prefix is None and not unset) or None in found.values():
+        return None
+    return Ready(prefix, config, {m: p for m, p in found.items() if p is not None})
+
+
+def _configured(config: settings.Settings) -> bool:
+    """Whether the settings name a server environment (the default one only if it is there)."""
+    if config.tarball is None:
+        return os.path.lexists(config.models_dir / settings.DEFAULT_TARBALL_NAME)
+    return bool(config.tarball.strip())
+
+
+def for_model(config: settings.Settings, model: ModelEnv) -> settings.Settings:
+    """The settings a model's environment is prepared with: its own tarball and pin."""
+    return config._replace(tarball=model.tarball, tarball_sha256=model.sha256)
+
+
+def _found(config: settings.Settings, require: tuple[str, ...]) -> Path | None:
     key = _key(config)
     if key is None:
         return None
@@ -36,7 +60,7 @@ def lookup(environ: Mapping[str, str], require: tuple[str, ...]) -> Ready | None
         activate.find_python(found.prefix)
     except EntrypointError:
         return None
-    return Ready(found.prefix, config)
+    return found.prefix
 
 
 def _key(config: settings.Settings) -> str | None:
