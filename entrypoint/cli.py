@@ -185,7 +185,7 @@ def launch(command: list[str], ready: Ready) -> NoReturn:
 def _handed_over(argv: list[str], prepared: Mapping[ModelEnv, Path]) -> list[str]:
     """`mlserver start FOLDER` serving the same models, each in its prepared environment."""
     server = Path(os.path.realpath(argv[0])).parent.parent  # <prefix>/bin/mlserver
-    models.check_versions(prepared, server)
+    models.check_versions(prepared, models.mlserver_version(server))
     folder = models.handover(Path(argv[2]), prepared)
     log.info(f"models with an environment of their own: {', '.join(m.name for m in prepared)}; serving {folder}")
     return [*argv[:2], str(folder)]

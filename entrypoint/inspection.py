@@ -15,6 +15,7 @@ import email.parser
 import json
 import os
 import re
+import shutil
 import stat
 import time
 from collections.abc import Callable
@@ -22,10 +23,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from entrypoint import activate, archive, fs, log, relocate, settings, worker
+from entrypoint import activate, archive, fs, log, models, relocate, settings, warm, worker
 from entrypoint.entry import Entry
 from entrypoint.errors import ArchiveError, ConfigError, EntrypointError
 from entrypoint.extract import Extractor, Refused, limits_for
+from entrypoint.models import ModelEnv
 from entrypoint.settings import Settings
 from entrypoint.source import PIN_ADVICE, Tarball, locate, pin_mismatch, sha256_file
 from entrypoint.worker import Message
@@ -73,35 +75,72 @@ class Report:
 
 
 def main(args: list[str], send: Callable[[Message], None]) -> int:
-    """`inspect [TARBALL] [--json]`: the report, and the exit code a start would fail with."""
+    """`inspect [TARBALL] [--json]`: the reports, and the exit code a start would fail with.
+    Without TARBALL: the server's environment and each model's own (models.py)."""
     as_json = "--json" in args
     rest = [a for a in args if a != "--json"]
     if len(rest) > 1 or any(a.startswith("-") for a in rest):
         raise ConfigError(f"usage: inspect [TARBALL] [--json] (got {' '.join(args)})")
     config = settings.load()
-    path = _target(rest, config)
+    wanted = [] if rest else models.find(config.models_dir)
+    path = Path(rest[0]) if rest else _configured(config, need=not wanted)
     try:
-        report = inspect(path, config, send)
+        server = None if path is None else inspect(path, config, send)
+        own = {m: _inspect_model(m, config, server, send) for m in wanted}
     except EntrypointError as exc:
         if as_json:  # a job parsing stdout still gets one object, saying what the error line says
-            failed = {"tarball": str(path), "will_work": False, "exit_code": exc.exit_code, "problems": [exc.line]}
-            log.out(json.dumps(failed, indent=1))
+            failed = {"tarball": path and str(path), "will_work": False, "exit_code": exc.exit_code}
+            log.out(json.dumps({**failed, "problems": [exc.line]}, indent=1))
         raise
-    log.out(json.dumps(asdict(report), indent=1) if as_json else render(report))
-    if report.will_work:
-        return 0
-    raise EntrypointError(f"{path} will not work in this image: {report.problems[0]}", "", report.exit_code)
+    log.out(_rendered(server, own, as_json))
+    return _verdict(server, own)
 
 
-def _target(rest: list[str], config: Settings) -> Path:
-    if rest:
-        return Path(rest[0])
+def _configured(config: Settings, need: bool) -> Path | None:
     if config.tarball and "://" in config.tarball:
         raise ConfigError("inspect reads a local archive", "download the URL and give the file")
     tarball = locate(config)
-    if not isinstance(tarball, Tarball):
+    if not isinstance(tarball, Tarball) and need:
         raise ConfigError("inspect what?", "give a TARBALL, or set MLSERVER_ENV_TARBALL")
-    return tarball.path
+    return tarball.path if isinstance(tarball, Tarball) else None
+
+
+def _inspect_model(model: ModelEnv, config: Settings, server: Report | None, send: Callable[[Message], None]) -> Report:
+    """A model's tarball, judged as a start judges it: also against the server's mlserver."""
+    if "://" in model.tarball:
+        raise ConfigError(f"{model.label}: inspect reads a local archive", "download the URL and inspect the file")
+    report = inspect(Path(model.tarball), warm.for_model(config, model), send)
+    served = server.packages.get("mlserver") if server is not None else _image_mlserver()
+    problem = models.version_problem(model, report.packages.get("mlserver"), served)
+    if problem is not None:
+        report.problem(problem.line, problem.exit_code)
+    return report
+
+
+def _image_mlserver() -> str | None:
+    """The mlserver release of the `mlserver` on PATH: the one that serves without an environment."""
+    program = shutil.which("mlserver")
+    return None if program is None else models.mlserver_version(Path(os.path.realpath(program)).parent.parent)
+
+
+def _rendered(server: Report | None, own: dict[ModelEnv, Report], as_json: bool) -> str:
+    if not own:
+        assert server is not None
+        return json.dumps(asdict(server), indent=1) if as_json else render(server)
+    if as_json:
+        doc = {"server": server and asdict(server), "models": {m.name: asdict(r) for m, r in own.items()}}
+        return json.dumps(doc, indent=1)
+    parts = [] if server is None else [f"server environment\n{render(server)}"]
+    return "\n\n".join([*parts, *(f"model {m.name} ({m.settings_file})\n{render(r)}" for m, r in own.items())])
+
+
+def _verdict(server: Report | None, own: dict[ModelEnv, Report]) -> int:
+    """0, or the error of the first environment a start would fail on, naming it."""
+    for label, report in [("", server), *((f"{m.label}: ", r) for m, r in own.items())]:
+        if report is not None and not report.will_work:
+            message = f"{label}{report.tarball} will not work in this image: {report.problems[0]}"
+            raise EntrypointError(message, "", report.exit_code)
+    return 0
 
 
 def inspect(path: Path, config: Settings, send: Callable[[Message], None]) -> Report:

@@ -95,24 +95,29 @@ def mlserver_version(prefix: Path) -> str | None:
     return None
 
 
-def check_versions(models: Mapping[ModelEnv, Path], server: Path) -> None:
+def check_versions(models: Mapping[ModelEnv, Path], served: str | None) -> None:
+    """Each model's environment can be loaded by a server running mlserver `served`."""
+    for model, prefix in models.items():
+        problem = version_problem(model, mlserver_version(prefix), served)
+        if problem is not None:
+            raise problem
+
+
+def version_problem(model: ModelEnv, has: str | None, served: str | None) -> EnvError | None:
     """MLServer's workers import mlserver from the model's environment: it must be the server's,
-    and the server must read environment_path."""
-    served = mlserver_version(server)
+    and the server must read environment_path. (An environment without mlserver fails before.)"""
     if served is not None and _release(served) < ENVIRONMENT_PATH_SINCE:
-        first = next(iter(models))
-        raise EnvError(
-            f"{first.label} names an environment tarball, but the server runs mlserver {served}, "
-            "which cannot load a model in its own environment",
+        return EnvError(
+            f"{model.label} needs its own environment, but the server runs mlserver {served}, "
+            "which cannot load a model in another environment",
             "serve with mlserver 1.3 or later (the image's own, or in MLSERVER_ENV_TARBALL's environment)",
         )
-    for model, prefix in models.items():
-        has = mlserver_version(prefix)
-        if served is not None and has is not None and has != served:
-            raise EnvError(
-                f"{model.label}: its environment {model.tarball} has mlserver {has}, the server runs {served}",
-                f"pack the model's environment with mlserver=={served} (its workers import mlserver from it)",
-            )
+    if served is not None and has is not None and has != served:
+        return EnvError(
+            f"{model.label}: its environment has mlserver {has}, the server runs {served}",
+            f"pack the model's environment with mlserver=={served} (its workers import mlserver from it)",
+        )
+    return None
 
 
 def _release(version: str) -> tuple[int, ...]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import Example
+from conftest import Example, _build
 from containers import DIGITS, IMAGE, STOP_LIMIT, Podman, build_image, log_line, readable_for_anyone, run_detached
 from support import REPO, free_port, infer
 
@@ -400,3 +400,66 @@ def test_compose_stack_comes_up_healthy_and_answers(podman: Podman, image: str, 
         report(f"compose stack: healthy in {took:.1f} s; after `restart` (cache hit) ready in {restarted:.1f} s")
     finally:
         subprocess.run([*compose, "down", "--volumes"], env=env, capture_output=True, timeout=300, check=False)
+
+
+PER_MODEL = REPO / "examples" / "per-model"
+PER_MODEL_PYTHON = {"digits-sklearn-1.2": "3.10", "digits-sklearn-1.5": "3.11"}
+
+
+@pytest.fixture(scope="module")
+def per_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """examples/per-model/models with each model's environment built offline and its model trained
+    by that environment's interpreter: Python 3.10 with scikit-learn 1.2, Python 3.11 with 1.5,
+    each with the image's mlserver."""
+    root = tmp_path_factory.mktemp("per-model") / "models"
+    for name, python in PER_MODEL_PYTHON.items():
+        built = tmp_path_factory.mktemp(name)
+        requirements = PER_MODEL / f"{name.removeprefix('digits-')}.txt"
+        tarball = _build(built, "--python", python, "--requirements", str(requirements))
+        shutil.copytree(PER_MODEL / "models" / name, root / name)
+        shutil.copy(tarball, root / name / "environment.tar.gz")
+        shutil.copy(built / "model.joblib", root / name)
+        readable_for_anyone(root / name)
+    root.chmod(0o755)
+    return root
+
+
+def _serve_per_model(podman: Podman, names: list[str], mounts: list[str], run: str) -> tuple[str, str]:
+    """A server of the per-model folder with the read-only root of docs/deployment.md; its URL."""
+    ctr = _name(names, "ctr", f"per-model-{run}")
+    port = free_port()
+    read_only = ["--read-only", "--read-only-tmpfs=false", "--tmpfs", "/tmp:rw,mode=1777"]
+    run_detached(podman, ctr, [*read_only, *mounts, "-p", f"127.0.0.1:{port}:8080"])
+    url = f"http://127.0.0.1:{port}"
+    took = podman.wait_ready(ctr, url, timeout=600)
+    report(f"per-model {run} start: ready {took:.1f} s after `podman run`")
+    return ctr, url
+
+
+def test_two_models_each_served_from_its_own_environment(
+    podman: Podman, image: str, per_model: Path, names: list[str]
+) -> None:
+    """Each model answers with the predictions its own environment's interpreter makes, its
+    workers run that interpreter, the models folder is read-only, and a restart unpacks nothing."""
+    volume = _name(names, "vol", "per-model-envs")
+    podman("volume", "create", volume)
+    mounts = ["-v", f"{per_model}:/mnt/models:ro", "-v", f"{volume}:/opt/envs"]
+    ctr, url = _serve_per_model(podman, names, mounts, "cold")
+    logs = podman.logs(ctr)
+    assert logs.count("extract:") == 2 and "models with an environment of their own" in logs, logs[-3000:]
+    prefixes = podman("run", "--rm", *mounts, IMAGE, "unpack").stdout.split()  # in find order: 1.2, 1.5
+    assert len(prefixes) == 2, prefixes
+    workers = podman("top", ctr, "args").stdout
+    for (name, python), prefix in zip(PER_MODEL_PYTHON.items(), prefixes, strict=True):
+        model = f"/mnt/models/{name}/model.joblib"
+        expected = json.loads(podman("run", "--rm", *mounts, IMAGE, f"{prefix}/bin/python", "-c", DIGITS, model).stdout)
+        assert expected["python"] == [int(p) for p in python.split(".")]
+        assert expected["sklearn"].startswith(name.removeprefix("digits-sklearn-") + ".")
+        assert [infer(url, name, p) for p in expected["pixels"]] == expected["predicted"]
+        assert f"{prefix}/bin/python" in workers, workers  # the model's workers run its interpreter
+    podman.remove(ctr)
+
+    ctr, url = _serve_per_model(podman, names, mounts, "warm")
+    logs = podman.logs(ctr)
+    assert "cache hit" in logs and "extract:" not in logs, logs[-3000:]
+    assert all(infer(url, name, [0.0] * 64) in range(10) for name in PER_MODEL_PYTHON)

@@ -53,9 +53,10 @@ def _env_tarball(path: Path, mlserver: str | None = "1.7.1", marker: str = "") -
     version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
     members = [*tiny_env(), M("share/which", data=marker.encode())]
     if mlserver is not None:
+        metadata = f"Metadata-Version: 2.1\nName: mlserver\nVersion: {mlserver}\n"
         members += [
             M("bin/mlserver", data=b"#!/bin/sh\n", mode=0o755),
-            M(f"lib/{version}/site-packages/mlserver-{mlserver}.dist-info/METADATA", data=b"Name: mlserver\n"),
+            M(f"lib/{version}/site-packages/mlserver-{mlserver}.dist-info/METADATA", data=metadata.encode()),
         ]
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_tar(path, members)
@@ -187,3 +188,26 @@ def test_a_model_can_pin_its_tarball(tmp_path: Path) -> None:
     _model(root / "iris", environment_tarball="env.tar.gz", environment_tarball_sha256="not hex")
     line = _refused(tmp_path, root, 2)
     assert "model iris" in line and "environment_tarball_sha256 must be 64 hex digits" in line
+
+
+def test_inspect_reports_each_models_environment(tmp_path: Path, models: Path) -> None:
+    env = entry_env(MLSERVER_ENV_CACHE_DIR=tmp_path / "c", MLSERVER_MODELS_DIR=models, **_server(tmp_path))
+    proc = run_entrypoint(["inspect"], env)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("iris", "digits", "digits-too"):
+        assert f"model {name} ({models / name if name != 'digits' else models / 'group' / name}" in proc.stdout
+    doc = json.loads(run_entrypoint(["inspect", "--json"], env).stdout)
+    assert doc["server"] is None and set(doc["models"]) == {"iris", "digits", "digits-too"}
+    assert doc["models"]["iris"]["packages"] == {"mlserver": "1.7.1"}
+    assert not (tmp_path / "c").exists()  # inspect unpacks nothing
+
+
+def test_inspect_says_which_model_will_not_work_and_why(tmp_path: Path, models: Path) -> None:
+    """inspect is the promise of what a start will do: the same exit code and the same model."""
+    _env_tarball(models / "iris" / "env-a.tar.gz", mlserver="1.6.0")
+    env = entry_env(MLSERVER_ENV_CACHE_DIR=tmp_path / "c", MLSERVER_MODELS_DIR=models, **_server(tmp_path))
+    inspected = run_entrypoint(["inspect"], env)
+    started = run_entrypoint(["mlserver", "start", str(models)], env)
+    assert inspected.returncode == started.returncode == 4
+    for line in (error_line(inspected), error_line(started)):
+        assert "model iris" in line and "mlserver 1.6.0" in line and "mlserver==1.7.1" in line
