@@ -12,10 +12,12 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import v2grpc
 import yaml
 from conftest import Example, _build
 from containers import DIGITS, IMAGE, STOP_LIMIT, Podman, build_image, log_line, readable_for_anyone, run_detached
@@ -116,14 +118,15 @@ def seed_mounts(podman: Podman, names: list[str], models: Path, cache: str) -> l
     ]
 
 
-def test_seed_flow_serves_the_right_digits_and_stops_in_time(
+def test_seed_flow_serves_the_right_digits_on_http_and_grpc_and_stops_in_time(
     podman: Podman, image: str, models: Path, names: list[str]
 ) -> None:
-    """The README's `docker run`: the folder mounted, MLSERVER_ENV_TARBALL set, port 8080 published."""
+    """The README's `docker run`: the folder mounted, MLSERVER_ENV_TARBALL set, ports 8080 and 8081
+    published. One container answers both protocols: a second cold start would only cost time."""
     mounts = seed_mounts(podman, names, models, "seed-envs")
     ctr = _name(names, "ctr", "seed")
-    port = free_port()
-    run_detached(podman, ctr, [*mounts, "-p", f"127.0.0.1:{port}:8080"])
+    port, grpc_port = free_port(), free_port()
+    run_detached(podman, ctr, [*mounts, "-p", f"127.0.0.1:{port}:8080", "-p", f"127.0.0.1:{grpc_port}:8081"])
     url = f"http://127.0.0.1:{port}"
     took = podman.wait_ready(ctr, url)
     logs = podman.logs(ctr)
@@ -139,11 +142,19 @@ def test_seed_flow_serves_the_right_digits_and_stops_in_time(
     assert isinstance(pixels, list) and isinstance(predicted, list)
     got = [infer(url, "mnist-svm", p) for p in pixels]
     assert got == predicted and len(set(got)) > 3
+    # The same images over V2 gRPC (ModelInfer), after ServerReady and ModelReady.
+    t0 = time.monotonic()
+    assert v2grpc.digits(f"127.0.0.1:{grpc_port}", "mnist-svm", pixels) == predicted
+    report(f"gRPC: ServerReady, ModelReady and {len(pixels)} ModelInfer calls in {time.monotonic() - t0:.2f} s")
 
     assert podman("healthcheck", "run", ctr, check=False).returncode == 0  # the image's HEALTHCHECK
     user = podman("top", ctr, "user", "args").stdout
     assert "root" not in user and "mlserver start" in user
+    _stops_in_time(podman, ctr)
 
+
+def _stops_in_time(podman: Podman, ctr: str) -> None:
+    """`podman stop` ends the seed server before podman's own SIGKILL, with mlserver's shutdown."""
     stop_took, stop = podman.stop(ctr)
     logs = podman.logs(ctr)
     assert stop_took < STOP_LIMIT, logs[-3000:]
