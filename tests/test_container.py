@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -366,31 +366,33 @@ def test_no_tarball_serves_with_the_images_own_mlserver(
     )
 
 
+def _compose(project: str, env: dict[str, str]) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """podman-compose on docker-compose.yml as `project`; a failing command fails with its output."""
+    compose = [sys.executable, "-m", "podman_compose", "--project-name", project]
+    compose += ["--file", str(REPO / "docker-compose.yml")]
+
+    def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([*compose, *args], env=env, capture_output=True, text=True, timeout=300, check=False)
+        output = f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+        assert proc.returncode == 0 or not check, f"podman-compose {' '.join(args)}:\n{output}"
+        return proc
+
+    return run
+
+
 def test_compose_stack_comes_up_healthy_and_answers(podman: Podman, image: str, models: Path, names: list[str]) -> None:
+    """docker-compose.yml as it is: healthy, answering on both published ports (HTTP and gRPC),
+    and a cache hit after `restart`."""
     project = f"mlenvtest{os.getpid()}"
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     env = {
         **podman.env,
         "MLSERVER_ENV_IMAGE": image,  # built already: compose uses it rather than building again
         "MODELS_DIR": str(models),
         "HOST_HTTP_PORT": str(port),
-        "HOST_GRPC_PORT": str(free_port()),
+        "HOST_GRPC_PORT": str(grpc_port),
     }
-    compose = [
-        sys.executable,
-        "-m",
-        "podman_compose",
-        "--project-name",
-        project,
-        "--file",
-        str(REPO / "docker-compose.yml"),
-    ]
-
-    def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([*compose, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False)
-        assert proc.returncode == 0, f"podman-compose {' '.join(args)}:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
-        return proc
-
+    run = _compose(project, env)
     try:
         run("up", "--detach")
         ctr = podman(
@@ -402,6 +404,7 @@ def test_compose_stack_comes_up_healthy_and_answers(podman: Podman, image: str, 
         assert podman("healthcheck", "run", ctr, check=False).returncode == 0
         assert podman("inspect", "--format", "{{.State.Health.Status}}", ctr).stdout.strip() == "healthy"
         assert infer(url, "mnist-svm", [0.0] * 64) in range(10)
+        assert v2grpc.digits(f"127.0.0.1:{grpc_port}", "mnist-svm", [[0.0] * 64])[0] in range(10)
         assert "extract:" in podman.logs(ctr)
 
         run("restart")
@@ -410,7 +413,7 @@ def test_compose_stack_comes_up_healthy_and_answers(podman: Podman, image: str, 
         assert "cache hit" in last_start and "extract:" not in last_start
         report(f"compose stack: healthy in {took:.1f} s; after `restart` (cache hit) ready in {restarted:.1f} s")
     finally:
-        subprocess.run([*compose, "down", "--volumes"], env=env, capture_output=True, timeout=300, check=False)
+        run("down", "--volumes", check=False)
 
 
 PER_MODEL = REPO / "examples" / "per-model"
