@@ -1,9 +1,11 @@
 """The deployment files, checked without running them (issue 4): the Dockerfile passes hadolint,
-the Kubernetes manifests validate against the Kubernetes schema (offline, strict), the compose
-file and the image's pins say what docs/deployment.md promises. tests/test_container.py runs them."""
+the Kubernetes manifests validate against the Kubernetes schema (offline, strict), the KServe
+resources against their CRDs' schemas (vendored, tests/kube_schema.py), the compose file and the
+image's pins say what docs/deployment.md promises. tests/test_container.py runs them."""
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
@@ -12,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import kube_schema
 import kubernetes_validate
 import pytest
 import yaml
@@ -81,6 +84,144 @@ def test_warm_variant_unpacks_in_an_init_container() -> None:
     assert {k: v for k, v in warm.items() if k != "initContainers"} | {"containers": None} == cold | {
         "containers": None
     }
+
+
+KSERVE = REPO / "deploy" / "kserve"
+CUSTOM_RESOURCES = sorted(KSERVE.glob("*.yaml"))
+
+
+def _resource(path: Path) -> dict[str, Any]:
+    (doc,) = _documents(path)
+    return doc
+
+
+def _env(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container.get("env", [])}
+
+
+@pytest.mark.parametrize("path", CUSTOM_RESOURCES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_custom_resources_validate_against_their_crd_schema(path: Path) -> None:
+    assert kube_schema.errors(_resource(path)) == []
+
+
+def test_vendored_crd_schemas_name_their_release_and_are_evaluated_in_full() -> None:
+    readme = (kube_schema.SCHEMAS / "README.md").read_text()
+    for vendored in kube_schema.vendored().values():
+        source = vendored["source"]
+        assert re.fullmatch(r"[0-9a-f]{40}", source["commit"]), source
+        assert f"/blob/{source['tag']}/" in source["url"] and source["commit"] in readme, source
+        assert source["license"] == "Apache-2.0", source  # what this project may redistribute
+        assert kube_schema.unevaluated(vendored["openAPIV3Schema"]) == set(), source["kind"]
+
+
+DELETE = object()
+
+
+def _set(path: list[str | int], value: Any) -> Any:
+    """A mutation: set the field at `path` to `value` (an index one past a list's end appends), or
+    delete it (DELETE)."""
+
+    def mutate(doc: dict[str, Any]) -> None:
+        *parents, last = path
+        for key in parents:
+            doc = doc[key]
+        if value is DELETE:
+            del doc[last]
+        elif isinstance(doc, list) and last == len(doc):
+            doc.append(value)
+        else:
+            doc[last] = value
+
+    return mutate
+
+
+SR_CONTAINER: list[str | int] = ["spec", "containers", 0]
+ISVC_MODEL: list[str | int] = ["spec", "predictor", "model"]
+# (file, mutation, what the error says): each a mistake the API server or the controller refuses.
+BROKEN = {
+    "string field given a number": ("servingruntime", _set([*SR_CONTAINER, "env", 0, "value"], 8080), "not of type"),
+    "required field missing": ("inferenceservice", _set(["spec", "predictor"], DELETE), "'predictor' is a required"),
+    "misspelt field": ("inferenceservice", _set([*ISVC_MODEL, "storageURI"], "s3://m"), "unknown field 'storageURI'"),
+    "int-or-string port given a boolean": (
+        "servingruntime",
+        _set([*SR_CONTAINER, "readinessProbe", "httpGet", "port"], True),
+        "neither an integer nor a string",
+    ),
+    "int32 out of range": ("servingruntime", _set([*SR_CONTAINER, "ports", 0, "containerPort"], 2**31), "'int32'"),
+    "env variable twice": (
+        "servingruntime",
+        _set([*SR_CONTAINER, "env", 1], {"name": "MLSERVER_MODEL_IMPLEMENTATION", "value": "x"}),
+        "duplicate entries",
+    ),
+    "port twice, protocol defaulted": (
+        "servingruntime",
+        _set([*SR_CONTAINER, "ports", 1], {"name": "h2c", "containerPort": 8080}),
+        "duplicate entries",
+    ),
+    "priority below its minimum": (
+        "servingruntime",
+        _set(["spec", "supportedModelFormats", 0, "priority"], 0),
+        "minimum",
+    ),
+    "quantity that is not one": (
+        "servingruntime",
+        _set(["spec", "volumes", 0, "emptyDir", "sizeLimit"], "2 GB"),
+        "match",
+    ),
+    "field left null": ("servingruntime", _set(["spec", "volumes"], None), "not of type 'array'"),
+    "name with capitals": ("inferenceservice", _set(["metadata", "name"], "MNIST-SVM"), "DNS-1123"),
+    "label value not a string": ("servingruntime", _set(["metadata", "labels", "serving"], True), "not a label"),
+}
+
+
+@pytest.mark.parametrize("mistake", BROKEN)
+def test_crd_validation_refuses_a_broken_resource(mistake: str) -> None:
+    name, mutate, expected = BROKEN[mistake]
+    (path,) = [p for p in CUSTOM_RESOURCES if p.stem == name]
+    doc = copy.deepcopy(_resource(path))
+    mutate(doc)
+    found = kube_schema.errors(doc)
+    assert any(expected in line for line in found), found
+
+
+def test_kserve_runtime_is_the_one_the_inferenceservice_asks_for() -> None:
+    runtime, isvc = _resource(KSERVE / "servingruntime.yaml"), _resource(KSERVE / "inferenceservice.yaml")
+    model = isvc["spec"]["predictor"]["model"]
+    assert model["runtime"] == runtime["metadata"]["name"]
+    formats = runtime["spec"]["supportedModelFormats"]
+    assert model["modelFormat"]["name"] in {f["name"] for f in formats if f.get("autoSelect")}
+    assert runtime["spec"]["protocolVersions"] == [model["protocolVersion"]] == ["v2"]
+    # KServe refuses a runtime giving one format two priorities.
+    assert len({f.get("priority") for f in formats if f["name"] == "sklearn"}) == 1
+    # A folder for the storage initializer to download (model, settings, environment.tar.gz).
+    assert re.fullmatch(r"(s3|gs|https?|pvc)://\S+", model["storageUri"]) and not model["storageUri"].endswith(".gz")
+    assert runtime["metadata"]["annotations"]["serving.kserve.io/server-type"] == "mlserver"
+
+
+def test_kserve_runtime_container_serves_the_environment_of_the_model_folder() -> None:
+    runtime = _resource(KSERVE / "servingruntime.yaml")["spec"]
+    (server,) = runtime["containers"]
+    assert server["name"] == "kserve-container"  # where KServe puts the InferenceService's model
+    assert server["image"] == _deployment(K8S / "serve.yaml")["spec"]["template"]["spec"]["containers"][0]["image"]
+    env = _env(server)
+    assert "MLSERVER_ENV_TARBALL" not in env  # the default: /mnt/models/environment.tar.gz
+    assert env["MLSERVER_MODEL_IMPLEMENTATION"] == "mlserver_sklearn.SKLearnModel"
+    # Knative routes one port, named http1 or h2c: the HTTP one, which the probe asks.
+    (port,) = server["ports"]
+    assert port["name"] == "http1" and port["containerPort"] == int(env["MLSERVER_HTTP_PORT"]) == 8080
+    assert env["MLSERVER_GRPC_PORT"] == "8081"
+    assert server["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8080}
+    volumes = {v["name"]: v for v in runtime["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in server["volumeMounts"]}
+    assert set(mounts.values()) <= set(volumes) and "emptyDir" in volumes[mounts["/opt/envs"]]
+    assert "/mnt/models" not in mounts  # the storage initializer's volume goes there
+    assert server["securityContext"]["readOnlyRootFilesystem"] is True and "/tmp" in mounts
+
+
+def test_deployment_page_shows_every_custom_resource_file() -> None:
+    page = (REPO / "docs" / "deployment.md").read_text()
+    missing = [str(p.relative_to(REPO)) for p in CUSTOM_RESOURCES if str(p.relative_to(REPO)) not in page]
+    assert not missing, missing
 
 
 def test_compose_file_serves_the_seed_with_a_named_cache_volume() -> None:
