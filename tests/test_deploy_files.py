@@ -1,7 +1,7 @@
 """The deployment files, checked without running them (issue 4): the Dockerfile passes hadolint,
-the Kubernetes manifests validate against the Kubernetes schema (offline, strict), the KServe
-resources against their CRDs' schemas (vendored, tests/kube_schema.py), the compose file and the
-image's pins say what docs/deployment.md promises. tests/test_container.py runs them."""
+the Kubernetes manifests validate against the Kubernetes schema (offline, strict), the KServe and
+Seldon Core 2 resources against their CRDs' schemas (vendored, tests/kube_schema.py), the compose
+file and the image's pins say what docs/deployment.md promises. tests/test_container.py runs them."""
 
 from __future__ import annotations
 
@@ -87,7 +87,8 @@ def test_warm_variant_unpacks_in_an_init_container() -> None:
 
 
 KSERVE = REPO / "deploy" / "kserve"
-CUSTOM_RESOURCES = sorted(KSERVE.glob("*.yaml"))
+SELDON = REPO / "deploy" / "seldon"
+CUSTOM_RESOURCES = sorted([*KSERVE.glob("*.yaml"), *SELDON.glob("*.yaml")])
 
 
 def _resource(path: Path) -> dict[str, Any]:
@@ -169,6 +170,8 @@ BROKEN = {
         "match",
     ),
     "field left null": ("servingruntime", _set(["spec", "volumes"], None), "not of type 'array'"),
+    "model on a misspelt field": ("model", _set(["spec", "servers"], "mlserver-env"), "unknown field 'servers'"),
+    "server without its config": ("server", _set(["spec", "serverConfig"], DELETE), "'serverConfig' is a required"),
     "name with capitals": ("inferenceservice", _set(["metadata", "name"], "MNIST-SVM"), "DNS-1123"),
     "label value not a string": ("servingruntime", _set(["metadata", "labels", "serving"], True), "not a label"),
 }
@@ -216,6 +219,22 @@ def test_kserve_runtime_container_serves_the_environment_of_the_model_folder() -
     assert set(mounts.values()) <= set(volumes) and "emptyDir" in volumes[mounts["/opt/envs"]]
     assert "/mnt/models" not in mounts  # the storage initializer's volume goes there
     assert server["securityContext"]["readOnlyRootFilesystem"] is True and "/tmp" in mounts
+
+
+def test_seldon_server_runs_the_image_in_place_of_mlserver() -> None:
+    server, model = _resource(SELDON / "server.yaml"), _resource(SELDON / "model.yaml")
+    assert server["spec"]["serverConfig"] == "mlserver" and model["spec"]["server"] == server["metadata"]["name"]
+    (override,) = server["spec"]["podSpec"]["containers"]
+    assert override["name"] == "mlserver"  # merged by name into the ServerConfig's MLServer container
+    assert override["image"] == _resource(KSERVE / "servingruntime.yaml")["spec"]["containers"][0]["image"]
+    # The ServerConfig's models folder (MLSERVER_MODELS_DIR), filled by the agent after the start.
+    assert override["args"] == ["mlserver", "start", "/mnt/agent/models"]
+    assert re.fullmatch(r"https://\S+", _env(override)["MLSERVER_ENV_TARBALL"])
+    probe = override["startupProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= 300  # a first download and unpack
+    volumes = {v["name"]: v for v in server["spec"]["podSpec"]["volumes"]}
+    (mount,) = override["volumeMounts"]
+    assert mount["mountPath"] == "/opt/envs" and "emptyDir" in volumes[mount["name"]]
 
 
 def test_deployment_page_shows_every_custom_resource_file() -> None:
