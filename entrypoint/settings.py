@@ -213,7 +213,17 @@ def _in_range(value: float, rule: Rule) -> bool:
 
 
 def load() -> Settings:
-    """Read and validate every setting; a bad value is one line naming its variable."""
+    """Read and validate every setting; a bad value is one line naming its variable. Settings in
+    their plainest form are read without pydantic (tests/test_settings_readers.py: both readers
+    agree), which saves its import on every cold start."""
+    plain_config = plain(os.environ)
+    if plain_config is not None:
+        return plain_config
+    return validated()
+
+
+def validated() -> Settings:
+    """The settings as the pydantic-settings model reads them: every form a value may take."""
     from pydantic import ValidationError
 
     _warn_unknown(os.environ)

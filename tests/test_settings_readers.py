@@ -4,10 +4,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 from unittest import mock
 
+from archives import tiny_env, write_tar
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import entry_env
 
 from entrypoint import settings as entry_settings
 from entrypoint.errors import ConfigError
@@ -40,7 +45,20 @@ def _agree(name: str, raw: str) -> None:
         return
     with mock.patch.dict(os.environ, environ, clear=True):
         try:
-            full = entry_settings.load()
+            full = entry_settings.validated()
         except ConfigError as exc:
             raise AssertionError(f"plain took {name}={raw!r}, load refused it: {exc.line}") from exc
     assert getattr(fast, name) == getattr(full, name), (name, raw)
+
+
+def test_a_cold_start_with_plain_settings_does_not_import_pydantic(tmp_path: Path) -> None:
+    """Its import is a tenth of a cold start; only a value in another form than the plainest needs it."""
+    tarball = write_tar(tmp_path / "env.tar.gz", tiny_env())
+    probe = "import sys, runpy; sys.argv = ['x', 'unpack']; runpy.run_module('entrypoint', run_name='__main__')"
+    for extra, imported in (({}, False), ({"MLSERVER_ENV_LOCK_TIMEOUT": " 30 "}, True)):
+        env = entry_env(MLSERVER_ENV_TARBALL=tarball, MLSERVER_ENV_CACHE_DIR=tmp_path / "c", **extra)
+        proc = subprocess.run(
+            [sys.executable, "-X", "importtime", "-c", probe], env=env, capture_output=True, text=True, check=False
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert (" pydantic_settings" in proc.stderr) is imported, extra
