@@ -1,7 +1,7 @@
 """Command line: first-argument dispatch (like the Docker official images' entrypoints), then exec.
 
 mlserver-entrypoint                      # mlserver start $MLSERVER_MODELS_DIR, in the environment
-mlserver-entrypoint unpack               # prepare the environment, print its prefix, exit
+mlserver-entrypoint unpack               # prepare the environments, print their prefixes, exit
 mlserver-entrypoint inspect [TARBALL] [--json]                 # what an archive holds, will it work here
 mlserver-entrypoint gc [--max-bytes N] [--max-age DAYS] [--dry-run]  # trim the cache, never an entry in use
 mlserver-entrypoint CMD [ARG…]           # any command, in the environment
@@ -129,7 +129,15 @@ def _wanted(command: list[str] | None) -> list[ModelEnv]:
         return []
     config = settings.plain(os.environ, only=("models_dir",))
     folder = command[2] if command else None if config is None else config.models_dir
-    return [] if folder is None else models.find(Path(folder))
+    found = [] if folder is None else models.find(Path(folder))
+    taken = found and models.repository_taken(Path(folder or ""), os.environ)
+    if taken:
+        log.info(
+            f"warning: {taken} names a model repository of its own, so the models' environment_tarball is left "
+            "to MLServer; see docs/per-model.md"
+        )
+        return []
+    return found
 
 
 def prepared(require: tuple[str, ...], wanted: list[ModelEnv]) -> Ready:
@@ -138,7 +146,8 @@ def prepared(require: tuple[str, ...], wanted: list[ModelEnv]) -> Ready:
     t0 = time.monotonic()
     hit = warm.lookup(os.environ, require, wanted)
     if hit is not None:
-        log.info(f"locate: {(time.monotonic() - t0) * 1000:.0f} ms, cache hit {hit.prefix}")
+        hits = [str(p) for p in [hit.prefix, *hit.models.values()] if p is not None]
+        log.info(f"locate: {(time.monotonic() - t0) * 1000:.0f} ms, cache hit {', '.join(dict.fromkeys(hits))}")
         return hit
     from entrypoint import prepare
 
@@ -168,7 +177,7 @@ def launch(command: list[str], ready: Ready) -> NoReturn:
     _warn_other_models_dir(command)
     argv = activate.resolve_command(command, env, ready.prefix)
     if ready.models:
-        argv = _handed_over(argv, ready.models)
+        _hand_over(argv, env, ready.models)
     if (stop := worker.pending_stop()) is not None:  # the last moment a stop keeps the command from running
         raise Stopped(stop, "starting", "the command was not run")
     mode = ready.config.init
@@ -182,13 +191,12 @@ def launch(command: list[str], ready: Ready) -> NoReturn:
     activate.exec_command(argv, env)
 
 
-def _handed_over(argv: list[str], prepared: Mapping[ModelEnv, Path]) -> list[str]:
-    """`mlserver start FOLDER` serving the same models, each in its prepared environment."""
+def _hand_over(argv: list[str], env: dict[str, str], prepared: Mapping[ModelEnv, Path]) -> None:
+    """The server (`mlserver start FOLDER`) loads each model of `prepared` in its own environment."""
     server = Path(os.path.realpath(argv[0])).parent.parent  # <prefix>/bin/mlserver
     models.check_versions(prepared, models.mlserver_version(server))
-    folder = models.handover(Path(argv[2]), prepared)
-    log.info(f"models with an environment of their own: {', '.join(m.name for m in prepared)}; serving {folder}")
-    return [*argv[:2], str(folder)]
+    models.handover(prepared, env)
+    log.info(f"models with an environment of their own: {', '.join(m.name for m in prepared)}")
 
 
 def _activated(prefix: Path) -> dict[str, str]:

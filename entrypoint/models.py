@@ -1,18 +1,16 @@
 """Per-model environments: the models whose model-settings.json names a tarball
-(`parameters.environment_tarball`, MLServer 1.2+), and the models folder handed to MLServer with
-each of them pointing at its prepared cache entry instead (`parameters.environment_path`, 1.3+).
+(`parameters.environment_tarball`, MLServer 1.2+), each prepared like the server's environment,
+and handed to MLServer, which then loads the model from its entry (`environment_path`, 1.3+).
 
-Models are found as MLServer finds them (every model-settings.json below the folder), and a
-relative tarball is resolved as MLServer resolves it: against the folder of its model-settings.json.
-The folder handed over is a fresh private folder in $TMPDIR that mirrors the models folder with
-symbolic links: only the folders that lead to a rewritten model-settings.json are real, so the
-models folder itself (often read-only) is never written, and MLServer still imports a custom
-runtime's code from the model's folder and finds every other model as before.
+Models are found as MLServer finds them (every model-settings.json below the folder, with the same
+glob), and a relative tarball is resolved as MLServer resolves it: against the folder of its
+model-settings.json. The hand-over writes nothing: MLServer's model repository is replaced by its
+own subclass (hook/), which sets environment_path on the models whose tarball was prepared. Names,
+model files, custom runtimes and the repository API stay MLServer's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import os
@@ -30,6 +28,9 @@ SETTINGS_MAX = 1 << 20  # a model-settings.json is a few hundred bytes; a bigger
 PIN = "environment_tarball_sha256"  # our own parameter; MLServer keeps unknown parameters as extras
 ENVIRONMENT_PATH_SINCE = (1, 3)  # the first MLServer that reads parameters.environment_path
 DIST_INFO = r"mlserver-([^-]+)\.dist-info"
+REPOSITORY_VARIABLE = "MLSERVER_MODEL_REPOSITORY_IMPLEMENTATION"  # MLServer's own setting (1.3+)
+REPOSITORY = "mlserver_env_repository.Repository"
+ENVIRONMENTS_VARIABLE = "MLSERVER_ENTRYPOINT_MODEL_ENVIRONMENTS"  # read by hook/mlserver_env_repository.py
 
 
 class ModelEnv(NamedTuple):
@@ -48,7 +49,7 @@ def find(models_dir: Path) -> list[ModelEnv]:
     A file MLServer cannot read either is left to MLServer, which skips it with its own error."""
     root = os.path.abspath(models_dir)
     found = []
-    for path in sorted(glob.glob(os.path.join(glob.escape(root), "**", SETTINGS_FILE), recursive=True)):
+    for path in sorted(glob.glob(os.path.join(root, "**", SETTINGS_FILE), recursive=True)):  # MLServer's glob
         doc = _read(Path(path))
         params = doc.get("parameters") if doc is not None else None
         if doc is None or not isinstance(params, dict) or params.get("environment_path"):
@@ -62,13 +63,13 @@ def find(models_dir: Path) -> list[ModelEnv]:
 
 
 def _read(path: Path) -> dict[str, Any] | None:
-    data = fs.read_small(path, SETTINGS_MAX)
-    if data is None:
+    """The JSON object in `path`, or None for anything else (missing, unreadable, not JSON)."""
+    try:
+        data = fs.read_small(path, SETTINGS_MAX)
+        doc = json.loads(data) if data is not None else None
+    except (OSError, ValueError, RecursionError):
         return None
-    with contextlib.suppress(ValueError):
-        doc = json.loads(data)
-        return doc if isinstance(doc, dict) else None
-    return None
+    return doc if isinstance(doc, dict) else None
 
 
 def _model_env(name: str, settings_file: Path, tarball: object, pin: object) -> ModelEnv:
@@ -124,49 +125,24 @@ def _release(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", version)[:2])
 
 
-def handover(models_dir: Path, models: Mapping[ModelEnv, Path]) -> Path:
-    """A private folder that MLServer serves in place of `models_dir`: the same models, each of
-    `models` loaded from its prepared environment."""
-    import shutil
-    import tempfile
-
-    root = Path(os.path.abspath(models_dir))
-    rewritten = {m.settings_file: _rewritten(m, prefix) for m, prefix in models.items()}
-    real = {root, *(p for f in rewritten for p in f.parents if p.is_relative_to(root))}
-    mirror = Path(tempfile.mkdtemp(prefix="mlserver-env-models-"))
-    try:
-        _mirror(root, mirror / root.name, real, rewritten)
-    except OSError as exc:
-        shutil.rmtree(mirror, ignore_errors=True)
-        raise ConfigError(
-            f"cannot write the models folder handed to MLServer under {mirror.parent} ({exc.strerror})",
-            "give the container a writable /tmp (a tmpfs), or set TMPDIR to a writable folder",
-        ) from exc
-    return mirror / root.name
+def handover(prepared: Mapping[ModelEnv, Path], env: dict[str, str]) -> None:
+    """Make MLServer load each model of `prepared` from its entry: its repository is ours
+    (hook/mlserver_env_repository.py), which sets environment_path, told by a variable where each
+    tarball was prepared."""
+    hook = str(Path(__file__).parent / "hook")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [hook, env.get("PYTHONPATH")]))
+    env[REPOSITORY_VARIABLE] = REPOSITORY
+    by_tarball = {_tarball_key(m.tarball): str(prefix) for m, prefix in prepared.items()}
+    env[ENVIRONMENTS_VARIABLE] = json.dumps(by_tarball)
 
 
-def _rewritten(model: ModelEnv, prefix: Path) -> bytes:
-    """The model's settings, loading it from `prefix`: the same name and model files as before."""
-    doc = _read(model.settings_file)
-    assert doc is not None  # read by find() moments ago
-    params = dict(doc["parameters"])
-    params.pop("environment_tarball", None)
-    params["environment_path"] = str(prefix)
-    uri = params.get("uri")
-    if uri is None:
-        params["uri"] = str(model.settings_file.parent)
-    elif isinstance(uri, str) and "://" not in uri:
-        params["uri"] = os.path.normpath(os.path.join(model.settings_file.parent, uri))
-    return json.dumps({**doc, "name": model.name, "parameters": params}, indent=1).encode()
+def _tarball_key(tarball: str) -> str:
+    return tarball if "://" in tarball else os.path.realpath(tarball)
 
 
-def _mirror(source: Path, target: Path, real: set[Path], rewritten: Mapping[Path, bytes]) -> None:
-    os.mkdir(target, 0o755)
-    for name in sorted(os.listdir(source)):
-        path = source / name
-        if path in rewritten:
-            (target / name).write_bytes(rewritten[path])
-        elif path in real and path.is_dir():
-            _mirror(path, target / name, real, rewritten)
-        else:
-            os.symlink(path, target / name)
+def repository_taken(models_dir: Path, environ: Mapping[str, str]) -> str | None:
+    """Where another model repository is configured, which the hand-over would replace."""
+    if environ.get(REPOSITORY_VARIABLE):
+        return REPOSITORY_VARIABLE
+    doc = _read(Path(models_dir) / "settings.json")
+    return f"{models_dir}/settings.json" if doc is not None and doc.get("model_repository_implementation") else None

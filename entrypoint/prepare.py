@@ -13,7 +13,7 @@ import os
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from entrypoint import activate, archive, entry, extract, fs, gc, lease, log, manifest, settings, source, warm, worker
 from entrypoint.entry import Entry
@@ -30,6 +30,13 @@ if TYPE_CHECKING:
 Send = Callable[[Message], None]
 
 
+class Job(NamedTuple):
+    config: Settings  # a model's: with its own tarball and pin (warm.for_model)
+    tarball: Tarball | RemoteTarball
+    require: tuple[str, ...]
+    label: str | None  # names a model's environment in its errors
+
+
 def main(send: Send, require: tuple[str, ...], wanted: list[ModelEnv]) -> int:
     """The worker's job: prepare the environment and each model's, and send their keys and the
     settings read."""
@@ -37,50 +44,72 @@ def main(send: Send, require: tuple[str, ...], wanted: list[ModelEnv]) -> int:
         source.prehash(path)
     config = settings.load()
     tarball = source.locate(config)
-    key = None if tarball is None else prepare(config, tarball, require, send).key
-    keys = [_prepare_model(config, model, send) for model in wanted]
+    server = [] if tarball is None else [Job(config, tarball, require, None)]
+    shared = list(dict.fromkeys((m.tarball, m.sha256) for m in wanted))  # one job per tarball and pin
+    jobs = server + [_model_job(config, next(m for m in wanted if (m.tarball, m.sha256) == t)) for t in shared]
+    # Every entry is located and held before any is prepared: the cache bounds remove none of them.
+    entries = [locate(job) for job in jobs]
+    for job, found in zip(jobs, entries, strict=True):
+        prepare(job, found, send)
+    keys = [entries[len(server) + shared.index((m.tarball, m.sha256))].key for m in wanted]
+    key = entries[0].key if server else None
     send({"result": {"key": key, "models": keys, "settings": settings.dump(config)}})
     return 0
 
 
-def _prepare_model(config: Settings, model: ModelEnv, send: Send) -> str:
-    """A model's environment, prepared as the server's is; its errors name the model."""
+def _model_job(config: Settings, model: ModelEnv) -> Job:
     own = warm.for_model(config, model)
-    try:
+    with _about(model.label):
         tarball = source.locate(own, model.label)
-        assert tarball is not None  # a model names a tarball (models.find)
-        return prepare(own, tarball, ("mlserver",), send).key
+    assert tarball is not None  # a model names a tarball (models.find)
+    return Job(own, tarball, ("mlserver",), model.label)
+
+
+@contextlib.contextmanager
+def _about(label: str | None) -> Iterator[None]:
+    """Errors naming the model whose environment is being prepared."""
+    try:
+        yield
     except EntrypointError as exc:
-        raise exc.about(model.label) from exc
+        if label is None:
+            raise
+        raise exc.about(label) from exc
 
 
-def prepare(config: Settings, tarball: Tarball | RemoteTarball, require: tuple[str, ...], send: Send) -> Entry:
-    """The entry of `tarball`, published: found in the cache, or unpacked now."""
-    with log.phase("locate", {"tarball": tarball.display}) as details:
+def locate(job: Job) -> Entry:
+    """The entry of the job's tarball in the cache, held by this process (gc removes it no more)."""
+    config, tarball = job.config, job.tarball
+    with _about(job.label), log.phase("locate", {"tarball": tarball.display}) as details:
         key, remembered = source.content_key(tarball, config.cache_dir, config.tarball_sha256)
         found = Entry(config.cache_dir, key)
         lease.hold(found)  # before the marker is read: no gc removes it from here on
-        gc.at_start(config)
-        entry.ensure_executable(config.cache_dir)
-        problem = _problem(found, config, require)
         details["entry"] = str(found.prefix)
         details["key"] = "remembered" if remembered else "hashed"
         if not isinstance(tarball, Tarball):
             details["key"] = "the pin" if config.tarball_sha256 else "the object's identity"
-    if problem is None:
-        log.info(f"cache hit: {found.prefix}")
-        return found
-    entry.ensure_writable(config.cache_dir)
-    with _locked(found, config.lock_timeout, tarball.display, problem):
-        problem = _problem(found, config, require)  # another process may have unpacked it meanwhile
-        if problem is None:
-            log.info(f"cache hit after waiting: {found.prefix}")
-            return found
-        if problem != "not unpacked yet":
-            log.info(f"cache entry {found.prefix} unusable ({problem}); unpacking again")
-        send({"entry": [str(found.root), found.key]})
-        _unpack(found, tarball, config, require)
     return found
+
+
+def prepare(job: Job, found: Entry, send: Send) -> None:
+    """`found`, the entry of the job's tarball, published: found in the cache, or unpacked now."""
+    config, require = job.config, job.require
+    with _about(job.label):
+        gc.at_start(config)
+        entry.ensure_executable(config.cache_dir)
+        problem = _problem(found, config, require)
+        if problem is None:
+            log.info(f"cache hit: {found.prefix}")
+            return
+        entry.ensure_writable(config.cache_dir)
+        with _locked(found, config.lock_timeout, job.tarball.display, problem):
+            problem = _problem(found, config, require)  # another process may have unpacked it meanwhile
+            if problem is None:
+                log.info(f"cache hit after waiting: {found.prefix}")
+                return
+            if problem != "not unpacked yet":
+                log.info(f"cache entry {found.prefix} unusable ({problem}); unpacking again")
+            send({"entry": [str(found.root), found.key]})
+            _unpack(found, job.tarball, config, require)
 
 
 def _problem(found: Entry, config: Settings, require: tuple[str, ...]) -> str | None:

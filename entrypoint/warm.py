@@ -28,7 +28,11 @@ def lookup(environ: Mapping[str, str], require: tuple[str, ...], wanted: Sequenc
         return None  # the cold path applies the cache bounds (gc.at_start) on every start
     unset = not _configured(config)
     prefix = None if unset else _found(config, require)
-    found = {m: _found(for_model(config, m), ("mlserver",)) for m in wanted}
+    by_tarball: dict[tuple[str, str | None], Path | None] = {}  # models sharing a tarball share its entry
+    for m in wanted:
+        if (m.tarball, m.sha256) not in by_tarball:
+            by_tarball[m.tarball, m.sha256] = _found(for_model(config, m), ("mlserver",))
+    found = {m: by_tarball[m.tarball, m.sha256] for m in wanted}
     if (prefix is None and not unset) or None in found.values():
         return None
     return Ready(prefix, config, {m: p for m, p in found.items() if p is not None})

@@ -25,6 +25,32 @@ def pytest_configure(config: pytest.Config) -> None:
     signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 
+@pytest.fixture(scope="session")
+def mlserver_python() -> Path:
+    """The interpreter of a virtualenv with the image's MLServer (docker/constraints.txt), built
+    once per machine: MLServer's own model discovery for tests that need no running server."""
+    import hashlib
+
+    from filelock import FileLock
+
+    pins = (REPO / "docker" / "constraints.txt").read_bytes()
+    cache = Path.home() / ".cache" / "mlserver-env-fixtures"
+    venv = cache / f"mlserver-venv-{hashlib.sha256(pins).hexdigest()[:12]}"
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(venv) + ".lock"):
+        if not (venv / ".done").exists():
+            shutil.rmtree(venv, ignore_errors=True)
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+            install = [str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check"]
+            proc = subprocess.run(
+                [*install, "mlserver", "-c", str(REPO / "docker" / "constraints.txt")], capture_output=True, text=True
+            )
+            if proc.returncode != 0:
+                pytest.fail(f"installing MLServer for the tests failed:\n{proc.stderr[-3000:]}")
+            (venv / ".done").write_text("")
+    return venv / "bin" / "python"
+
+
 @dataclass(frozen=True)
 class Example:
     models_dir: Path  # model-settings.json, model.joblib, old-sklearn.tar.gz
