@@ -275,8 +275,20 @@ def _filesystem(tarball: RemoteTarball) -> tuple[Any, str]:
         ) from exc
     names = ("http", "https") if package == "aiohttp" else (protocol,)
     user = {k: v for name in names for k, v in fsspec.config.conf.get(name, {}).items()}  # FSSPEC_*: they win
-    fs = fsspec.filesystem(protocol, **_options(tarball, package, user))
+    options = _options(tarball, package, user)
+    if package == "gcsfs" and _gcs_emulator():
+        # gcsfs >= 2026.3's default class asks each bucket's layout over gRPC (the Storage Control
+        # API), which no emulator serves: every call would retry it for a minute. The JSON API
+        # class reads the same objects.
+        fs = importlib.import_module("gcsfs.core").GCSFileSystem(**options)
+    else:
+        fs = fsspec.filesystem(protocol, **options)
     return fs, fs._strip_protocol(tarball.url)
+
+
+def _gcs_emulator() -> bool:
+    """STORAGE_EMULATOR_HOST names a GCS emulator, as gcsfs and Google's libraries read it."""
+    return os.environ.get("STORAGE_EMULATOR_HOST", "") not in ("", "default")
 
 
 def _options(tarball: RemoteTarball, package: str, user: dict[str, Any]) -> dict[str, Any]:
@@ -284,7 +296,9 @@ def _options(tarball: RemoteTarball, package: str, user: dict[str, Any]) -> dict
         return {"config_kwargs": {"connect_timeout": tarball.timeout, "read_timeout": tarball.timeout,
                                   **user.get("config_kwargs", {})}}  # fmt: skip
     if package == "gcsfs":
-        return {"timeout": tarball.timeout}
+        # An emulator has no IAM: as Google's libraries do, send it no credentials of this machine's.
+        anon = {"token": "anon"} if _gcs_emulator() else {}
+        return {"timeout": tarball.timeout, **anon, **user}
     import aiohttp
 
     # Stalls bounded, not the total (a large download takes long). The object's own bytes, as the

