@@ -21,8 +21,10 @@ import errno
 import hashlib
 import importlib
 import json
+import logging
 import os
 import random
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -53,6 +55,12 @@ ZIP_MEMBER_OVERHEAD = 1024  # a zip's bytes besides the data, per member: two he
 MAX_IDLE = 64 << 20  # bytes a download may take to give no tar at all (as tarstream.MAX_TRAILER bounds padding)
 
 _infos: dict[str, dict[str, Any]] = {}  # url -> fs.info, so the cold path does not ask twice
+
+# The backends' log records are not ours to print (gcsfs logs a traceback for each refused
+# request, and Python prints them when no handler is set): the error line says what failed, and
+# MLSERVER_ENV_DEBUG shows the traceback behind it.
+for _package in sorted({package for _, package in SCHEMES.values()}):
+    logging.getLogger(_package).addHandler(logging.NullHandler())
 
 
 class RemoteTarball(NamedTuple):
@@ -493,6 +501,8 @@ def _status(chain: list[BaseException]) -> int | None:
         value = getattr(e, "code" if type(e).__name__ == "HttpError" else "status", None)
         if isinstance(value, int) and 100 <= value < 600:
             return value
+        if type(e) is OSError and str(e).startswith("Forbidden: "):  # gcsfs' 403
+            return 403
         response = getattr(e, "response", None)
         if isinstance(response, dict):
             value = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -595,8 +605,7 @@ def _refused(f: _Failure) -> Exception | None:
         return ConfigError(f"{f.where}: too many redirects (a redirect loop?)", "check the URL")
     if "NoCredentialsError" in f.names or "DefaultCredentialsError" in f.names:
         return ConfigError(f"{f.where}: no credentials found", _credentials_hint(f.tarball))
-    forbidden = any(isinstance(e, PermissionError) or str(e).startswith("Forbidden") for e in f.chain)  # gcsfs
-    if f.status in (401, 403) or forbidden:
+    if f.status in (401, 403) or any(isinstance(e, PermissionError) for e in f.chain):
         return ConfigError(f"{f.where}: access denied ({f.detail or 'permission error'})", _credentials_hint(f.tarball))
     if f.status in (404, 410) or (f.status is None and any(isinstance(e, FileNotFoundError) for e in f.chain)):
         what = "check the URL" if f.tarball.scheme in ("http", "https") else "check the bucket and key"
@@ -611,8 +620,29 @@ CLASSIFIERS: tuple[Callable[[_Failure], Exception | None], ...] = (
 
 def _message(exc: BaseException, tarball: RemoteTarball) -> str:
     """The exception's first line, without the URL (it may carry a signature)."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = str(exc).strip()
+    if tarball.scheme == "gs":
+        text = _gcs_words(exc, text, tarball)
+    text = text.splitlines()[0] if text else ""
     return "" if tarball.url in text or text in (tarball.url, tarball.display) else text[:200]
+
+
+GCS_BUCKET_PATH = re.compile(r"b/[^/]+(/o)?")  # the JSON API path of a bucket, or of its listing
+
+
+def _gcs_words(exc: BaseException, text: str, tarball: RemoteTarball) -> str:
+    """What GCS said, without gcsfs' wrapping: its 403 is "Forbidden: <API path>" above GCS'
+    message, its HttpError's message ends in ", <code>", and its 404 names the API path it asked,
+    not what is missing (a bucket's, when the bucket itself is)."""
+    if type(exc) is OSError and text.startswith("Forbidden: "):
+        return text.partition("\n")[2].strip() or "Forbidden"
+    if type(exc).__name__ == "HttpError":
+        return text.removesuffix(f", {getattr(exc, 'code', '')}")
+    if isinstance(exc, FileNotFoundError):
+        if GCS_BUCKET_PATH.fullmatch(text):
+            return "The specified bucket does not exist"
+        return f"No such object: {tarball.display.removeprefix('gs://')}"
+    return text
 
 
 def _credentials_hint(tarball: RemoteTarball) -> str:

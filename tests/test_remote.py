@@ -42,6 +42,7 @@ from http.client import HTTPConnection
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, unquote
 
 import pytest
 import requests
@@ -755,7 +756,9 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "
 
 class GcsProxy(ThreadingHTTPServer):
     """A relay in front of the emulator, where STORAGE_EMULATOR_HOST points: it counts what it is
-    asked."""
+    asked, and answers what no emulator can as GCS does. An object named denied* gets GCS' 403 for
+    a caller without storage.objects.get, private* its 401 for an anonymous caller (JSON API error
+    bodies, which gcsfs reads as it would GCS'; no emulator has IAM)."""
 
     daemon_threads = True
 
@@ -787,10 +790,14 @@ class GcsProxyHandler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         srv = self.server
-        path = self.path.partition("?")[0]
+        path, _, query = self.path.partition("?")
+        # the object a request is about: in its path, or the prefix a listing asks for
+        name = unquote(path).partition("/o/")[2] or parse_qs(query).get("prefix", [""])[0]
         with srv.lock:
             srv.requests[self.command, path] += 1
             srv.authorized += "Authorization" in self.headers
+        if name.startswith(("denied", "private")):
+            return self._refuse(403 if name.startswith("denied") else 401)
         status, headers, body = self._forward()
         self.send_response(status)
         for key, value in headers:
@@ -809,6 +816,21 @@ class GcsProxyHandler(BaseHTTPRequestHandler):
             return answer.status, answer.getheaders(), answer.read()
         finally:
             conn.close()
+
+    def _refuse(self, code: int) -> None:
+        who = "reader@project.iam.gserviceaccount.com" if code == 403 else "Anonymous caller"
+        message = (
+            f"{who} does not have storage.objects.get access to the Google Cloud Storage object. "
+            "Permission 'storage.objects.get' denied on resource (or it may not exist)."
+        )
+        detail = {"message": message, "domain": "global", "reason": "forbidden" if code == 403 else "required"}
+        error = {"code": code, "message": message, "errors": [detail]}
+        body = json.dumps({"error": error}).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json; charset=UTF-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
 
 @pytest.fixture(scope="module")
@@ -893,6 +915,38 @@ def test_gs_pin_mismatch_is_refused(gcs: GcsProxy, tiny: Path, tmp_path: Path) -
     line = error_line(proc)
     assert f"SHA-256 of the download is {sha256(tiny)}" in line and "nothing was published" in line
     assert published(tmp_path / "c") == [] and not (tmp_path / "c" / ("0" * 8)).exists()
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (f"gs://{BUCKET}/nope.tar.gz", f"not found (No such object: {BUCKET}/nope.tar.gz)"),
+        ("gs://no-such-bucket/tiny.tar.gz", "not found (The specified bucket does not exist)"),
+    ],
+)
+def test_gs_missing_object_or_bucket(gcs: GcsProxy, tmp_path: Path, url: str, expected: str) -> None:
+    """In GCS' words, as the s3 lines are in S3's, not the JSON API path gcsfs asked."""
+    proc = unpack(url, tmp_path / "c", **gs_env(gcs))
+    assert proc.returncode == 2
+    line = error_line(proc)
+    assert expected in line and "check the bucket and key" in line and "retrying" not in proc.stderr, line
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("denied.tar.gz", "access denied (HTTP 403: reader@project.iam.gserviceaccount.com does not have"),
+        ("private.tar.gz", "access denied (HTTP 401: Anonymous caller does not have storage.objects.get access"),
+    ],
+)
+def test_gs_access_denied(gcs: GcsProxy, tmp_path: Path, name: str, expected: str) -> None:
+    """GCS refuses a caller without storage.objects.get with a 403, or a 401 when anonymous (what
+    gcsfs falls back to when it finds no credentials): answered by GcsProxy, as no emulator can.
+    One line (gcsfs' logged tracebacks stay out), with GCS' reason and where credentials come from."""
+    proc = unpack(f"gs://{BUCKET}/{name}", tmp_path / "c", **gs_env(gcs))
+    assert proc.returncode == 2
+    line = error_line(proc)
+    assert expected in line and "GOOGLE_APPLICATION_CREDENTIALS" in line and "retrying" not in proc.stderr, line
 
 
 def test_gs_emulator_is_sent_no_credentials(gcs: GcsProxy, tmp_path: Path) -> None:
