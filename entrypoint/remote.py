@@ -303,11 +303,15 @@ def _options(tarball: RemoteTarball, package: str, user: dict[str, Any]) -> dict
     if package == "s3fs":
         return {"config_kwargs": {"connect_timeout": tarball.timeout, "read_timeout": tarball.timeout,
                                   **user.get("config_kwargs", {})}}  # fmt: skip
+    import aiohttp
+
     if package == "gcsfs":
+        # gcsfs sends each request with `requests_timeout` (none by default: a stall would hang);
+        # its `timeout` bounds only uploads and bucket listings.
+        stall = aiohttp.ClientTimeout(total=None, sock_connect=tarball.timeout, sock_read=tarball.timeout)
         # An emulator has no IAM: as Google's libraries do, send it no credentials of this machine's.
         anon = {"token": "anon"} if _gcs_emulator() else {}
-        return {"timeout": tarball.timeout, **anon, **user}
-    import aiohttp
+        return {"requests_timeout": stall, **anon, **user}
 
     # Stalls bounded, not the total (a large download takes long). The object's own bytes, as the
     # pin names them: no decoding of a `Content-Encoding: gzip` tarball, no compression on the fly.

@@ -758,7 +758,8 @@ class GcsProxy(ThreadingHTTPServer):
     """A relay in front of the emulator, where STORAGE_EMULATOR_HOST points: it counts what it is
     asked, and answers what no emulator can as GCS does. An object named denied* gets GCS' 403 for
     a caller without storage.objects.get, private* its 401 for an anonymous caller (JSON API error
-    bodies, which gcsfs reads as it would GCS'; no emulator has IAM)."""
+    bodies, which gcsfs reads as it would GCS'; no emulator has IAM); a media GET of a path in
+    `stalls` sends half the body, then nothing for 30 s."""
 
     daemon_threads = True
 
@@ -767,7 +768,9 @@ class GcsProxy(ThreadingHTTPServer):
         self.upstream = upstream  # the emulator's host:port
         self.requests: Counter[tuple[str, str]] = Counter()  # (method, path without query) -> count
         self.authorized = 0  # requests that carried credentials
+        self.stalls: Counter[str] = Counter()  # path -> stalls still to inflict
         self.lock = threading.Lock()
+        self.stopping = threading.Event()  # ends a stall at once when the fixture stops
 
     @property
     def base(self) -> str:
@@ -796,6 +799,8 @@ class GcsProxyHandler(BaseHTTPRequestHandler):
         with srv.lock:
             srv.requests[self.command, path] += 1
             srv.authorized += "Authorization" in self.headers
+            stall = srv.stalls[path] > 0
+            srv.stalls[path] -= stall
         if name.startswith(("denied", "private")):
             return self._refuse(403 if name.startswith("denied") else 401)
         status, headers, body = self._forward()
@@ -805,7 +810,13 @@ class GcsProxyHandler(BaseHTTPRequestHandler):
                 self.send_header(key, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        if not stall:
+            self.wfile.write(body)
+            return
+        self.wfile.write(body[: len(body) // 2])
+        self.wfile.flush()
+        srv.stopping.wait(30)  # far longer than the test's MLSERVER_ENV_REMOTE_TIMEOUT
+        self.close_connection = True
 
     def _forward(self) -> tuple[int, list[tuple[str, str]], bytes]:
         conn = HTTPConnection(self.server.upstream, timeout=30)  # not http.client: `http` is a fixture here
@@ -853,6 +864,7 @@ def gcs(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcsPro
         proxy = GcsProxy(f"127.0.0.1:{port}")
         threading.Thread(target=proxy.serve_forever, daemon=True).start()
         yield proxy
+        proxy.stopping.set()
         proxy.shutdown()
         proxy.server_close()
     finally:
@@ -960,6 +972,17 @@ def test_gs_emulator_is_sent_no_credentials(gcs: GcsProxy, tmp_path: Path) -> No
     proc = unpack(GS_TINY, tmp_path / "c", **gs_env(gcs, GOOGLE_APPLICATION_CREDENTIALS=adc))
     assert proc.returncode == 0, proc.stderr
     assert gcs.authorized == before
+
+
+def test_gs_stall_is_cut_off_by_the_remote_timeout(gcs: GcsProxy, tmp_path: Path) -> None:
+    """gcsfs sends its requests with no timeout unless given one: a read that stalls must fail
+    after MLSERVER_ENV_REMOTE_TIMEOUT (and gcsfs asks again), not wait for the server."""
+    gcs.stalls[GS_MEDIA] = 1
+    t0 = time.monotonic()
+    proc = unpack(GS_TINY, tmp_path / "c", **gs_env(gcs, MLSERVER_ENV_REMOTE_TIMEOUT="1"))
+    assert proc.returncode == 0, proc.stderr
+    assert gcs.stalls[GS_MEDIA] == 0 and time.monotonic() - t0 < 20  # the stall lasts 30 s
+    assert len(published(tmp_path / "c")) == 1
 
 
 def test_warm_local_start_does_not_import_fsspec(tiny: Path, tmp_path: Path) -> None:
