@@ -992,9 +992,10 @@ def test_warm_local_start_does_not_import_fsspec(tiny: Path, tmp_path: Path) -> 
         "import sys\n"
         "from entrypoint import settings\n"
         "from entrypoint.source import locate\n"
-        "from entrypoint.prepare import prepare\n"
+        "from entrypoint import prepare\n"
         "config = settings.load()\n"
-        "prepare(config, locate(config), (), print)\n"  # a cache hit sends nothing to print
+        "job = prepare.Job(config, locate(config), (), None)\n"
+        "prepare.prepare(job, prepare.locate(job), print)\n"  # a cache hit sends nothing to print
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('fsspec', 'aiohttp', 's3fs', 'gcsfs')"
         " or m == 'entrypoint.remote'))\n"
     )
