@@ -476,7 +476,11 @@ cli.main(["unpack"])
 def test_a_stop_while_a_library_works_ends_the_start(tmp_path: Path) -> None:
     """SIGTERM while pydantic-settings reads the settings (an init container stopped as it starts):
     no handler raises inside the library, so nothing can wrap or swallow the stop."""
-    env = entry_env(MLSERVER_ENV_TARBALL=tmp_path / "missing.tar.gz", MLSERVER_ENV_CACHE_DIR=tmp_path / "c")
+    env = entry_env(
+        MLSERVER_ENV_TARBALL=tmp_path / "missing.tar.gz",
+        MLSERVER_ENV_CACHE_DIR=tmp_path / "c",
+        MLSERVER_ENV_LOCK_TIMEOUT=" 30 ",  # not in its plainest form: read by pydantic-settings
+    )
     proc = subprocess.run(
         [sys.executable, "-c", STOP_IN_A_LIBRARY], env=env, cwd=REPO, capture_output=True, text=True, timeout=60
     )
