@@ -117,7 +117,7 @@ def run(command: list[str]) -> NoReturn:
         # the models folder (MLServer's images set the variable and the command alike)
         os.environ["MLSERVER_MODELS_DIR"] = command[2]
     ready = prepared(require, _wanted(command))
-    if ready.prefix is None:
+    if ready.prefix is None and not ready.models:
         log.info("no environment tarball configured: running the command as is")
     launch(command or ["mlserver", "start", str(ready.config.models_dir)], ready)
 
@@ -194,7 +194,13 @@ def launch(command: list[str], ready: Ready) -> NoReturn:
 def _hand_over(argv: list[str], env: dict[str, str], prepared: Mapping[ModelEnv, Path]) -> None:
     """The server (`mlserver start FOLDER`) loads each model of `prepared` in its own environment."""
     server = Path(os.path.realpath(argv[0])).parent.parent  # <prefix>/bin/mlserver
-    models.check_versions(prepared, models.mlserver_version(server))
+    served = models.mlserver_version(server)
+    if served is None:
+        log.info(
+            f"warning: no mlserver-*.dist-info under {server}/lib: each model's environment must hold the "
+            "mlserver release the server runs (not checked)"
+        )
+    models.check_versions(prepared, served)
     models.handover(prepared, env)
     log.info(f"models with an environment of their own: {', '.join(m.name for m in prepared)}")
 

@@ -51,12 +51,14 @@ def server(tmp_path: Path, mlserver_python: Path) -> Callable[..., dict[str, str
     """A virtualenv-like prefix whose bin/mlserver reports (with the mlserver release `version`
     recorded in it); the entrypoint's environment with it on PATH."""
 
-    def make(version: str = "1.7.1") -> dict[str, str]:
+    def make(version: str | None = "1.7.1") -> dict[str, str]:
         prefix = tmp_path / "server"
         (prefix / "bin").mkdir(parents=True, exist_ok=True)
         site = prefix / "lib" / "python3.11" / "site-packages"
         shutil.rmtree(site, ignore_errors=True)
-        (site / f"mlserver-{version}.dist-info").mkdir(parents=True)
+        site.mkdir(parents=True)
+        if version is not None:
+            (site / f"mlserver-{version}.dist-info").mkdir()
         script = prefix / "bin" / "mlserver"
         script.write_text(f"#!{mlserver_python}\n{REPORT}")
         script.chmod(0o755)
@@ -264,3 +266,11 @@ def test_inspect_says_which_model_will_not_work_and_why(tmp_path: Path, models: 
     assert inspected.returncode == started.returncode == 4
     for line in (error_line(inspected), error_line(started)):
         assert "model iris" in line and "mlserver 1.6.0" in line and "mlserver==1.7.1" in line
+
+
+def test_a_server_whose_mlserver_cannot_be_told_is_warned_about(tmp_path: Path, models: Path, server: Server) -> None:
+    env = entry_env(MLSERVER_ENV_CACHE_DIR=tmp_path / "c", **server(version=None))
+    proc = run_entrypoint(["mlserver", "start", str(models)], env)
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: no mlserver-*.dist-info under" in proc.stderr and "(not checked)" in proc.stderr
+    assert "no environment tarball configured" not in proc.stderr  # the models have theirs
