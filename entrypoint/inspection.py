@@ -82,7 +82,7 @@ def main(args: list[str], send: Callable[[Message], None]) -> int:
     if len(rest) > 1 or any(a.startswith("-") for a in rest):
         raise ConfigError(f"usage: inspect [TARBALL] [--json] (got {' '.join(args)})")
     config = settings.load()
-    wanted = [] if rest else models.find(config.models_dir)
+    wanted = [] if rest else _local_models(config)
     path = Path(rest[0]) if rest else _configured(config, need=not wanted)
     try:
         server = None if path is None else inspect(path, config, send)
@@ -105,10 +105,16 @@ def _configured(config: Settings, need: bool) -> Path | None:
     return tarball.path if isinstance(tarball, Tarball) else None
 
 
+def _local_models(config: Settings) -> list[ModelEnv]:
+    """The models with a tarball of their own that is a local file: inspect reads no URL."""
+    found = models.find(config.models_dir)
+    for model in (m for m in found if "://" in m.tarball):
+        log.info(f"{model.label}: not inspected (inspect reads local archives: download it and give the file)")
+    return [m for m in found if "://" not in m.tarball]
+
+
 def _inspect_model(model: ModelEnv, config: Settings, server: Report | None, send: Callable[[Message], None]) -> Report:
     """A model's tarball, judged as a start judges it: also against the server's mlserver."""
-    if "://" in model.tarball:
-        raise ConfigError(f"{model.label}: inspect reads a local archive", "download the URL and inspect the file")
     report = inspect(Path(model.tarball), warm.for_model(config, model), send)
     served = server.packages.get("mlserver") if server is not None else _image_mlserver()
     problem = models.version_problem(model, report.packages.get("mlserver"), served)

@@ -274,3 +274,12 @@ def test_a_server_whose_mlserver_cannot_be_told_is_warned_about(tmp_path: Path, 
     assert proc.returncode == 0, proc.stderr
     assert "warning: no mlserver-*.dist-info under" in proc.stderr and "(not checked)" in proc.stderr
     assert "no environment tarball configured" not in proc.stderr  # the models have theirs
+
+
+def test_inspect_skips_a_model_whose_tarball_is_a_url(tmp_path: Path, models: Path, server: Server) -> None:
+    _model(models / "remote", environment_tarball="https://example.com/env.tar.gz")
+    env = entry_env(MLSERVER_ENV_CACHE_DIR=tmp_path / "c", MLSERVER_MODELS_DIR=models, **server())
+    proc = run_entrypoint(["inspect"], env)
+    assert proc.returncode == 0, proc.stderr
+    assert "model remote (environment_tarball https://example.com/env.tar.gz): not inspected" in proc.stderr
+    assert "model iris" in proc.stdout
