@@ -1,5 +1,6 @@
-"""The cold path, run in a worker process (worker.py): read the settings, find the tarball and its
-key, then, under the entry's lock, extract, relocate and publish it, unless it is there already.
+"""The cold path, run in a worker process (worker.py): read the settings, find the tarballs (the
+server's and each model's own, models.py) and their keys, hold every entry, then, under each
+entry's lock, extract, relocate and publish it, unless it is there already.
 
 A failure removes the partial entry before the error line; a stop kills the worker, and the
 entrypoint removes what the worker announced (`{"entry": …}`) with a bounded effort.
