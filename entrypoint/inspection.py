@@ -126,7 +126,7 @@ def _inspect_model(model: ModelEnv, config: Settings, server: Report | None, sen
 def _image_mlserver() -> str | None:
     """The mlserver release of the `mlserver` on PATH: the one that serves without an environment."""
     program = shutil.which("mlserver")
-    return None if program is None else models.mlserver_version(Path(os.path.realpath(program)).parent.parent)
+    return None if program is None else models.served_by(program)
 
 
 def _rendered(server: Report | None, own: dict[ModelEnv, Report], as_json: bool) -> str:

@@ -96,6 +96,11 @@ def mlserver_version(prefix: Path) -> str | None:
     return None
 
 
+def served_by(program: str) -> str | None:
+    """The mlserver release of the server `program` (<prefix>/bin/mlserver) runs, if it can be told."""
+    return mlserver_version(Path(os.path.realpath(program)).parent.parent)
+
+
 def check_versions(models: Mapping[ModelEnv, Path], served: str | None) -> None:
     """Each model's environment can be loaded by a server running mlserver `served`."""
     for model, prefix in models.items():
