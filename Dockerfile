@@ -26,6 +26,12 @@ RUN /opt/mlserver/bin/pip wheel --no-cache-dir --disable-pip-version-check --no-
 # 3. The image: stage 1 plus the wheel (no compiler, no pip cache, no sources). Built on stage 1
 #    rather than copying its virtualenv, so a code change rebuilds only the small layers below.
 FROM deps
+# lbzip2 decodes a tar.bz2 environment on every core (on two, 2.5x faster than libbz2);
+# without it the entrypoint decodes bzip2 itself. Debian's package, if the base lacks it.
+# hadolint ignore=DL3008
+RUN command -v lbzip2 >/dev/null || { apt-get update -qq \
+        && apt-get install -y -qq --no-install-recommends lbzip2 \
+        && rm -rf /var/lib/apt/lists/*; }
 # uid 1000 in group 0; what it must write is group 0 and group-writable, so an arbitrary uid
 # in group 0 (as OpenShift runs containers) can write it too. A login shell (`IMAGE bash -lc …`)
 # has its PATH reset by /etc/profile: profile.d puts back the environment the entrypoint activated.

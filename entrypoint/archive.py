@@ -150,6 +150,7 @@ class Prefetcher:
         while self._thread.is_alive():  # unblock a producer waiting on a full queue
             with contextlib.suppress(queue.Empty):
                 self._queue.get(timeout=0.05)
+        self._source.close()  # a decoding process (decode.py) ends only now: the thread read its pipe until here
 
 
 class _Chunks:

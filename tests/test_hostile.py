@@ -932,6 +932,77 @@ def test_bytes_after_the_compressed_stream_are_refused_and_more_streams_are_read
         refuse(site, padded, "zeros-after", "corrupt")
 
 
+@given(
+    st.lists(st.binary(max_size=3000), min_size=1, max_size=3),
+    st.integers(0, 40),
+    st.integers(1, 5000),
+    st.booleans(),
+)
+@settings(max_examples=300, deadline=None)
+def test_a_bzip2_end_is_told_at_every_bit_offset_and_chunking(
+    parts: list[bytes], zeros: int, chunk: int, junk: bool
+) -> None:
+    """lbzip2 says nothing of what follows the last stream, so the decoder tells from the bytes
+    fed to it whether they end as a bzip2 stream does (whose CRC may itself end in zero bytes)."""
+    import bz2
+
+    from entrypoint.decode import StreamEnd
+
+    data = b"".join(bz2.compress(p, 1) for p in parts) + bytes(zeros) + (b"JUNK" if junk else b"")
+    end = StreamEnd()
+    for at in range(0, len(data), chunk):
+        end.update(data[at : at + chunk])
+    assert end.ends_a_bzip2_stream() is not junk
+
+
+def _lbzip2_and_libbz2(site: Site, path: Path, hidden: Path) -> list[tuple[int, set[str], str]]:
+    """What a start makes of `path` with lbzip2 and with libbz2 (lbzip2 off the PATH): exit code,
+    tree and error line."""
+    outcomes = []
+    for path_var in (os.environ["PATH"], str(hidden)):
+        shutil.rmtree(site.cache, ignore_errors=True)
+        env = entry_env(MLSERVER_ENV_TARBALL=path, MLSERVER_ENV_CACHE_DIR=site.cache, PATH=path_var)
+        proc = run_entrypoint(["unpack"], env)
+        prefix = Path(proc.stdout.splitlines()[-1]) if proc.returncode == 0 else None
+        tree = {str(p.relative_to(prefix)) for p in prefix.rglob("*")} if prefix else set()
+        outcomes.append((proc.returncode, tree, error_line(proc) if proc.returncode else ""))
+    return outcomes
+
+
+def test_lbzip2_and_libbz2_read_and_refuse_alike(site: Site, tmp_path: Path) -> None:
+    """bzip2 is decoded by lbzip2 when it is installed, else by Python's bz2: the same archives
+    are read into the same trees, and the same refused."""
+    import bz2
+
+    if shutil.which("lbzip2") is None:
+        unavailable("lbzip2 is not installed (scripts/install-system-deps)")
+
+    hidden = tmp_path / "bin"  # a PATH without lbzip2
+    hidden.mkdir()
+    tar = tar_bytes([*tiny_env(extra_files=30), M("lib/b.txt", data=b"hello")])
+    one = bz2.compress(tar, 1)
+    flipped = bytearray(one)
+    flipped[len(one) // 2] ^= 0x5A
+    cases = {
+        "one": one,
+        "two streams": bz2.compress(tar[:5000], 1) + bz2.compress(tar[5000:], 1),
+        "zero padding": one + bytes(1024),
+        "junk after": one + b"JUNK" * 64,
+        "zeros then junk": one + bytes(1024) + b"JUNK",
+        "cut": one[: len(one) // 2],
+        "cut at the end": one[:-5],
+        "flipped": bytes(flipped),
+        "empty": b"",
+    }
+    for name, data in cases.items():
+        path = site.root / "env.tar.bz2"
+        path.write_bytes(data)
+        with_tool, without = _lbzip2_and_libbz2(site, path, hidden)
+        assert with_tool[:2] == without[:2], name
+        assert (with_tool[0] == 0) == (name in ("one", "two streams", "zero padding")), (name, with_tool[0])
+        assert ("lbzip2" in with_tool[2]) == (name in ("cut", "cut at the end", "flipped")), with_tool[2]
+
+
 def test_every_refusal_says_what_to_do(site: Site) -> None:
     """The extractor's rules name what is wrong ("'..' in path"); the line also says what to do,
     and an error with its own advice does not get the general one as well."""
