@@ -93,6 +93,14 @@ class Settings(NamedTuple):
     debug: Annotated[bool, Rule("print the traceback behind an error line")] = False
     # fmt: on
 
+    def names_environment(self) -> bool:
+        """Whether a server environment is asked for: a tarball set (empty: none), or, unset,
+        anything at MLServer's default name in the models folder (a dangling symlink or a
+        directory there is an environment meant and missed)."""
+        if self.tarball is None:
+            return os.path.lexists(self.models_dir / DEFAULT_TARBALL_NAME)
+        return bool(self.tarball.strip())
+
     def local_tarball(self) -> Path | None:
         """The local tarball these settings name (unset: the one MLServer's images look for in the
         models folder); None for a URL or no environment."""

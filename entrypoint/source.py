@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from entrypoint import keys
 from entrypoint.errors import ArchiveError, ConfigError
-from entrypoint.settings import DEFAULT_TARBALL_NAME, Settings
+from entrypoint.settings import Settings
 
 if TYPE_CHECKING:
     from entrypoint.remote import RemoteTarball
@@ -31,16 +31,6 @@ class Tarball(NamedTuple):
         return str(self.path)
 
 
-def local_path(config: Settings) -> Path | None:
-    """The local tarball the settings name (also the one MLServer's images look for in the
-    models folder), or None for a URL or no environment."""
-    if config.tarball is None:
-        return Path(os.path.abspath(config.models_dir / DEFAULT_TARBALL_NAME))
-    if not config.tarball.strip() or "://" in config.tarball:
-        return None
-    return Path(os.path.abspath(config.tarball))
-
-
 def locate(config: Settings, label: str | None = None) -> Tarball | RemoteTarball | None:
     """The configured tarball (a file, or a URL: remote.py), or None to run without an environment.
     `label` names it in errors (default: the setting)."""
@@ -48,11 +38,8 @@ def locate(config: Settings, label: str | None = None) -> Tarball | RemoteTarbal
         from entrypoint import remote
 
         return remote.locate(config.tarball.strip(), config)
-    path = local_path(config)
-    if path is None:
-        return None
-    # A dangling symlink or a directory at the default name is an environment meant and missed.
-    if config.tarball is None and not os.path.lexists(path):
+    path = config.local_tarball()
+    if path is None or not config.names_environment():
         return None
     if label is None:
         unset = config.tarball is None

@@ -26,7 +26,7 @@ def lookup(environ: Mapping[str, str], require: tuple[str, ...], wanted: Sequenc
     config = settings.plain(environ)
     if config is None or config.cache_max_bytes is not None or config.cache_max_age is not None:
         return None  # the cold path applies the cache bounds (gc.at_start) on every start
-    unset = not _configured(config)
+    unset = not config.names_environment()
     prefix = None if unset else _found(config, require)
     by_tarball: dict[tuple[str, str | None], Path | None] = {}  # models sharing a tarball share its entry
     for m in wanted:
@@ -36,13 +36,6 @@ def lookup(environ: Mapping[str, str], require: tuple[str, ...], wanted: Sequenc
     if (prefix is None and not unset) or None in found.values():
         return None
     return Ready(prefix, config, {m: p for m, p in found.items() if p is not None})
-
-
-def _configured(config: settings.Settings) -> bool:
-    """Whether the settings name a server environment (the default one only if it is there)."""
-    if config.tarball is None:
-        return os.path.lexists(config.models_dir / settings.DEFAULT_TARBALL_NAME)
-    return bool(config.tarball.strip())
 
 
 def for_model(config: settings.Settings, model: ModelEnv) -> settings.Settings:
