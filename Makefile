@@ -33,7 +33,7 @@ test-marked: $(VENV)/.installed
 # 2 GB synthetic environment. Writes benchmarks/results/unpack.{md,png,json}.
 BENCH_ARGS ?=
 bench: $(VENV)/.installed
-	scripts/install-system-deps
+	scripts/install-system-deps bench
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]'
 	$(PY) benchmarks/unpack.py $(BENCH_ARGS)
 
