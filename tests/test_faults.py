@@ -31,7 +31,7 @@ from subprocess import CompletedProcess
 
 import pytest
 from archives import M, content_tree, ram_dir, raw_header, tiny_env, unpack_script_with, write_tar
-from support import ENTRYPOINT, REPO, entry_env, error_line, run_entrypoint
+from support import ENTRYPOINT, REPO, entry_env, error_line, run_entrypoint, unavailable
 
 from entrypoint import entry as entries
 from entrypoint import manifest
@@ -429,6 +429,44 @@ def test_signal_during_unpack_cleans_up(ref: Reference, sig: signal.Signals, pha
     for pgid in start.frozen:  # the worker and conda-unpack, if it ran, were stopped too
         with pytest.raises(ProcessLookupError):
             os.killpg(pgid, 0)
+    nxt = run_entrypoint(["unpack"], ref.env())
+    assert nxt.returncode == 0, nxt.stderr
+    assert content_tree(ref.prefix) == ref.tree
+
+
+def test_a_stop_ends_the_bzip2_decoder_with_the_start(small_tarball: Path, fast_root: Path) -> None:
+    """lbzip2 decodes a tar.bz2 in a process of its own: a stop mid-extraction ends it with the
+    worker, and leaves the entry as any stop does."""
+    import bz2
+    import gzip
+
+    if shutil.which("lbzip2") is None:
+        unavailable("lbzip2 is not installed (scripts/install-system-deps)")
+    tarball = fast_root / "small.tar.bz2"
+    with gzip.open(small_tarball) as plain:
+        tarball.write_bytes(bz2.compress(plain.read(), 1))
+    ref = make_reference(tarball, fast_root / "bz2")
+    decoders: set[int] = set()
+
+    def decoding(start: Start) -> bool:
+        for pid in descendants(start.proc.pid):
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"/lbzip2"):
+                    decoders.add(pid)
+        return bool(decoders) and (ref.prefix / "lib").exists()
+
+    start = frozen_mid_unpack(ref, decoding)
+    stop_frozen(start, signal.SIGTERM)
+    done = start.finish(timeout=60)
+    assert done.returncode == 143, done.stderr
+    removed_or_left_unmarked(ref, done)
+    for pgid in start.frozen:  # the worker's group, lbzip2 in it, is gone
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pgid, 0)
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in decoders) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in decoders)
     nxt = run_entrypoint(["unpack"], ref.env())
     assert nxt.returncode == 0, nxt.stderr
     assert content_tree(ref.prefix) == ref.tree

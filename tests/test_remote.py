@@ -46,6 +46,7 @@ from urllib.parse import parse_qs, unquote
 
 import pytest
 import requests
+from archives import content_tree
 from conftest import Example
 from support import REPO, entry_env, env_python, error_line, free_port, infer, run_entrypoint, serving
 from test_faults import mount_tmpfs, used_bytes
@@ -308,6 +309,21 @@ def test_http_cold_then_warm_start_does_not_download_again(http: Server, small_t
 
     env_output = env_python(prefix, "import json, sys; print(json.dumps(sys.prefix))")
     assert env_output == str(prefix)  # relocated: the interpreter knows where it lives now
+
+
+def test_http_tar_bz2_is_decoded_as_it_streams(http: Server, small_tarball: Path, tmp_path: Path) -> None:
+    """A forward-only download feeds lbzip2 (or the in-process decoder) as a file does."""
+    import bz2
+    import gzip
+
+    with gzip.open(small_tarball) as plain:
+        (tmp_path / "bare.tar.bz2").write_bytes(bz2.compress(plain.read(), 1))
+    http.files["bare.tar.bz2"] = tmp_path / "bare.tar.bz2"
+    local = unpack(str(small_tarball), tmp_path / "l")
+    remote = unpack(f"{http.base}/ok/bare.tar.bz2", tmp_path / "r")
+    assert local.returncode == 0 and remote.returncode == 0, remote.stderr
+    trees = [content_tree(Path(p.stdout.splitlines()[-1])) for p in (local, remote)]
+    assert trees[0] == trees[1]
 
 
 def test_pinned_url_shares_the_local_entry_and_warm_starts_offline(http: Server, tiny: Path, tmp_path: Path) -> None:
