@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import bz2
 import contextlib
+import fcntl
 import lzma
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -20,13 +22,17 @@ import zstandard
 from isal import igzip, isal_zlib
 
 from entrypoint.archive import CHUNK, corrupt
-from entrypoint.errors import ArchiveError
+from entrypoint.errors import ArchiveError, ConfigError
 
 # What an xz stream may make its decoder allocate: a 128 MiB dictionary (zstd's default window
 # bound; xz -9 uses 64 MiB, conda-pack's default level 8 MiB) and its state.
 XZ_MEMLIMIT = 136 << 20
-# A bzip2 stream ends in this 48-bit magic, its 32-bit CRC, then 0–7 zero bits to a whole byte.
-BZIP2_END = 0x177245385090
+BZIP2_END = 0x177245385090  # a bzip2 stream's end: this 48-bit magic, its CRC, bits to a whole byte
+# A bzip2 stream's start: "BZh", its block size, then a block's magic, or the end's in an empty stream.
+BZIP2_START = re.compile(rb"BZh[1-9](?:\x31\x41\x59\x26\x53\x59|\x17\x72\x45\x38\x50\x90)")
+# lbzip2's threads: each reads about 10 MiB ahead of its output, which together must stay well under
+# the bytes a download may take to give nothing (remote.MAX_IDLE, 64 MiB).
+LBZIP2_THREADS = 4
 # The codecs' errors on bad bytes: isal's gzip reader raises OSError without errno (BadGzipFile)
 # and EOFError; bzip2 likewise.
 CODEC_ERRORS = (EOFError, lzma.LZMAError, zstandard.ZstdError, cast("type[Exception]", isal_zlib.error))
@@ -38,11 +44,18 @@ def decoder(fmt: str, raw: BinaryIO) -> IO[bytes]:
     elif fmt == "tar.zst":
         stream = zstandard.ZstdDecompressor().stream_reader(raw, read_size=CHUNK, read_across_frames=True)
     elif fmt == "tar.bz2":
-        tool = shutil.which("lbzip2")
-        stream = _Bz2Reader(raw) if tool is None else _Lbzip2(raw, tool)
+        stream = _bzip2(raw)
     else:
         stream = _XzReader(raw)
     return cast(IO[bytes], _Checked(cast(IO[bytes], stream)))
+
+
+def _bzip2(raw: BinaryIO) -> object:
+    """lbzip2 if it is installed and starts, else the in-process decoder."""
+    if (tool := shutil.which("lbzip2")) is not None:
+        with contextlib.suppress(OSError):  # it cannot be started (no memory, no process left)
+            return _Lbzip2(raw, tool)
+    return _Bz2Reader(raw)
 
 
 class _Checked:
@@ -105,32 +118,42 @@ class _Bz2Reader:
 
 
 class _Lbzip2:
-    """bzip2 decoded by lbzip2 on every core: the seed environment's tar.bz2 unpacks in 6 s on two
-    cores instead of libbz2's 15 (docs/performance.md). A thread feeds it the archive, watching the
-    bytes' end: lbzip2 reads on past anything but another stream without a word, so the archive
-    must end as a bzip2 stream does, then zeros at most, as _Bz2Reader requires."""
+    """bzip2 decoded by lbzip2 on up to LBZIP2_THREADS cores: the example environment's tar.bz2
+    unpacks in 7 s on two cores instead of 17 in-process (docs/performance.md). A thread feeds it
+    the archive, and reads the archive to its end even when lbzip2 stops early: lbzip2 skips
+    without a word whatever follows a stream but another, which StreamEnds finds in the bytes."""
 
     def __init__(self, raw: BinaryIO, tool: str) -> None:
         pipe = subprocess.PIPE
-        self._proc = subprocess.Popen([tool, "-d", "-c"], stdin=pipe, stdout=pipe, stderr=pipe)
-        self._end = StreamEnd()
+        env = {k: v for k, v in os.environ.items() if k not in ("LBZIP2", "BZIP2", "BZIP")}  # its option variables
+        threads = str(min(LBZIP2_THREADS, len(os.sched_getaffinity(0))))
+        self._proc = subprocess.Popen([tool, "-d", "-c", "-n", threads], stdin=pipe, stdout=pipe, stderr=pipe, env=env)
+        stdout = cast(IO[bytes], self._proc.stdout)
+        with contextlib.suppress(OSError):  # larger reads than the default 64 KiB pipe
+            fcntl.fcntl(stdout.fileno(), fcntl.F_SETPIPE_SZ, CHUNK)
+        self._ends = StreamEnds()
         self._failure: BaseException | None = None
         self._feeder = threading.Thread(target=self._feed, args=(raw,), name="lbzip2-feed", daemon=True)
         self._feeder.start()
 
     def _feed(self, raw: BinaryIO) -> None:
-        stdin = cast(IO[bytes], self._proc.stdin)
+        stdin: IO[bytes] | None = cast(IO[bytes], self._proc.stdin)
         try:
             while chunk := raw.read(CHUNK):
-                self._end.update(chunk)
-                stdin.write(chunk)
-        except BrokenPipeError:
-            pass  # lbzip2 stopped reading: its exit status says why
+                self._ends.update(chunk)
+                if stdin is None:
+                    continue
+                try:
+                    stdin.write(chunk)
+                except BrokenPipeError:  # lbzip2 is done: skipping the rest, or failed
+                    stdin = None
+                    if self._proc.wait() != 0:
+                        return
         except BaseException as exc:  # reading the archive failed: raised by read() at the end
             self._failure = exc
         finally:
             with contextlib.suppress(OSError):
-                stdin.close()
+                cast(IO[bytes], self._proc.stdin).close()
 
     def read(self, n: int) -> bytes:
         data = os.read(cast(IO[bytes], self._proc.stdout).fileno(), n)
@@ -140,11 +163,23 @@ class _Lbzip2:
         if self._failure is not None:
             raise self._failure
         if self._proc.wait() != 0:
-            why = cast(IO[bytes], self._proc.stderr).read().decode(errors="replace").strip().splitlines()
-            raise EOFError(why[-1].replace(" stdin:", "") if why else f"lbzip2 exited {self._proc.returncode}")
-        if not self._end.ends_a_bzip2_stream():
-            raise EOFError("data after the last bzip2 stream")
+            raise self._error()
+        if not self._ends.complete():
+            raise EOFError("data after a bzip2 stream")
         return b""
+
+    def _error(self) -> Exception:
+        """lbzip2's complaint about the bytes as a decoder error; its other failures as what they are."""
+        said = cast(IO[bytes], self._proc.stderr).read().decode(errors="replace").strip().splitlines()
+        why = said[-1].replace(" stdin:", "") if said else f"lbzip2 exited {self._proc.returncode}"
+        if self._proc.returncode > 0 and ("compressed data error" in why or "not a valid bzip2 file" in why):
+            return EOFError(why)
+        if self._proc.returncode < 0:
+            why = f"lbzip2 was killed by signal {-self._proc.returncode}"
+        return ConfigError(
+            f"decoding the bzip2 archive failed, not for its bytes ({why})",
+            "give the start more memory, or take lbzip2 off its PATH to decode in-process",
+        )
 
     def close(self) -> None:
         self._proc.kill()
@@ -154,34 +189,47 @@ class _Lbzip2:
             cast(IO[bytes], pipe).close()
 
 
-class StreamEnd:
-    """The bytes of a stream before its trailing zeros: enough to tell whether they end a bzip2
-    stream, whatever the stream's length."""
+class StreamEnds:
+    """What lbzip2 would skip, told from the bytes alone, in constant memory: it stops at the
+    first bytes after a stream that do not start another, so each stream after the first must
+    start right where one ends, and the bytes must end as a stream does, then zeros at most. Only
+    bytes made to end as a bzip2 stream does get past this, and bzip2 and GNU tar skip those too."""
 
-    KEEP = 16  # the 11 bytes an end takes, and the 5 zero bytes its CRC may end in
+    KEEP = 32  # bytes kept of the stream: a stream's end (11) before a start's 10 bytes, and more
 
     def __init__(self) -> None:
-        self.tail = b""  # the last bytes up to the last nonzero one
+        self.recent = b""  # the last KEEP bytes
+        self.seen = 0  # bytes before `recent`'s end
+        self.tail = b""  # the last KEEP bytes up to the last nonzero one
         self.zeros = 0  # zero bytes after them
+        self.joined = True  # every stream after the first starts where one ends
 
     def update(self, chunk: bytes) -> None:
-        data = chunk.rstrip(b"\0")
-        if not data:
+        data = self.recent + chunk
+        at = data.find(b"BZh", max(0, len(self.recent) - 9))
+        while at != -1:
+            if len(self.recent) - 10 < at and BZIP2_START.match(data, at) and self.seen - len(self.recent) + at > 0:
+                self.joined = self.joined and _ends_a_stream(data[:at])
+            at = data.find(b"BZh", at + 1)
+        self.recent, self.seen = data[-self.KEEP :], self.seen + len(chunk)
+        if stripped := chunk.rstrip(b"\0"):
+            self.tail = (self.tail + bytes(min(self.zeros, self.KEEP)) + stripped)[-self.KEEP :]
+            self.zeros = len(chunk) - len(stripped)
+        else:
             self.zeros += len(chunk)
-            return
-        self.tail = (self.tail + bytes(min(self.zeros, self.KEEP)) + data)[-self.KEEP :]
-        self.zeros = len(chunk) - len(data)
 
-    def ends_a_bzip2_stream(self) -> bool:
-        """Whether a bzip2 end lies within the 5 bytes after the last nonzero one (a CRC may end in
-        zero bytes), the rest zeros."""
+    def complete(self) -> bool:
+        """Every stream joined, and the last ends within the 5 bytes after the last nonzero one
+        (its CRC may end in zero bytes), the rest zeros."""
         window = self.tail + bytes(min(self.zeros, 5))
-        for end in range(len(self.tail), len(window) + 1):
-            value = int.from_bytes(window[max(0, end - 11) : end], "big")
-            for pad in range(8):  # zero bits after the CRC, to a whole byte
-                if value & ((1 << pad) - 1) == 0 and (value >> (32 + pad)) & ((1 << 48) - 1) == BZIP2_END:
-                    return True
-        return False
+        return self.joined and any(_ends_a_stream(window[:end]) for end in range(len(self.tail), len(window) + 1))
+
+
+def _ends_a_stream(data: bytes) -> bool:
+    """Whether `data` ends as a bzip2 stream does: its end's 48-bit magic, a 32-bit CRC, then 0-7
+    bits of padding to a whole byte (which libbz2 ignores, whatever they are)."""
+    value = int.from_bytes(data[-11:], "big")
+    return len(data) >= 11 and any((value >> (32 + pad)) & (1 << 48) - 1 == BZIP2_END for pad in range(8))
 
 
 class _XzReader:

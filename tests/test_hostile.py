@@ -933,26 +933,29 @@ def test_bytes_after_the_compressed_stream_are_refused_and_more_streams_are_read
 
 
 @given(
-    st.lists(st.binary(max_size=3000), min_size=1, max_size=3),
+    st.lists(st.tuples(st.binary(max_size=3000), st.sampled_from([b"", b"\0" * 16, b"JUNK"])), min_size=1, max_size=3),
     st.integers(0, 40),
     st.integers(1, 5000),
     st.booleans(),
 )
 @settings(max_examples=300, deadline=None)
-def test_a_bzip2_end_is_told_at_every_bit_offset_and_chunking(
-    parts: list[bytes], zeros: int, chunk: int, junk: bool
+def test_what_lbzip2_would_skip_is_told_at_every_bit_offset_and_chunking(
+    streams: list[tuple[bytes, bytes]], zeros: int, chunk: int, junk: bool
 ) -> None:
-    """lbzip2 says nothing of what follows the last stream, so the decoder tells from the bytes
-    fed to it whether they end as a bzip2 stream does (whose CRC may itself end in zero bytes)."""
+    """lbzip2 skips, without a word, whatever follows a stream but another stream: the decoder
+    tells from the bytes fed to it whether each stream starts where one ends and whether they end
+    as a bzip2 stream does (whose CRC may itself end in zero bytes), then zeros at most."""
     import bz2
 
-    from entrypoint.decode import StreamEnd
+    from entrypoint.decode import StreamEnds
 
-    data = b"".join(bz2.compress(p, 1) for p in parts) + bytes(zeros) + (b"JUNK" if junk else b"")
-    end = StreamEnd()
+    gaps = [gap for _, gap in streams[:-1]]
+    data = b"".join(bz2.compress(p, 1) + gap for p, gap in streams[:-1]) + bz2.compress(streams[-1][0], 1)
+    data += bytes(zeros) + (b"JUNK" if junk else b"")
+    ends = StreamEnds()
     for at in range(0, len(data), chunk):
-        end.update(data[at : at + chunk])
-    assert end.ends_a_bzip2_stream() is not junk
+        ends.update(data[at : at + chunk])
+    assert ends.complete() is (not junk and not any(gaps))
 
 
 def _lbzip2_and_libbz2(site: Site, path: Path, hidden: Path) -> list[tuple[int, set[str], str]]:
@@ -962,6 +965,7 @@ def _lbzip2_and_libbz2(site: Site, path: Path, hidden: Path) -> list[tuple[int, 
     for path_var in (os.environ["PATH"], str(hidden)):
         shutil.rmtree(site.cache, ignore_errors=True)
         env = entry_env(MLSERVER_ENV_TARBALL=path, MLSERVER_ENV_CACHE_DIR=site.cache, PATH=path_var)
+        env.update(LBZIP2="-f", BZIP2="-f", BZIP="-f")  # lbzip2's option variables: -f passes other bytes through
         proc = run_entrypoint(["unpack"], env)
         prefix = Path(proc.stdout.splitlines()[-1]) if proc.returncode == 0 else None
         tree = {str(p.relative_to(prefix)) for p in prefix.rglob("*")} if prefix else set()
@@ -981,6 +985,7 @@ def test_lbzip2_and_libbz2_read_and_refuse_alike(site: Site, tmp_path: Path) -> 
     hidden.mkdir()
     tar = tar_bytes([*tiny_env(extra_files=30), M("lib/b.txt", data=b"hello")])
     one = bz2.compress(tar, 1)
+    two = bz2.compress(tar_bytes([*tiny_env(), M("lib/c.txt", data=b"second")]), 1)
     flipped = bytearray(one)
     flipped[len(one) // 2] ^= 0x5A
     cases = {
@@ -989,6 +994,11 @@ def test_lbzip2_and_libbz2_read_and_refuse_alike(site: Site, tmp_path: Path) -> 
         "zero padding": one + bytes(1024),
         "junk after": one + b"JUNK" * 64,
         "zeros then junk": one + bytes(1024) + b"JUNK",
+        "many zeros then junk": one + bytes(1 << 20) + b"JUNK",  # more than lbzip2 reads after its last stream
+        "zeros between streams": one + bytes(16) + two,
+        "junk between streams": one + b"JUNK" + two,
+        "junk then an empty stream": one + b"JUNK" + bz2.compress(b""),
+        "not bzip2 past its magic": tar_bytes([M("BZh0", data=b"x"), *tiny_env()]),
         "cut": one[: len(one) // 2],
         "cut at the end": one[:-5],
         "flipped": bytes(flipped),
@@ -1000,7 +1010,25 @@ def test_lbzip2_and_libbz2_read_and_refuse_alike(site: Site, tmp_path: Path) -> 
         with_tool, without = _lbzip2_and_libbz2(site, path, hidden)
         assert with_tool[:2] == without[:2], name
         assert (with_tool[0] == 0) == (name in ("one", "two streams", "zero padding")), (name, with_tool[0])
-        assert ("lbzip2" in with_tool[2]) == (name in ("cut", "cut at the end", "flipped")), with_tool[2]
+        lbzip2_said = ("cut", "cut at the end", "flipped", "not bzip2 past its magic")
+        assert ("lbzip2" in with_tool[2]) == (name in lbzip2_said), (name, with_tool[2])
+
+
+def test_lbzip2_failing_for_another_reason_than_the_bytes_says_so(site: Site, tmp_path: Path) -> None:
+    """lbzip2 killed (as by the OOM killer) is not a corrupt archive: exit 2, and what to do."""
+    import bz2
+
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "lbzip2").write_text("#!/bin/sh\nkill -9 $$\n")
+    (tools / "lbzip2").chmod(0o755)
+    path = site.root / "env.tar.bz2"
+    path.write_bytes(bz2.compress(tar_bytes(tiny_env()), 1))
+    env = entry_env(MLSERVER_ENV_TARBALL=path, MLSERVER_ENV_CACHE_DIR=site.cache, PATH=f"{tools}:/usr/bin:/bin")
+    proc = run_entrypoint(["unpack"], env)
+    assert proc.returncode == 2, proc.stderr
+    line = error_line(proc)
+    assert "lbzip2 was killed by signal 9" in line and "take lbzip2 off its PATH" in line, line
 
 
 def test_every_refusal_says_what_to_do(site: Site) -> None:
