@@ -26,7 +26,7 @@ RUN /opt/mlserver/bin/pip wheel --no-cache-dir --disable-pip-version-check --no-
 # 3. The image: stage 1 plus the wheel (no compiler, no pip cache, no sources). Built on stage 1
 #    rather than copying its virtualenv, so a code change rebuilds only the small layers below.
 FROM deps
-# lbzip2 decodes a tar.bz2 environment on every core (on two, 2.5x faster than libbz2);
+# lbzip2 decodes a tar.bz2 environment on up to 4 cores (on two, 2.5x faster than libbz2);
 # without it the entrypoint decodes bzip2 itself. Debian's package, if the base lacks it.
 # hadolint ignore=DL3008
 RUN command -v lbzip2 >/dev/null || { apt-get update -qq \
