@@ -101,6 +101,8 @@ def test_image_metadata(podman: Podman, image: str) -> None:
     # A login shell keeps what the entrypoint put on PATH (Debian's /etc/profile resets it).
     login = podman("run", "--rm", image, "bash", "-lc", "command -v mlserver")
     assert login.stdout.strip() == "/opt/mlserver/bin/mlserver", login.stdout + login.stderr
+    # tar.bz2 environments are decoded by lbzip2, which the image has.
+    assert podman("run", "--rm", image, "lbzip2", "--version").returncode == 0
 
 
 def seed_mounts(podman: Podman, names: list[str], models: Path, cache: str) -> list[str]:
