@@ -193,9 +193,9 @@ def launch(command: list[str], ready: Ready) -> NoReturn:
 
 def _hand_over(argv: list[str], env: dict[str, str], prepared: Mapping[ModelEnv, Path]) -> None:
     """The server (`mlserver start FOLDER`) loads each model of `prepared` in its own environment."""
-    served = models.served_by(argv[0])
+    server = models.server_prefix(argv[0])
+    served = models.mlserver_version(server)
     if served is None:
-        server = Path(os.path.realpath(argv[0])).parent.parent
         log.info(
             f"warning: no mlserver-*.dist-info under {server}/lib: each model's environment must hold the "
             "mlserver release the server runs (not checked)"

@@ -97,7 +97,7 @@ def main(args: list[str], send: Callable[[Message], None]) -> int:
 
 
 def _configured(config: Settings, need: bool) -> Path | None:
-    if config.tarball and "://" in config.tarball:
+    if config.tarball and settings.is_url(config.tarball):
         raise ConfigError("inspect reads a local archive", "download the URL and give the file")
     tarball = locate(config)
     if not isinstance(tarball, Tarball) and need:
@@ -108,9 +108,9 @@ def _configured(config: Settings, need: bool) -> Path | None:
 def _local_models(config: Settings) -> list[ModelEnv]:
     """The models with a tarball of their own that is a local file: inspect reads no URL."""
     found = models.find(config.models_dir)
-    for model in (m for m in found if "://" in m.tarball):
+    for model in (m for m in found if settings.is_url(m.tarball)):
         log.info(f"{model.label}: not inspected (inspect reads local archives: download it and give the file)")
-    return [m for m in found if "://" not in m.tarball]
+    return [m for m in found if not settings.is_url(m.tarball)]
 
 
 def _inspect_model(model: ModelEnv, config: Settings, server: Report | None, send: Callable[[Message], None]) -> Report:
@@ -126,7 +126,7 @@ def _inspect_model(model: ModelEnv, config: Settings, server: Report | None, sen
 def _image_mlserver() -> str | None:
     """The mlserver release of the `mlserver` on PATH: the one that serves without an environment."""
     program = shutil.which("mlserver")
-    return None if program is None else models.served_by(program)
+    return None if program is None else models.mlserver_version(models.server_prefix(program))
 
 
 def _rendered(server: Report | None, own: dict[ModelEnv, Report], as_json: bool) -> str:

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 from entrypoint import fs
 from entrypoint.errors import ConfigError, EnvError
-from entrypoint.settings import sha256_pin
+from entrypoint.settings import is_url, sha256_pin
 
 SETTINGS_FILE = "model-settings.json"
 SETTINGS_MAX = 1 << 20  # a model-settings.json is a few hundred bytes; a bigger one is not read
@@ -82,7 +82,7 @@ def _model_env(name: str, settings_file: Path, tarball: object, pin: object) -> 
         sha256 = sha256_pin(pin if isinstance(pin, str) else None if pin is None else repr(pin))
     except ValueError as exc:
         raise ConfigError(f"{where}: parameters.{PIN} {exc}", "give the output of `sha256sum TARBALL`") from exc
-    if "://" not in tarball:  # MLServer's to_absolute_path
+    if not is_url(tarball):  # MLServer's to_absolute_path
         tarball = os.path.normpath(os.path.join(settings_file.parent, tarball))
     return ModelEnv(name, settings_file, tarball, sha256)
 
@@ -96,9 +96,9 @@ def mlserver_version(prefix: Path) -> str | None:
     return None
 
 
-def served_by(program: str) -> str | None:
-    """The mlserver release of the server `program` (<prefix>/bin/mlserver) runs, if it can be told."""
-    return mlserver_version(Path(os.path.realpath(program)).parent.parent)
+def server_prefix(program: str) -> Path:
+    """The environment a server program (<prefix>/bin/mlserver) runs from, symlinks resolved."""
+    return Path(os.path.realpath(program)).parent.parent
 
 
 def check_versions(models: Mapping[ModelEnv, Path], served: str | None) -> None:
@@ -142,7 +142,7 @@ def handover(prepared: Mapping[ModelEnv, Path], env: dict[str, str]) -> None:
 
 
 def _tarball_key(tarball: str) -> str:
-    return tarball if "://" in tarball else os.path.realpath(tarball)
+    return tarball if is_url(tarball) else os.path.realpath(tarball)
 
 
 def repository_taken(models_dir: Path, environ: Mapping[str, str]) -> str | None:

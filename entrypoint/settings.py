@@ -106,12 +106,18 @@ class Settings(NamedTuple):
         models folder); None for a URL or no environment."""
         if self.tarball is None:
             return Path(os.path.abspath(self.models_dir / DEFAULT_TARBALL_NAME))
-        if not self.tarball.strip() or "://" in self.tarball:
+        if not self.tarball.strip() or is_url(self.tarball):
             return None
         return Path(os.path.abspath(self.tarball))
 
 
 URL_SCHEMES = ("http", "https", "s3", "gs")
+
+
+def is_url(tarball: str) -> bool:
+    """Whether a tarball setting (or a model's) names a URL rather than a file: "://" in it, as
+    MLServer's own to_absolute_path tells them apart."""
+    return "://" in tarball
 
 
 def plain_url(value: str) -> bool:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from entrypoint import keys
 from entrypoint.errors import ArchiveError, ConfigError
-from entrypoint.settings import Settings
+from entrypoint.settings import Settings, is_url
 
 if TYPE_CHECKING:
     from entrypoint.remote import RemoteTarball
@@ -34,7 +34,7 @@ class Tarball(NamedTuple):
 def locate(config: Settings, label: str | None = None) -> Tarball | RemoteTarball | None:
     """The configured tarball (a file, or a URL: remote.py), or None to run without an environment.
     `label` names it in errors (default: the setting)."""
-    if config.tarball is not None and "://" in config.tarball:
+    if config.tarball is not None and is_url(config.tarball):
         from entrypoint import remote
 
         return remote.locate(config.tarball.strip(), config)
