@@ -30,7 +30,7 @@ from pathlib import Path
 from subprocess import CompletedProcess
 
 import pytest
-from archives import M, content_tree, ram_dir, raw_header, tiny_env, unpack_script_with, write_tar
+from archives import M, compress, content_tree, ram_dir, raw_header, tiny_env, unpack_script_with, write_tar
 from support import ENTRYPOINT, REPO, entry_env, error_line, run_entrypoint, unavailable
 
 from entrypoint import entry as entries
@@ -437,14 +437,12 @@ def test_signal_during_unpack_cleans_up(ref: Reference, sig: signal.Signals, pha
 def test_a_stop_ends_the_bzip2_decoder_with_the_start(small_tarball: Path, fast_root: Path) -> None:
     """lbzip2 decodes a tar.bz2 in a process of its own: a stop mid-extraction ends it with the
     worker, and leaves the entry as any stop does."""
-    import bz2
     import gzip
 
     if shutil.which("lbzip2") is None:
         unavailable("lbzip2 is not installed (scripts/install-system-deps)")
     tarball = fast_root / "small.tar.bz2"
-    with gzip.open(small_tarball) as plain:
-        tarball.write_bytes(bz2.compress(plain.read(), 1))
+    tarball.write_bytes(compress(gzip.decompress(small_tarball.read_bytes()), "tar.bz2"))
     ref = make_reference(tarball, fast_root / "bz2")
     decoders: set[int] = set()
 

@@ -945,12 +945,10 @@ def test_what_lbzip2_would_skip_is_told_at_every_bit_offset_and_chunking(
     """lbzip2 skips, without a word, whatever follows a stream but another stream: the decoder
     tells from the bytes fed to it whether each stream starts where one ends and whether they end
     as a bzip2 stream does (whose CRC may itself end in zero bytes), then zeros at most."""
-    import bz2
-
     from entrypoint.decode import StreamEnds
 
     gaps = [gap for _, gap in streams[:-1]]
-    data = b"".join(bz2.compress(p, 1) + gap for p, gap in streams[:-1]) + bz2.compress(streams[-1][0], 1)
+    data = b"".join(compress(p, "tar.bz2") + gap for p, gap in streams[:-1]) + compress(streams[-1][0], "tar.bz2")
     data += bytes(zeros) + (b"JUNK" if junk else b"")
     ends = StreamEnds()
     for at in range(0, len(data), chunk):
@@ -976,28 +974,26 @@ def _lbzip2_and_libbz2(site: Site, path: Path, hidden: Path) -> list[tuple[int, 
 def test_lbzip2_and_libbz2_read_and_refuse_alike(site: Site, tmp_path: Path) -> None:
     """bzip2 is decoded by lbzip2 when it is installed, else by Python's bz2: the same archives
     are read into the same trees, and the same refused."""
-    import bz2
-
     if shutil.which("lbzip2") is None:
         unavailable("lbzip2 is not installed (scripts/install-system-deps)")
 
     hidden = tmp_path / "bin"  # a PATH without lbzip2
     hidden.mkdir()
     tar = tar_bytes([*tiny_env(extra_files=30), M("lib/b.txt", data=b"hello")])
-    one = bz2.compress(tar, 1)
-    two = bz2.compress(tar_bytes([*tiny_env(), M("lib/c.txt", data=b"second")]), 1)
+    one = compress(tar, "tar.bz2")
+    two = compress(tar_bytes([*tiny_env(), M("lib/c.txt", data=b"second")]), "tar.bz2")
     flipped = bytearray(one)
     flipped[len(one) // 2] ^= 0x5A
     cases = {
         "one": one,
-        "two streams": bz2.compress(tar[:5000], 1) + bz2.compress(tar[5000:], 1),
+        "two streams": compress(tar[:5000], "tar.bz2") + compress(tar[5000:], "tar.bz2"),
         "zero padding": one + bytes(1024),
         "junk after": one + b"JUNK" * 64,
         "zeros then junk": one + bytes(1024) + b"JUNK",
         "many zeros then junk": one + bytes(1 << 20) + b"JUNK",  # more than lbzip2 reads after its last stream
         "zeros between streams": one + bytes(16) + two,
         "junk between streams": one + b"JUNK" + two,
-        "junk then an empty stream": one + b"JUNK" + bz2.compress(b""),
+        "junk then an empty stream": one + b"JUNK" + compress(b"", "tar.bz2"),
         "not bzip2 past its magic": tar_bytes([M("BZh0", data=b"x"), *tiny_env()]),
         "cut": one[: len(one) // 2],
         "cut at the end": one[:-5],
@@ -1016,14 +1012,12 @@ def test_lbzip2_and_libbz2_read_and_refuse_alike(site: Site, tmp_path: Path) -> 
 
 def test_lbzip2_failing_for_another_reason_than_the_bytes_says_so(site: Site, tmp_path: Path) -> None:
     """lbzip2 killed (as by the OOM killer) is not a corrupt archive: exit 2, and what to do."""
-    import bz2
-
     tools = tmp_path / "bin"
     tools.mkdir()
     (tools / "lbzip2").write_text("#!/bin/sh\nkill -9 $$\n")
     (tools / "lbzip2").chmod(0o755)
     path = site.root / "env.tar.bz2"
-    path.write_bytes(bz2.compress(tar_bytes(tiny_env()), 1))
+    path.write_bytes(compress(tar_bytes(tiny_env()), "tar.bz2"))
     env = entry_env(MLSERVER_ENV_TARBALL=path, MLSERVER_ENV_CACHE_DIR=site.cache, PATH=f"{tools}:/usr/bin:/bin")
     proc = run_entrypoint(["unpack"], env)
     assert proc.returncode == 2, proc.stderr

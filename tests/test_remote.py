@@ -46,7 +46,7 @@ from urllib.parse import parse_qs, unquote
 
 import pytest
 import requests
-from archives import content_tree
+from archives import compress, content_tree
 from conftest import Example
 from support import REPO, entry_env, env_python, error_line, free_port, infer, run_entrypoint, serving
 from test_faults import mount_tmpfs, used_bytes
@@ -313,11 +313,9 @@ def test_http_cold_then_warm_start_does_not_download_again(http: Server, small_t
 
 def test_http_tar_bz2_is_decoded_as_it_streams(http: Server, small_tarball: Path, tmp_path: Path) -> None:
     """A forward-only download feeds lbzip2 (or the in-process decoder) as a file does."""
-    import bz2
     import gzip
 
-    with gzip.open(small_tarball) as plain:
-        (tmp_path / "bare.tar.bz2").write_bytes(bz2.compress(plain.read(), 1))
+    (tmp_path / "bare.tar.bz2").write_bytes(compress(gzip.decompress(small_tarball.read_bytes()), "tar.bz2"))
     http.files["bare.tar.bz2"] = tmp_path / "bare.tar.bz2"
     local = unpack(str(small_tarball), tmp_path / "l")
     remote = unpack(f"{http.base}/ok/bare.tar.bz2", tmp_path / "r")
