@@ -22,6 +22,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -149,6 +150,22 @@ def compress(data: bytes, fmt: str) -> bytes:
     if fmt == "tar.zst":
         return zstandard.ZstdCompressor(level=1).compress(data)
     raise ValueError(fmt)
+
+
+def xz_streams(data: bytes, size: int) -> list[bytes]:
+    """`data` as xz streams of `size` bytes each, as `conda-pack -j` writes tar.xz."""
+    return [lzma.compress(data[at : at + size], preset=0) for at in range(0, len(data), size)]
+
+
+def set_xz_dictionary(stream: bytes, code: int) -> bytes:
+    """The xz stream with its first block asking for LZMA2 dictionary `code` (28: 64 MiB, 30:
+    128 MiB, 37: 1.5 GiB)."""
+    data, block = bytearray(stream), 12  # after the stream header: the block header, its size first
+    size = (data[block] + 1) * 4
+    props = data.index(b"\x21\x01", block + 2) + 2  # the LZMA2 filter's id, its properties' size
+    data[props] = code
+    data[block + size - 4 : block + size] = zlib.crc32(data[block : block + size - 4]).to_bytes(4, "little")
+    return bytes(data)
 
 
 def write_tar(path: Path, members: Iterable[M], fmt: str = "tar.gz", tar_format: int = tarfile.PAX_FORMAT) -> Path:

@@ -20,6 +20,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO, cast
 
 import pytest
 from archives import (
@@ -33,12 +34,14 @@ from archives import (
     ram_dir,
     raw_header,
     real_tar_head,
+    set_xz_dictionary,
     snapshot,
     tar_bytes,
     tiny_env,
     write_raw,
     write_tar,
     write_zip,
+    xz_streams,
     zst_bomb,
 )
 from hypothesis import HealthCheck, given, settings
@@ -811,17 +814,8 @@ def test_xz_dictionary_too_big_to_decode_in_bounded_memory(site: Site) -> None:
     """An xz block header picks the dictionary size, up to 3 GiB, and the decoder fills that much
     as it writes (a 64 KB tar.xz of zeros once took 450 MB resident): past 128 MiB (zstd's
     default window limit) the archive is refused with one line, before anything is decoded."""
-    import lzma
-    import zlib
-
-    data = bytearray(lzma.compress(tar_bytes(tiny_env()), preset=0))
-    block = 12  # after the stream header: the block header, its size in its first byte
-    size = (data[block] + 1) * 4
-    props = data.index(b"\x21\x01", block + 2) + 2  # the LZMA2 filter's id, its properties' size
-    data[props] = 37  # a dictionary of 1.5 GiB
-    data[block + size - 4 : block + size] = zlib.crc32(data[block : block + size - 4]).to_bytes(4, "little")
     path = site.root / "bigdict.tar.xz"
-    path.write_bytes(bytes(data))
+    path.write_bytes(set_xz_dictionary(compress(tar_bytes(tiny_env()), "tar.xz"), 37))
     refuse(site, path, "bigdict.tar.xz", "xz", "MiB of memory")
 
 
@@ -840,6 +834,96 @@ def test_xz_stream_padding_is_read(site: Site) -> None:
     assert (Path(proc.stdout.splitlines()[-1]) / "share/doc/README").read_bytes() == b"tiny\n"
     path.write_bytes(good[:-1])
     refuse(site, path, "padded.tar.xz", "padding")
+
+
+def _many_cores_and_one(site: Site, path: Path) -> list[tuple[int, set[str], str]]:
+    """What a start makes of `path` on every core it may use, and on one: exit code, tree, error."""
+    outcomes = []
+    for cores in (os.sched_getaffinity(0), {min(os.sched_getaffinity(0))}):
+        shutil.rmtree(site.cache, ignore_errors=True)
+        env = entry_env(MLSERVER_ENV_TARBALL=path, MLSERVER_ENV_CACHE_DIR=site.cache)
+        proc = run_entrypoint(["unpack"], env, preexec_fn=lambda cores=cores: os.sched_setaffinity(0, cores))
+        prefix = Path(proc.stdout.splitlines()[-1]) if proc.returncode == 0 else None
+        tree = {str(p.relative_to(prefix)) for p in prefix.rglob("*")} if prefix else set()
+        outcomes.append((proc.returncode, tree, error_line(proc) if proc.returncode else ""))
+    return outcomes
+
+
+def test_xz_streams_read_and_refuse_alike_on_one_thread_and_several(site: Site) -> None:
+    """The streams of a tar.xz (conda-pack -j writes one per 4 MiB) are decoded on several threads
+    when there are cores for them, else in one: the same archives are read into the same trees,
+    and the same refused, for the same reason."""
+    if len(os.sched_getaffinity(0)) < 2:
+        unavailable("decoding xz streams on several threads needs two cores")
+    tar = tar_bytes([*tiny_env(extra_files=40), M("lib/b.txt", data=b"hello")])
+    parts = xz_streams(tar, 4096)
+    index_flipped = bytearray(parts[1])
+    index_flipped[-14] ^= 0x01  # the second stream's index: its CRC-32, before the footer
+    flipped = bytearray(parts[2])
+    flipped[len(flipped) // 2] ^= 0x5A
+    big = b"".join(parts[:-1]) + set_xz_dictionary(parts[-1], 30)
+    cases = {
+        "streams": b"".join(parts),
+        "padding between": bytes(4).join(parts) + bytes(8),
+        "every stream asks for 64 MiB": b"".join(set_xz_dictionary(part, 28) for part in parts),
+        "a later stream asks for 128 MiB": big,
+        "a later stream asks for 1.5 GiB": b"".join(parts[:-1]) + set_xz_dictionary(parts[-1], 37),
+        "padding of three": bytes(3).join(parts),
+        "junk between": b"JUNK".join(parts),
+        "junk after": b"".join(parts) + b"JUNK",
+        "a stream's data flipped": b"".join([*parts[:2], bytes(flipped), *parts[3:]]),
+        "a stream's index flipped": b"".join([parts[0], bytes(index_flipped), *parts[2:]]),
+        "cut": b"".join(parts)[:-100],
+        "an escape in the first stream": b"".join(xz_streams(tar_bytes([M("../evil", data=b"x")]) + tar, 4096)),
+    }
+    for name, data in cases.items():
+        path = site.root / "env.tar.xz"
+        path.write_bytes(data)
+        several, one = _many_cores_and_one(site, path)
+        assert several == one, name
+        assert (several[0] == 0) == (name in list(cases)[:4]), (name, several)
+
+
+def _decoded(raw: io.BufferedIOBase) -> bytes | None:
+    """The bytes decoded, or None if they were refused as a corrupt archive."""
+    from entrypoint import decode
+
+    stream = decode.decoder("tar.xz", cast(BinaryIO, raw))
+    try:
+        return b"".join(iter(lambda: stream.read(1000), b""))  # less than a chunk: the rest is kept
+    except ArchiveError as exc:
+        assert "corrupt or truncated archive" in str(exc)
+        return None
+    finally:
+        stream.close()
+
+
+@given(
+    st.lists(st.tuples(st.binary(min_size=0, max_size=3000), st.sampled_from([0, 3, 4, 8])), min_size=2, max_size=6),
+    st.sampled_from(["none", "flip", "cut", "junk", "zeros"]),
+    st.integers(0, 1 << 20),
+)
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_xz_streams_told_from_the_end_decode_as_the_whole_does(
+    tmp_path: Path, streams: list[tuple[bytes, int]], damage: str, where: int
+) -> None:
+    """The streams found from a file's end and decoded apart give the same bytes as the file
+    decoded from its start in one stream, or are refused where it is (the reason may differ:
+    decoded apart, a damaged stream can look cut short)."""
+    data = bytearray(b"".join(compress(piece, "tar.xz") + bytes(pad) for piece, pad in streams))
+    if damage == "flip":
+        data[where % len(data)] ^= 0x10
+    elif damage == "cut":
+        del data[where % len(data) :]
+    else:
+        data += b"JUNK" if damage == "junk" else bytes(4)
+    path = tmp_path / "s.xz"
+    path.write_bytes(data)
+    with path.open("rb") as raw:
+        assert _decoded(raw) == _decoded(io.BytesIO(data))  # BytesIO has no file descriptor: one stream
+    if damage == "none" and not any(pad % 4 for _, pad in streams):
+        with path.open("rb") as raw:
+            assert _decoded(raw) == b"".join(piece for piece, _ in streams)
 
 
 def test_zip_deflate_stream_ending_before_its_size_is_refused_not_looped(site: Site) -> None:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import io
 import os
+import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from archives import M, end_of_archive, raw_header, tiny_env, write_tar, write_zip
+from archives import M, end_of_archive, raw_header, tiny_env, write_tar, write_zip, xz_streams
+from support import unavailable
 
 from entrypoint import archive, inspection, manifest, settings, zipindex
 from entrypoint import entry as entries
@@ -268,3 +270,25 @@ def test_removing_an_entry_keeps_nothing_per_file(tmp_path: Path) -> None:
     assert used[1] - used[0] < 4000 * PER_FILE_BYTES, used
     assert not small.prefix.exists() and not large.prefix.exists()
     assert (outside / "keep").read_bytes() == b"x"
+
+
+def test_xz_streams_decoded_ahead_are_bounded(tmp_path: Path) -> None:
+    """Threads decoding an xz file's streams ahead of a slow reader hold at most their queues'
+    chunks, however many streams wait."""
+    from entrypoint import decode
+    from entrypoint.archive import CHUNK, PREFETCH_DEPTH
+
+    if len(os.sched_getaffinity(0)) < 2:
+        unavailable("decoding xz streams on several threads needs two cores")
+    path = tmp_path / "many.xz"
+    path.write_bytes(b"".join(xz_streams(bytes(range(256)) * (48 << 12), 1 << 20)))  # 48 streams of 1 MiB
+
+    def read_slowly() -> None:
+        with path.open("rb") as raw:
+            stream = decode.decoder("tar.xz", raw)
+            while stream.read(CHUNK):
+                time.sleep(0.002)
+            stream.close()
+
+    workers = min(decode.XZ_THREADS, len(os.sched_getaffinity(0)))
+    assert peak(read_slowly) < (workers * (PREFETCH_DEPTH + 2) + 2) * CHUNK

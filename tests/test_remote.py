@@ -46,7 +46,7 @@ from urllib.parse import parse_qs, unquote
 
 import pytest
 import requests
-from archives import compress, content_tree
+from archives import compress, content_tree, xz_streams
 from conftest import Example
 from support import REPO, entry_env, env_python, error_line, free_port, infer, run_entrypoint, serving
 from test_faults import mount_tmpfs, used_bytes
@@ -311,14 +311,20 @@ def test_http_cold_then_warm_start_does_not_download_again(http: Server, small_t
     assert env_output == str(prefix)  # relocated: the interpreter knows where it lives now
 
 
-def test_http_tar_bz2_is_decoded_as_it_streams(http: Server, small_tarball: Path, tmp_path: Path) -> None:
-    """A forward-only download feeds lbzip2 (or the in-process decoder) as a file does."""
+@pytest.mark.parametrize("fmt", ["tar.bz2", "tar.xz"])
+def test_http_tar_bz2_and_xz_are_decoded_as_they_stream(
+    http: Server, small_tarball: Path, tmp_path: Path, fmt: str
+) -> None:
+    """A forward-only download feeds lbzip2 (or the in-process decoder) as a file does, and xz
+    streams (found from a file's end) one after another."""
     import gzip
 
-    (tmp_path / "bare.tar.bz2").write_bytes(compress(gzip.decompress(small_tarball.read_bytes()), "tar.bz2"))
-    http.files["bare.tar.bz2"] = tmp_path / "bare.tar.bz2"
+    tar = gzip.decompress(small_tarball.read_bytes())
+    packed = compress(tar, fmt) if fmt == "tar.bz2" else b"".join(xz_streams(tar, 4 << 20))
+    (tmp_path / f"bare.{fmt}").write_bytes(packed)
+    http.files[f"bare.{fmt}"] = tmp_path / f"bare.{fmt}"
     local = unpack(str(small_tarball), tmp_path / "l")
-    remote = unpack(f"{http.base}/ok/bare.tar.bz2", tmp_path / "r")
+    remote = unpack(f"{http.base}/ok/bare.{fmt}", tmp_path / "r")
     assert local.returncode == 0 and remote.returncode == 0, remote.stderr
     trees = [content_tree(Path(p.stdout.splitlines()[-1])) for p in (local, remote)]
     assert trees[0] == trees[1]
