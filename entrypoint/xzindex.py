@@ -16,8 +16,8 @@ from typing import NamedTuple
 
 HEADER = b"\xfd7zXZ\x00"
 FOOTER = b"YZ"
-MAX_BLOCKS = 1 << 16  # blocks in a file, at most: more is not conda-pack's (one per 4 MiB of tar)
-MAX_INDEX = 1 << 20  # index bytes read per stream: 100,000 blocks
+MAX_PARTS = 1 << 16  # streams and blocks told apart in a file, at most (conda-pack: 2 per 4 MiB of tar)
+MAX_INDEX = 1 << 20  # index bytes read per stream, at most
 LZMA2 = 0x21
 DICT_MAX = 0xFFFFFFFF  # what an LZMA2 dictionary byte of 40 means
 
@@ -31,11 +31,11 @@ class Span(NamedTuple):
 def streams(fd: int, size: int) -> list[Span] | None:
     """The file's streams in order, or None if they cannot be told from their indexes."""
     found: list[Span] = []
-    end, blocks = size, 0
+    end, parts = size, 0
     while end > 0:
         end -= _padding(fd, end)
         stream = _stream(fd, end)
-        if stream is None or (blocks := blocks + len(stream[1])) > MAX_BLOCKS:
+        if stream is None or (parts := parts + 1 + len(stream[1])) > MAX_PARTS:
             return None
         if (largest := _largest_dictionary(fd, stream[1])) is None:
             return None
@@ -115,7 +115,7 @@ def _varint(data: bytes, at: int) -> tuple[int, int]:
 def dictionary(fd: int, block: int) -> int | None:
     """The LZMA2 dictionary size the block at `block` asks for in its header."""
     head = os.pread(fd, 1024, block)
-    if not head or head[0] == 0:  # the index, not a block
+    if not head or head[0] == 0 or len(head) < (head[0] + 1) * 4:  # the index, or cut short
         return None
     header = head[: (head[0] + 1) * 4]
     flags, at = header[1], 2
