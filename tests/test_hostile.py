@@ -926,6 +926,22 @@ def test_xz_streams_told_from_the_end_decode_as_the_whole_does(
             assert _decoded(raw) == b"".join(piece for piece, _ in streams)
 
 
+def test_xz_streams_are_told_apart_only_within_bounds(tmp_path: Path) -> None:
+    """Past MAX_PARTS streams and blocks, or with a block header cut short, a file's streams are
+    not told apart (it is then decoded from its start, as one stream)."""
+    from entrypoint import xzindex
+
+    empty = compress(b"", "tar.xz")  # a stream without blocks
+    cut = compress(b"x", "tar.xz")[:13]  # the stream header, then a block header's first byte
+    for data, parts in [(empty * 1000, 1000), (empty * (xzindex.MAX_PARTS + 1), None), (cut, None)]:
+        path = tmp_path / "s.xz"
+        path.write_bytes(data)
+        with path.open("rb") as raw:
+            found = xzindex.streams(raw.fileno(), len(data))
+            assert (found and len(found)) == parts
+            assert data != cut or xzindex.dictionary(raw.fileno(), 12) is None
+
+
 def test_zip_deflate_stream_ending_before_its_size_is_refused_not_looped(site: Site) -> None:
     """A deflated member whose stream ends before the size the directory gives, more bytes after it
     inside its compressed size: zlib keeps those bytes as its unconsumed input once output was
