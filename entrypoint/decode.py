@@ -29,7 +29,10 @@ from entrypoint.errors import ArchiveError, ConfigError
 # What an xz stream may make its decoder allocate: a 128 MiB dictionary (zstd's default window
 # bound; xz -9 uses 64 MiB, conda-pack's default level 8 MiB) and its state.
 XZ_MEMLIMIT = 136 << 20
-XZ_THREADS = 4  # threads decoding the streams of one xz file at most, sharing XZ_MEMLIMIT
+# Threads decoding the streams of one xz file, at most: each holds its queue (4 MiB, a conda-pack
+# stream's worth, so it can decode a whole stream ahead) and its decoder, and 2 keep the example's
+# peak RSS at 48-58 MiB (4 took 75-81 MiB) for decoding twice as fast as 1.
+XZ_THREADS = 2
 BZIP2_END = 0x177245385090  # a bzip2 stream's end: this 48-bit magic, its CRC, bits to a whole byte
 # A bzip2 stream's start: "BZh", its block size, then a block's magic, or the end's in an empty stream.
 BZIP2_START = re.compile(rb"BZh[1-9](?:\x31\x41\x59\x26\x53\x59|\x17\x72\x45\x38\x50\x90)")
@@ -248,7 +251,10 @@ def _xz(raw: BinaryIO) -> object:
     workers = min(XZ_THREADS, len(spans), len(os.sched_getaffinity(0)), XZ_MEMLIMIT // largest)
     if workers < 2:
         return _XzReader(raw)
-    return _ParallelXz(raw, spans, workers)
+    try:
+        return _ParallelXz(raw, spans, workers)
+    except RuntimeError:  # a thread cannot be started (no process left): decoded in one
+        return _XzReader(raw)
 
 
 class _XzReader:
@@ -277,13 +283,16 @@ class _XzReader:
             except lzma.LZMAError as exc:
                 if "memory" not in str(exc).lower():
                     raise
-                raise ArchiveError(
-                    f"its xz compression needs more than {self._memlimit >> 20} MiB of memory to decode",
-                    "pack it again with a lower level",
-                ) from exc
+                raise self._over_limit() from exc
             if out:
                 return out
         return b""
+
+    def _over_limit(self) -> Exception:
+        return ArchiveError(
+            f"its xz compression needs more than {self._memlimit >> 20} MiB of memory to decode",
+            "pack it again with a lower level",
+        )
 
     def _next_stream(self, rest: bytes) -> None:
         """After a stream: the end, or another stream, either after stream padding (NUL bytes, a
@@ -300,6 +309,17 @@ class _XzReader:
             raise EOFError("xz stream padding not a multiple of four bytes")
         self._dec = self._decoder()
         self._dec.decompress(data, 0)  # buffered, decoded by the next read: anything but xz raises there
+
+
+class _XzPart(_XzReader):
+    """One stream of several, read from its part of the file: its blocks' dictionaries were read
+    before its turn, so one asking for more memory than they allow is not what the index says."""
+
+    def __init__(self, fd: int, span: xzindex.Span, memlimit: int) -> None:
+        super().__init__(_Span(fd, span), memlimit)
+
+    def _over_limit(self) -> Exception:
+        return EOFError("an xz block is not where its stream's index says")
 
 
 class _Span:
@@ -326,20 +346,24 @@ class _ParallelXz:
         self._queues: list[queue.Queue[bytes | BaseException | None]] = [
             queue.Queue(PREFETCH_DEPTH) for _ in range(workers)
         ]
+        self._failed: BaseException | None = None
         self._stop = threading.Event()
-        self._threads = [
-            threading.Thread(target=self._decode, args=(k, XZ_MEMLIMIT // workers), name=f"xz-{k}", daemon=True)
-            for k in range(workers)
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._threads: list[threading.Thread] = []
+        for k in range(workers):
+            thread = threading.Thread(target=self._decode, args=(k, XZ_MEMLIMIT // workers), name=f"xz{k}", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError:
+                self.close()
+                raise
+            self._threads.append(thread)
 
     def _decode(self, k: int, memlimit: int) -> None:
         """Streams k, k + workers, …: their chunks, then None after each; an error ends the thread."""
         out = self._queues[k]
         try:
             for span in self._spans[k :: len(self._queues)]:
-                reader = _XzReader(_Span(self._raw.fileno(), span), memlimit)
+                reader = _XzPart(self._raw.fileno(), span, memlimit)
                 while chunk := reader.read(CHUNK):
                     if self._stop.is_set():
                         return
@@ -349,9 +373,12 @@ class _ParallelXz:
             out.put(exc)
 
     def read(self, n: int) -> bytes:
+        if self._failed is not None:
+            raise self._failed
         while not self._rest and self._next < len(self._spans):
             item = self._queues[self._next % len(self._queues)].get()
             if isinstance(item, BaseException):
+                self._failed = item  # its thread is gone: raised again by any later read
                 raise item
             if item is None:
                 self._raw.seek(self._spans[self._next].end)  # the progress shown is the file read so far
@@ -362,7 +389,7 @@ class _ParallelXz:
 
     def close(self) -> None:
         self._stop.set()
-        for thread, out in zip(self._threads, self._queues, strict=True):
+        for thread, out in zip(self._threads, self._queues, strict=False):  # fewer threads if one failed to start
             while thread.is_alive():  # unblock a thread waiting on a full queue
                 with contextlib.suppress(queue.Empty):
                     out.get(timeout=0.05)

@@ -34,9 +34,10 @@ def streams(fd: int, size: int) -> list[Span] | None:
     end, parts = size, 0
     while end > 0:
         end -= _padding(fd, end)
-        stream = _stream(fd, end)
-        if stream is None or (parts := parts + 1 + len(stream[1])) > MAX_PARTS:
+        stream = _stream(fd, end, MAX_PARTS - parts - 1)
+        if stream is None:
             return None
+        parts += 1 + len(stream[1])
         if (largest := _largest_dictionary(fd, stream[1])) is None:
             return None
         found.append(Span(stream[0], found[-1].start if found else size, largest))
@@ -68,27 +69,30 @@ def _padding(fd: int, end: int) -> int:
     return zeros
 
 
-def _stream(fd: int, end: int) -> tuple[int, list[int]] | None:
-    """Where the stream ending at `end` starts, then where each of its blocks does: its footer
-    gives its index's size, the index its blocks' sizes."""
+def _stream(fd: int, end: int, budget: int) -> tuple[int, list[int]] | None:
+    """Where the stream ending at `end` starts, then where each of its blocks (`budget` at most)
+    does: its footer gives its index's size, the index its blocks' sizes."""
     footer = os.pread(fd, 12, end - 12) if end >= 32 else b""
     if len(footer) != 12 or footer[10:] != FOOTER:
         return None
     index_size = (int.from_bytes(footer[4:8], "little") + 1) * 4
     if index_size > MAX_INDEX or index_size > end - 24:
         return None
-    sizes = _block_sizes(os.pread(fd, index_size, end - 12 - index_size))
+    sizes = _block_sizes(os.pread(fd, index_size, end - 12 - index_size), budget)
     start = end - 12 - index_size - sum(sizes or [0]) - 12
     if sizes is None or start < 0 or os.pread(fd, 6, start) != HEADER:
         return None
     return start, list(itertools.accumulate(sizes[:-1], initial=start + 12)) if sizes else []
 
 
-def _block_sizes(index: bytes) -> list[int] | None:
-    """The sizes of the blocks an index lists: their unpadded sizes, each padded to four."""
+def _block_sizes(index: bytes, budget: int) -> list[int] | None:
+    """The sizes of the blocks an index lists (`budget` at most): their unpadded sizes, each padded
+    to four."""
     if not index or index[0] != 0:
         return None
     count, at = _varint(index, 1)
+    if count > budget or count > len(index) // 2:  # a record takes two bytes at least
+        return None
     sizes = []
     for _ in range(count):
         if at >= len(index):

@@ -157,6 +157,51 @@ def xz_streams(data: bytes, size: int) -> list[bytes]:
     return [lzma.compress(data[at : at + size], preset=0) for at in range(0, len(data), size)]
 
 
+def xz_stream(blocks: list[tuple[bytes, int, int]], records: list[tuple[int, int]] | None = None) -> bytes:
+    """An xz stream of `blocks` (bytes with their padding, unpadded size, uncompressed size, as
+    xz_blocks gives them), whose index lists `records` (unpadded, uncompressed), else the blocks."""
+    listed = records if records is not None else [(unpadded, size) for _, unpadded, size in blocks]
+    index = b"\0" + _xz_varint(len(listed)) + b"".join(_xz_varint(u) + _xz_varint(n) for u, n in listed)
+    index += bytes(-len(index) % 4)
+    index += zlib.crc32(index).to_bytes(4, "little")
+    flags = b"\0\x04"  # CRC64, as xz and Python's lzma write
+    rest = (len(index) // 4 - 1).to_bytes(4, "little") + flags
+    footer = zlib.crc32(rest).to_bytes(4, "little") + rest + b"YZ"
+    header = b"\xfd7zXZ\0" + flags + zlib.crc32(flags).to_bytes(4, "little")
+    return header + b"".join(block for block, _, _ in blocks) + index + footer
+
+
+def xz_blocks(stream: bytes) -> list[tuple[bytes, int, int]]:
+    """The blocks of a one-stream xz file, as xz_stream takes them."""
+    size = (int.from_bytes(stream[-8:-4], "little") + 1) * 4
+    index, at, pos = stream[-12 - size : -12], 1, 12
+    count, at = _xz_read_varint(index, at)
+    blocks = []
+    for _ in range(count):
+        unpadded, at = _xz_read_varint(index, at)
+        uncompressed, at = _xz_read_varint(index, at)
+        padded = -(-unpadded // 4) * 4
+        blocks.append((stream[pos : pos + padded], unpadded, uncompressed))
+        pos += padded
+    return blocks
+
+
+def _xz_varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    return bytes([*out, n])
+
+
+def _xz_read_varint(data: bytes, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while data[at] & 0x80:
+        value |= (data[at] & 0x7F) << shift
+        at, shift = at + 1, shift + 7
+    return value | data[at] << shift, at + 1
+
+
 def set_xz_dictionary(stream: bytes, code: int) -> bytes:
     """The xz stream with its first block asking for LZMA2 dictionary `code` (28: 64 MiB, 30:
     128 MiB, 37: 1.5 GiB)."""
