@@ -31,7 +31,7 @@ from entrypoint.errors import ArchiveError, ConfigError
 XZ_MEMLIMIT = 136 << 20
 # Threads decoding the streams of one xz file, at most: each holds its queue (4 MiB, a conda-pack
 # stream's worth, so it can decode a whole stream ahead) and its decoder, and 2 keep the example's
-# peak RSS at 48-58 MiB (4 took 75-81 MiB) for decoding twice as fast as 1.
+# peak RSS at 44-58 MiB (4 took 75-81 MiB) for decoding 1.5 times as fast as 1.
 XZ_THREADS = 2
 BZIP2_END = 0x177245385090  # a bzip2 stream's end: this 48-bit magic, its CRC, bits to a whole byte
 # A bzip2 stream's start: "BZh", its block size, then a block's magic, or the end's in an empty stream.
@@ -336,8 +336,8 @@ class _Span:
 
 class _ParallelXz:
     """Streams decoded by `workers` threads in turn, each stream's chunks read in order: lzma
-    releases the GIL, so the example's 129-stream tar.xz decodes in about half the time on two
-    cores (docs/performance.md). The threads share XZ_MEMLIMIT, and each queue holds at most
+    releases the GIL, so two threads decode the example's 129-stream tar.xz in 4.8 s instead of
+    7.2 (docs/performance.md). The threads share XZ_MEMLIMIT, and each queue holds at most
     PREFETCH_DEPTH chunks, so memory stays bounded whatever the number of streams."""
 
     def __init__(self, raw: BinaryIO, spans: list[xzindex.Span], workers: int) -> None:
