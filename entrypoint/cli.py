@@ -19,7 +19,7 @@ from typing import NoReturn
 
 from entrypoint import __version__, lease, log, models, settings, warm, worker
 from entrypoint.entry import Entry, read_marker
-from entrypoint.errors import ConfigError, EntrypointError, Stopped
+from entrypoint.errors import ConfigError, EntrypointError, Stopped, out_of_processes
 from entrypoint.models import ModelEnv
 from entrypoint.warm import Ready
 from entrypoint.worker import Message
@@ -41,7 +41,12 @@ def main(argv: Sequence[str] | None = None, mask: set[int] | None = None) -> Non
 def guarded(body: Callable[[], int], report: Callable[[EntrypointError], int] | None = None) -> int:
     """Run `body`; an error the user can act on is one line (or handed to `report`) and its exit code."""
     try:
-        return body()
+        try:
+            return body()
+        except RuntimeError as exc:
+            if "can't start new thread" not in str(exc):  # threading's words when no process is left
+                raise
+            raise out_of_processes(exc) from exc
     except EntrypointError as exc:
         if report is not None:
             return report(exc)

@@ -38,6 +38,15 @@ class ConfigError(EntrypointError):
     exit_code = 2
 
 
+def out_of_processes(exc: BaseException) -> ConfigError:
+    """A process or thread that cannot be started: the user's process limit is reached."""
+    return ConfigError(
+        f"cannot start another process or thread ({exc})",
+        "raise the limit on processes (a container's --pids-limit, a pod's pid limit, ulimit -u) or run fewer "
+        "as this user",
+    )
+
+
 ARCHIVE_ADVICE = "pack the environment again with conda-pack (this archive is damaged, or not one it writes)"
 
 

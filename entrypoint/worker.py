@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
-from entrypoint.errors import EntrypointError, Stopped
+from entrypoint.errors import EntrypointError, Stopped, out_of_processes
 
 STOPS = frozenset({signal.SIGTERM, signal.SIGINT})
 PR_SET_PDEATHSIG = 1
@@ -107,7 +107,10 @@ def spawn(child: Callable[[], int], death_signal: int = signal.SIGKILL, session:
     for a bug)."""
     arm = dies_with_parent(death_signal)
     flush()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except BlockingIOError as exc:  # EAGAIN: no process left
+        raise out_of_processes(exc) from exc
     if pid == 0:
         code = 1
         try:

@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from archives import HOST_PYTHON, M, conda_pack_tiny, tiny_env, unpack_script_with, write_tar
+from archives import HOST_PYTHON, M, conda_pack_tiny, tar_bytes, tiny_env, unpack_script_with, write_tar, xz_streams
 from filelock import FileLock
 from support import ENTRYPOINT, REPO, entry_env, error_line, run_entrypoint, unavailable
 
@@ -77,16 +77,41 @@ def reachable_by_others(*paths: Path) -> Iterator[None]:
             d.chmod(mode)
 
 
-def as_nobody(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """The entrypoint as uid/gid 65534 with no capabilities (we run as root: os.access says yes)."""
+def as_nobody(*args: str, processes: int | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    """The entrypoint as uid/gid 65534 with no capabilities (we run as root: os.access says yes),
+    with at most `processes` processes and threads of that uid."""
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         unavailable("needs root and setpriv to run the entrypoint as an unprivileged user")
     drop = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--inh-caps=-all"]
+    if processes is not None:
+        drop = ["prlimit", f"--nproc={processes}", *drop]
     with reachable_by_others(REPO / "entrypoint", Path(sys.executable)):
         return subprocess.run(
             [*drop, *ENTRYPOINT, *(list(args) or ["unpack"])],
             env=entry_env(HOME="/nonexistent", **env), capture_output=True, text=True, timeout=300, cwd=REPO,
         )  # fmt: skip
+
+
+def test_no_process_or_thread_left_to_start_is_one_line(shared_tmp: Path) -> None:
+    """At every point where a start forks or starts a thread, a process limit reached there ends it
+    with one line that says so, not a traceback (and a limit high enough lets it through)."""
+    tarball = shared_tmp / "env.tar.xz"  # of several streams: decoded on two threads, else one
+    tarball.write_bytes(b"".join(xz_streams(tar_bytes(tiny_env(extra_files=20)), 4096)))
+    said = []
+    for processes in range(1, 12):
+        cache = shared_tmp / f"c{processes}"
+        cache.mkdir()
+        os.chown(cache, NOBODY, NOBODY)
+        proc = as_nobody(processes=processes, MLSERVER_ENV_TARBALL=str(tarball), MLSERVER_ENV_CACHE_DIR=str(cache))
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == 2, proc.stderr
+        line = error_line(proc)
+        assert "cannot start another process or thread" in line and "ulimit -u" in line, line
+        said.append(line)
+    assert proc.returncode == 0, proc.stderr
+    assert any("fork" in line or "Resource temporarily unavailable" in line for line in said), said
+    assert any("can't start new thread" in line for line in said), said
 
 
 # --- The tarball ---------------------------------------------------------------------------------
