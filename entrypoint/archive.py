@@ -147,10 +147,15 @@ class Prefetcher:
 
     def close(self) -> None:
         self._stop.set()
-        while self._thread.is_alive():  # unblock a producer waiting on a full queue
-            with contextlib.suppress(queue.Empty):
-                self._queue.get(timeout=0.05)
+        drain(self._thread, self._queue)
         self._source.close()  # a decoding process (decode.py) ends only now: the thread read its pipe until here
+
+
+def drain(producer: threading.Thread, out: queue.Queue[Any]) -> None:
+    """Wait for a producer told to stop, emptying its queue so that a put blocked on it returns."""
+    while producer.is_alive():
+        with contextlib.suppress(queue.Empty):
+            out.get(timeout=0.05)
 
 
 class _Chunks:

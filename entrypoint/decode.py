@@ -23,7 +23,7 @@ import zstandard
 from isal import igzip, isal_zlib
 
 from entrypoint import xzindex
-from entrypoint.archive import CHUNK, PREFETCH_DEPTH, corrupt
+from entrypoint.archive import CHUNK, PREFETCH_DEPTH, corrupt, drain
 from entrypoint.errors import ArchiveError, ConfigError
 
 # What an xz stream may make its decoder allocate: a 128 MiB dictionary (zstd's default window
@@ -54,6 +54,11 @@ def decoder(fmt: str, raw: BinaryIO) -> IO[bytes]:
     else:
         stream = _xz(raw)
     return cast(IO[bytes], _Checked(cast(IO[bytes], stream)))
+
+
+def _cores(at_most: int) -> int:
+    """The threads a decoder may run: no more than the cores this process may use."""
+    return min(at_most, len(os.sched_getaffinity(0)))
 
 
 def _bzip2(raw: BinaryIO) -> object:
@@ -132,7 +137,7 @@ class _Lbzip2:
     def __init__(self, raw: BinaryIO, tool: str) -> None:
         pipe = subprocess.PIPE
         env = {k: v for k, v in os.environ.items() if k not in ("LBZIP2", "BZIP2", "BZIP")}  # its option variables
-        threads = str(min(LBZIP2_THREADS, len(os.sched_getaffinity(0))))
+        threads = str(_cores(LBZIP2_THREADS))
         self._proc = subprocess.Popen([tool, "-d", "-c", "-n", threads], stdin=pipe, stdout=pipe, stderr=pipe, env=env)
         stdout = cast(IO[bytes], self._proc.stdout)
         with contextlib.suppress(OSError):  # larger reads than the default 64 KiB pipe
@@ -248,7 +253,7 @@ def _xz(raw: BinaryIO) -> object:
     if not spans or len(spans) == 1:
         return _XzReader(raw)
     largest = max(span.dictionary for span in spans) + (1 << 20)  # and the decoder's state
-    workers = min(XZ_THREADS, len(spans), len(os.sched_getaffinity(0)), XZ_MEMLIMIT // largest)
+    workers = min(_cores(XZ_THREADS), len(spans), XZ_MEMLIMIT // largest)
     if workers < 2:
         return _XzReader(raw)
     try:
@@ -390,6 +395,4 @@ class _ParallelXz:
     def close(self) -> None:
         self._stop.set()
         for thread, out in zip(self._threads, self._queues, strict=False):  # fewer threads if one failed to start
-            while thread.is_alive():  # unblock a thread waiting on a full queue
-                with contextlib.suppress(queue.Empty):
-                    out.get(timeout=0.05)
+            drain(thread, out)
