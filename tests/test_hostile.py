@@ -843,15 +843,21 @@ def test_xz_stream_padding_is_read(site: Site) -> None:
 
 def _many_cores_and_one(site: Site, path: Path) -> list[tuple[int, set[str], str]]:
     """What a start makes of `path` on every core it may use, and on one: exit code, tree, error."""
-    outcomes = []
-    for cores in (os.sched_getaffinity(0), {min(os.sched_getaffinity(0))}):
-        shutil.rmtree(site.cache, ignore_errors=True)
-        env = entry_env(MLSERVER_ENV_TARBALL=path, MLSERVER_ENV_CACHE_DIR=site.cache)
-        proc = run_entrypoint(["unpack"], env, preexec_fn=lambda cores=cores: os.sched_setaffinity(0, cores))
-        prefix = Path(proc.stdout.splitlines()[-1]) if proc.returncode == 0 else None
-        tree = {str(p.relative_to(prefix)) for p in prefix.rglob("*")} if prefix else set()
-        outcomes.append((proc.returncode, tree, error_line(proc) if proc.returncode else ""))
-    return outcomes
+    return [
+        _outcome(site, path, {}, preexec_fn=lambda cores=cores: os.sched_setaffinity(0, cores))
+        for cores in (os.sched_getaffinity(0), {min(os.sched_getaffinity(0))})
+    ]
+
+
+def _outcome(site: Site, path: Path, env: dict[str, str], **kw: object) -> tuple[int, set[str], str]:
+    """What a start with `env` added makes of `path` in an empty cache: exit code, tree and error line."""
+    shutil.rmtree(site.cache, ignore_errors=True)
+    proc = run_entrypoint(
+        ["unpack"], {**entry_env(MLSERVER_ENV_TARBALL=path, MLSERVER_ENV_CACHE_DIR=site.cache), **env}, **kw
+    )
+    prefix = Path(proc.stdout.splitlines()[-1]) if proc.returncode == 0 else None
+    tree = {str(p.relative_to(prefix)) for p in prefix.rglob("*")} if prefix else set()
+    return proc.returncode, tree, error_line(proc) if proc.returncode else ""
 
 
 def test_xz_streams_read_and_refuse_alike_on_one_thread_and_several(site: Site) -> None:
@@ -1119,16 +1125,8 @@ def test_what_lbzip2_would_skip_is_told_at_every_bit_offset_and_chunking(
 def _lbzip2_and_libbz2(site: Site, path: Path, hidden: Path) -> list[tuple[int, set[str], str]]:
     """What a start makes of `path` with lbzip2 and with libbz2 (lbzip2 off the PATH): exit code,
     tree and error line."""
-    outcomes = []
-    for path_var in (os.environ["PATH"], str(hidden)):
-        shutil.rmtree(site.cache, ignore_errors=True)
-        env = entry_env(MLSERVER_ENV_TARBALL=path, MLSERVER_ENV_CACHE_DIR=site.cache, PATH=path_var)
-        env.update(LBZIP2="-f", BZIP2="-f", BZIP="-f")  # lbzip2's option variables: -f passes other bytes through
-        proc = run_entrypoint(["unpack"], env)
-        prefix = Path(proc.stdout.splitlines()[-1]) if proc.returncode == 0 else None
-        tree = {str(p.relative_to(prefix)) for p in prefix.rglob("*")} if prefix else set()
-        outcomes.append((proc.returncode, tree, error_line(proc) if proc.returncode else ""))
-    return outcomes
+    options = {"LBZIP2": "-f", "BZIP2": "-f", "BZIP": "-f"}  # lbzip2's option variables: -f passes other bytes through
+    return [_outcome(site, path, {"PATH": path_var, **options}) for path_var in (os.environ["PATH"], str(hidden))]
 
 
 def test_lbzip2_and_libbz2_read_and_refuse_alike(site: Site, tmp_path: Path) -> None:
