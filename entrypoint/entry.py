@@ -8,7 +8,7 @@ and conda-unpack cannot write a prefix longer than the packed one into binary fi
     <key8>.ready     the marker, JSON, written last by rename once the data is durable
     <key8>.manifest  every file's size, mode and mtime, to check the entry at start (manifest.py)
     <key8>.use       held (shared flock) by every process using the entry (lease.py, gc.py)
-    .keys/           remembered SHA-256 of tarball paths (keys.py)
+    .keys/           remembered digests of tarball paths (keys.py)
 
 An entry without its marker is never used: a process killed at any moment leaves at most an
 unmarked directory, which the next start removes under the lock before unpacking again.
@@ -52,9 +52,15 @@ def read_marker(entry: Entry, key_prefix_only: bool = False) -> dict[str, object
         return None
     if not isinstance(record, dict):
         return None
-    sha = record.get("sha256")
-    ok = isinstance(sha, str) and (sha.startswith(entry.name) if key_prefix_only else sha == entry.key)
+    key = marker_key(record)
+    ok = isinstance(key, str) and (key.startswith(entry.name) if key_prefix_only else key == entry.key)
     return record if ok else None
+
+
+def marker_key(record: dict[str, object]) -> object:
+    """The key a marker names; markers written before the key was BLAKE3 call it "sha256", and gc
+    must still find what those entries hold."""
+    return record.get("key", record.get("sha256"))
 
 
 def unpacked_here(entry: Entry, record: dict[str, object]) -> bool:
@@ -125,7 +131,7 @@ def ensure_executable(root: Path) -> None:
 def publish(entry: Entry, record: dict[str, object]) -> None:
     """Make the entry durable, then visible: one filesystem sync, then the marker by rename."""
     fs.syncfs(entry.root)
-    record = {**record, "sha256": entry.key, "prefix": str(entry.prefix), "published": time.time()}
+    record = {**record, "key": entry.key, "prefix": str(entry.prefix), "published": time.time()}
     fs.write_atomic(entry.marker, json.dumps(record, indent=1).encode())
 
 

@@ -54,7 +54,7 @@ def _ours(names: list[str]) -> set[str]:
 def _item(entry: Entry) -> Item:
     record = entries.read_marker(entry, key_prefix_only=True)
     if record is not None:
-        entry = Entry(entry.root, str(record["sha256"]))
+        entry = Entry(entry.root, str(entries.marker_key(record)))
     size = record.get("bytes") if record else None
     # Last used: the start that touched `.use`, or the unpack that wrote the marker; for a partial
     # entry, when it was begun.

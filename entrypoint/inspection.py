@@ -29,7 +29,7 @@ from entrypoint.errors import ArchiveError, ConfigError, EntrypointError
 from entrypoint.extract import Extractor, Refused, limits_for
 from entrypoint.models import ModelEnv
 from entrypoint.settings import Settings
-from entrypoint.source import PIN_ADVICE, Tarball, locate, pin_mismatch, sha256_file
+from entrypoint.source import PIN_ADVICE, Tarball, digest_of, locate, pin_mismatch
 from entrypoint.worker import Message
 
 # The files whose data the checks and the report read; every other file is created empty.
@@ -49,6 +49,7 @@ class Report:
     format: str
     sha256: str
     packed_bytes: int
+    key: str = ""  # the cache key, which names the entry (keys.key_digest)
     unpacked_bytes: int = 0
     files: int = 0
     directories: int = 0
@@ -155,10 +156,12 @@ def inspect(path: Path, config: Settings, send: Callable[[Message], None]) -> Re
 
     with _opened(path) as raw:
         fmt = _format(raw, path)
-        report = Report(str(path), fmt, sha256_file(path), os.fstat(raw.fileno()).st_size)
-        entry = Entry(config.cache_dir, report.sha256)
-        report.cache_prefix, report.cached = str(entry.prefix), entry.marker.exists()
         pin = config.tarball_sha256
+        sha256 = digest_of(path, "sha256")
+        key = sha256 if pin is not None else digest_of(path, "blake3")
+        report = Report(str(path), fmt, sha256, os.fstat(raw.fileno()).st_size, key)
+        entry = Entry(config.cache_dir, key)
+        report.cache_prefix, report.cached = str(entry.prefix), entry.marker.exists()
         if pin is not None and pin != report.sha256:  # a start's first check
             report.problem(
                 f"{pin_mismatch(report.sha256, pin, 'a start refuses it')}; {PIN_ADVICE}", ConfigError.exit_code

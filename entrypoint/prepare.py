@@ -41,8 +41,8 @@ class Job(NamedTuple):
 def main(send: Send, require: tuple[str, ...], wanted: list[ModelEnv]) -> int:
     """The worker's job: prepare the environment and each model's, and send their keys and the
     settings read."""
-    if (path := warm.to_hash(os.environ)) is not None:
-        source.prehash(path)
+    if (hashed := warm.to_hash(os.environ)) is not None:
+        source.prehash(*hashed)
     config = settings.load()
     tarball = source.locate(config)
     server = [] if tarball is None else [Job(config, tarball, require, None)]

@@ -1,4 +1,9 @@
-"""Where the tarball is, and its content key (SHA-256), computed once per file version."""
+"""Where the tarball is, and its content key, computed once per file version (keys.py).
+
+An unpinned tarball's key is its BLAKE3: it hashes the example's 515 MB tar in 0.15 s where
+SHA-256 (OpenSSL with SHA-NI) takes 0.48 s, and a tarball whose version is not remembered (a
+copy made per pod) is hashed at every start, also when its entry is already there.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +16,11 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
+import blake3
+
 from entrypoint import keys
 from entrypoint.errors import ArchiveError, ConfigError
+from entrypoint.keys import Digest
 from entrypoint.settings import Settings, is_url
 
 if TYPE_CHECKING:
@@ -69,15 +77,16 @@ def _stat(path: Path, label: str) -> os.stat_result:
         os.close(fd)
 
 
-def sha256_file(path: Path) -> str:
+def digest_of(path: Path, digest: Digest) -> str:
+    """The file's `digest`, in hex."""
     with open(path, "rb", buffering=0) as f:
-        return _sha256(f)[0]
+        return _digest(f, digest)[0]
 
 
-def _sha256(f: io.RawIOBase) -> tuple[str, tuple[int, ...]]:
+def _digest(f: io.RawIOBase, digest: Digest) -> tuple[str, tuple[int, ...]]:
     """The digest of an open file, and its identity if it did not change meanwhile (else ())."""
     before = keys.file_identity(os.fstat(f.fileno()))
-    h = hashlib.sha256()
+    h = blake3.blake3() if digest == "blake3" else hashlib.sha256()
     buf = bytearray(CHUNK)
     view = memoryview(buf)
     while n := f.readinto(buf):
@@ -87,9 +96,9 @@ def _sha256(f: io.RawIOBase) -> tuple[str, tuple[int, ...]]:
 
 
 class _Prehash(threading.Thread):
-    def __init__(self, path: Path) -> None:
-        super().__init__(name="sha256", daemon=True)
-        self.path = path
+    def __init__(self, path: Path, digest: Digest) -> None:
+        super().__init__(name="hash", daemon=True)
+        self.path, self.digest = path, digest
         self.result: tuple[str, tuple[int, ...]] | None = None
 
     def run(self) -> None:
@@ -97,7 +106,7 @@ class _Prehash(threading.Thread):
             with open(os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK), "rb", buffering=0) as f:
                 if stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                     sniff(f.fileno())
-                    self.result = _sha256(f)
+                    self.result = _digest(f, self.digest)
         except (OSError, ArchiveError):
             pass  # locate() and content_key() say what is wrong, in the settings' words
 
@@ -105,18 +114,18 @@ class _Prehash(threading.Thread):
 _prehash: _Prehash | None = None
 
 
-def prehash(path: Path) -> None:
+def prehash(path: Path, digest: Digest) -> None:
     """Hash the tarball in a thread while the settings are read: the key names the entry and its
     lock, so it is needed first, and reading the settings costs ~0.3 s. A short switch interval
     hands the GIL back to the hashing thread sooner after each block it reads."""
     global _prehash
     sys.setswitchinterval(0.0005)
-    _prehash = _Prehash(path)
+    _prehash = _Prehash(path, digest)
     _prehash.start()
 
 
-def _prehashed(tarball: Tarball) -> str | None:
-    if _prehash is None or _prehash.path != tarball.path:
+def _prehashed(tarball: Tarball, digest: Digest) -> str | None:
+    if _prehash is None or _prehash.path != tarball.path or _prehash.digest != digest:
         return None
     _prehash.join()
     result = _prehash.result
@@ -124,23 +133,24 @@ def _prehashed(tarball: Tarball) -> str | None:
 
 
 def content_key(tarball: Tarball | RemoteTarball, root: Path, pin: str | None) -> tuple[str, bool]:
-    """The tarball's SHA-256, and whether it was remembered rather than computed. A URL's key is
-    the pin or comes from what the server says of the object (remote.content_key)."""
+    """The tarball's key, and whether it was remembered rather than computed. A URL's key is the
+    pin or comes from what the server says of the object (remote.content_key)."""
     if not isinstance(tarball, Tarball):
         from entrypoint import remote
 
         return remote.content_key(tarball, pin)
-    key = keys.remembered(root, tarball.path, tarball.identity)
+    digest = keys.key_digest(pin)
+    key = keys.remembered(root, tarball.path, tarball.identity, digest)
     remembered = key is not None
     if key is None:
-        key = _prehashed(tarball)
+        key = _prehashed(tarball, digest)
     if key is None:
         _refuse_non_archive(tarball)
-        key = sha256_file(tarball.path)
+        key = digest_of(tarball.path, digest)
     if pin is not None and key != pin:
         raise ConfigError(f"{tarball.display}: {pin_mismatch(key, pin, 'nothing was extracted')}", PIN_ADVICE)
     if not remembered and _unchanged(tarball):
-        keys.remember(root, tarball.path, tarball.identity, key)
+        keys.remember(root, tarball.path, tarball.identity, digest, key)
     return key, remembered
 
 

@@ -68,17 +68,18 @@ def _key(config: settings.Settings) -> str | None:
             identity = keys.file_identity(os.stat(tarball))
         except OSError:
             return None
-        key = keys.remembered(config.cache_dir, tarball, identity)
-        return key if config.tarball_sha256 in (None, key) else None
+        pin = config.tarball_sha256
+        key = keys.remembered(config.cache_dir, tarball, identity, keys.key_digest(pin))
+        return key if pin in (None, key) else None
     if config.tarball and settings.plain_url(config.tarball):
         return config.tarball_sha256
     return None
 
 
-def to_hash(environ: Mapping[str, str]) -> Path | None:
-    """The local tarball a cold start will hash, when its key is not remembered: hashed while the
-    settings are read."""
-    config = settings.plain(environ, only=("tarball", "models_dir", "cache_dir"))
+def to_hash(environ: Mapping[str, str]) -> tuple[Path, keys.Digest] | None:
+    """The local tarball a cold start will hash, when its key is not remembered, and the digest
+    that is its key: hashed while the settings are read."""
+    config = settings.plain(environ, only=("tarball", "models_dir", "cache_dir", "tarball_sha256"))
     tarball = config.local_tarball() if config is not None else None
     if config is None or tarball is None:
         return None
@@ -86,4 +87,5 @@ def to_hash(environ: Mapping[str, str]) -> Path | None:
         identity = keys.file_identity(os.stat(tarball))
     except OSError:
         return None
-    return tarball if keys.remembered(config.cache_dir, tarball, identity) is None else None
+    digest = keys.key_digest(config.tarball_sha256)
+    return (tarball, digest) if keys.remembered(config.cache_dir, tarball, identity, digest) is None else None

@@ -59,6 +59,13 @@ TAR_TYPES = {
 }
 
 
+def entry_name(tarball: Path) -> str:
+    """The name of the tarball's cache entry: the first 8 hex digits of its BLAKE3."""
+    import blake3
+
+    return blake3.blake3(tarball.read_bytes()).hexdigest()[:8]
+
+
 def tiny_env(extra_files: int = 0) -> list[M]:
     """A minimal environment the entrypoint accepts: bin/python is a real interpreter of this
     machine (the tests' own, whose libpython is found by absolute RUNPATH), plus some files."""

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from archives import entry_name
 from support import entry_env, run_entrypoint, unavailable
 
 OLD = time.time() - 86400 * 30
@@ -107,12 +108,6 @@ def test_memo_temporary_is_created_exclusively_never_through_a_symlink(small_tar
     assert json.loads((keys / memo).read_text())["path"] == str(small_tarball.resolve())
 
 
-def key8(tarball: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(tarball.read_bytes()).hexdigest()[:8]
-
-
 @pytest.mark.parametrize("target", ["dangling", "existing"])
 def test_a_symlink_planted_as_use_is_never_followed(small_tarball: Path, tmp_path: Path, target: str) -> None:
     """`<key8>.use` a symlink: O_CREAT created a dangling one's target outside the cache, and the
@@ -121,7 +116,7 @@ def test_a_symlink_planted_as_use_is_never_followed(small_tarball: Path, tmp_pat
     outside = canary(tmp_path)
     cache = tmp_path / "cache"
     cache.mkdir()
-    use = cache / f"{key8(small_tarball)}.use"
+    use = cache / f"{entry_name(small_tarball)}.use"
     pointed = outside / ("created" if target == "dangling" else "id_ed25519")
 
     def plant() -> None:
@@ -145,7 +140,7 @@ def test_a_symlink_planted_as_use_is_never_followed(small_tarball: Path, tmp_pat
 
 def test_a_directory_as_use_is_one_line(small_tarball: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    use = cache / f"{key8(small_tarball)}.use"
+    use = cache / f"{entry_name(small_tarball)}.use"
     use.mkdir(parents=True)
     code, _, err = unpack(small_tarball, cache)
     assert code == 2 and f"{use} is a directory" in error_line(err), err
@@ -196,7 +191,7 @@ def test_what_the_cache_never_makes_at_its_names_is_one_line_or_repaired(
     outside = canary(tmp_path)
     cache = tmp_path / "cache"
     cache.mkdir()
-    k = key8(small_tarball)
+    k = entry_name(small_tarball)
     first, says = HOSTILE[case]
     if first:
         assert unpack(small_tarball, cache)[0] == 0
@@ -215,7 +210,7 @@ def test_an_entry_that_cannot_be_removed_is_one_line(small_tarball: Path, tmp_pa
     """A damaged entry holding an immutable file: PermissionError's traceback, at every start."""
     cache = tmp_path / "cache"
     assert unpack(small_tarball, cache)[0] == 0
-    k = key8(small_tarball)
+    k = entry_name(small_tarball)
     stuck = cache / k / "stuck"
     stuck.write_text("")  # damage: the quick check sees the prefix's mtime changed
     if subprocess.run(["chattr", "+i", str(stuck)], capture_output=True).returncode != 0:
@@ -265,7 +260,7 @@ def test_memo_temporary_guessed_is_still_not_followed(
     memo.parent.mkdir(parents=True)
     monkeypatch.setattr(os, "urandom", lambda n: b"\x02" * n)
     (memo.parent / f"{memo.name}.{os.getpid()}.{'02' * 8}.tmp").symlink_to(outside / "id_ed25519")
-    keys.remember(root, small_tarball, (), "ab" * 32)  # best effort: nothing written
+    keys.remember(root, small_tarball, (), "blake3", "ab" * 32)  # best effort: nothing written
     assert untouched(outside) and not memo.exists()
 
 
@@ -276,7 +271,7 @@ def test_a_remembered_key_that_is_no_digest_is_not_used(small_tarball: Path, tmp
     code, out, err = unpack(small_tarball, cache)
     assert code == 0, err
     memo = cache / ".keys" / _memo_name(small_tarball)
-    memo.write_text(json.dumps({**json.loads(memo.read_text()), "sha256": "../escXX" + "0" * 56}))
+    memo.write_text(json.dumps({**json.loads(memo.read_text()), "blake3": "../escXX" + "0" * 56}))
     for _ in range(2):  # the first start hashes again and remembers the real key; the second uses it
         code, again, err = unpack(small_tarball, cache)
         assert code == 0 and again == out, err
@@ -291,7 +286,7 @@ def test_what_stands_for_the_marker_or_manifest_is_never_followed_nor_blocks(
     cache = tmp_path / "cache"
     code, out, err = unpack(small_tarball, cache)
     assert code == 0, err
-    k = key8(small_tarball)
+    k = entry_name(small_tarball)
     outside = tmp_path / "outside"
     outside.mkdir()
     for verify in ("full", "quick"):
@@ -339,7 +334,7 @@ def test_a_bloated_marker_is_damage_not_read_whole(small_tarball: Path, tmp_path
     cache = tmp_path / "cache"
     code, _, err = unpack(small_tarball, cache)
     assert code == 0, err
-    marker = cache / f"{key8(small_tarball)}.ready"
+    marker = cache / f"{entry_name(small_tarball)}.ready"
     record = json.loads(marker.read_text())
     marker.write_text(json.dumps({**record, "padding": "x" * (4 << 20)}))
     code, _, err = unpack(small_tarball, cache)
@@ -361,13 +356,13 @@ def test_memos_are_not_read_through_a_symlinked_keys(small_tarball: Path, tmp_pa
     outside.mkdir()
     st = small_tarball.resolve().stat()
     identity = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-    (outside / _memo_name(small_tarball)).write_text(json.dumps({"identity": identity, "sha256": "ab" * 32}))
+    (outside / _memo_name(small_tarball)).write_text(json.dumps({"identity": identity, "blake3": "ab" * 32}))
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / ".keys").symlink_to(outside)
     for _ in range(2):  # cold, then warm
         code, out, err = unpack(small_tarball, cache)
-        assert code == 0 and Path(out.splitlines()[-1]) == cache / key8(small_tarball), err
+        assert code == 0 and Path(out.splitlines()[-1]) == cache / entry_name(small_tarball), err
     assert not (cache / "abababab").exists()
 
 

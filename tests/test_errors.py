@@ -22,7 +22,17 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from archives import HOST_PYTHON, M, conda_pack_tiny, tar_bytes, tiny_env, unpack_script_with, write_tar, xz_streams
+from archives import (
+    HOST_PYTHON,
+    M,
+    conda_pack_tiny,
+    entry_name,
+    tar_bytes,
+    tiny_env,
+    unpack_script_with,
+    write_tar,
+    xz_streams,
+)
 from filelock import FileLock
 from support import ENTRYPOINT, REPO, entry_env, error_line, run_entrypoint, unavailable
 
@@ -286,7 +296,7 @@ def test_lock_timeout_is_one_line_that_leaves_the_lock_alone(tmp_path: Path) -> 
     tarball = write_tar(tmp_path / "env.tar.gz", tiny_env())
     cache = tmp_path / "c"
     cache.mkdir()
-    lock = cache / f"{hashlib.sha256(tarball.read_bytes()).hexdigest()[:8]}.lock"
+    lock = cache / f"{entry_name(tarball)}.lock"
     with FileLock(str(lock)):  # the other start, unpacking
         proc = start(tarball, cache, MLSERVER_ENV_LOCK_TIMEOUT="0.5")
     refused(proc, 2, "still unpacking")
@@ -491,6 +501,31 @@ def test_sha256_pin_mismatch_is_refused_before_anything_is_extracted(tmp_path: P
         start(tarball, cache, MLSERVER_ENV_TARBALL_SHA256="abc123"), 2, "MLSERVER_ENV_TARBALL_SHA256", "64 hex"
     )
     assert "Value error" not in line  # pydantic's prefix for a validator's own words
+
+
+def test_a_pin_is_checked_against_the_sha256_even_when_the_unpinned_key_is_remembered(tmp_path: Path) -> None:
+    """An unpinned start remembers the tarball's BLAKE3, its key. A pin added later is checked
+    against the SHA-256, computed then, never taken from that memo; the pinned entry is named by
+    the pin, as a pinned URL's is, and both keys stay remembered."""
+    tarball = write_tar(tmp_path / "env.tar.gz", tiny_env())
+    digest = hashlib.sha256(tarball.read_bytes()).hexdigest()
+    wrong = hashlib.sha256(b"another tarball").hexdigest()
+    cache = tmp_path / "c"
+
+    unpinned = start(tarball, cache)
+    assert unpinned.returncode == 0 and "key hashed" in unpinned.stderr, unpinned.stderr
+    assert Path(unpinned.stdout.splitlines()[-1]).name == entry_name(tarball)
+    proc = start(tarball, cache, "python", "-c", "print('ran')", MLSERVER_ENV_TARBALL_SHA256=wrong)
+    refused(proc, 2, digest, wrong, "nothing was extracted")
+    assert "ran" not in proc.stdout
+
+    for logged in ("key hashed", "cache hit"):  # computed, then remembered beside the BLAKE3
+        pinned = start(tarball, cache, MLSERVER_ENV_TARBALL_SHA256=digest)
+        assert pinned.returncode == 0 and logged in pinned.stderr, pinned.stderr
+        assert Path(pinned.stdout.splitlines()[-1]).name == digest[:8]
+    again = start(tarball, cache)
+    assert again.returncode == 0 and "cache hit" in again.stderr and "key hashed" not in again.stderr, again.stderr
+    assert again.stdout == unpinned.stdout
 
 
 # --- Odd environments and settings (found by a review): one line, never a traceback ---------------

@@ -184,11 +184,11 @@ def test_gc_drops_key_memos_whose_entry_is_gone(tarballs: list[Path], tmp_path: 
     to an entry, and any a start may have just written."""
     cache = tmp_path / "cache"
     old, kept = (prefix_of(unpack(t, cache)) for t in tarballs[:2])
-    memos = {json.loads(p.read_text())["sha256"][:8]: p for p in (cache / ".keys").iterdir()}
+    memos = {json.loads(p.read_text())["blake3"][:8]: p for p in (cache / ".keys").iterdir()}
     assert sorted(memos) == sorted([old.name, kept.name])
     garbage, fresh = cache / ".keys" / "00000000ffffffff", cache / ".keys" / "11111111eeeeeeee"
     garbage.write_text("{not json")
-    fresh.write_text(json.dumps({"path": "/elsewhere.tar.gz", "identity": [], "sha256": "ab" * 32}))
+    fresh.write_text(json.dumps({"path": "/elsewhere.tar.gz", "identity": [], "blake3": "ab" * 32}))
     minutes_ago = time.time() - 120
     for path in (*memos.values(), garbage):
         os.utime(path, (minutes_ago, minutes_ago))
@@ -199,6 +199,24 @@ def test_gc_drops_key_memos_whose_entry_is_gone(tarballs: list[Path], tmp_path: 
     assert not memos[old.name].exists() and not garbage.exists()
     assert memos[kept.name].exists() and fresh.exists()
     assert "cache hit" in unpack(tarballs[1], cache).stderr
+
+
+def test_an_entry_whose_marker_names_its_key_sha256_is_used_and_kept(small_tarball: Path, tmp_path: Path) -> None:
+    """Markers written before unpinned keys were BLAKE3 call the key "sha256". A pinned tarball's
+    key is still its SHA-256: a start finds its entry there, and gc keeps it as a whole entry
+    rather than removing it as a partial one."""
+    import hashlib
+
+    cache = tmp_path / "cache"
+    pin = hashlib.sha256(small_tarball.read_bytes()).hexdigest()
+    prefix = prefix_of(unpack(small_tarball, cache, MLSERVER_ENV_TARBALL_SHA256=pin))
+    marker = prefix.with_name(prefix.name + ".ready")
+    record = json.loads(marker.read_text())
+    record["sha256"] = record.pop("key")
+    marker.write_text(json.dumps(record))
+    warm = unpack(small_tarball, cache, MLSERVER_ENV_TARBALL_SHA256=pin)
+    assert "cache hit" in warm.stderr and "unusable" not in warm.stderr, warm.stderr
+    assert gc(cache) == {str(prefix): "kept"}
 
 
 def test_names_like_entries_that_are_not_ours_are_never_touched(tarballs: list[Path], tmp_path: Path) -> None:

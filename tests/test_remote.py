@@ -347,7 +347,7 @@ def test_pinned_url_shares_the_local_entry_and_warm_starts_offline(http: Server,
     assert re.search(r"locate: \d+ ms, cache hit", warm.stderr) and "cache hit:" not in warm.stderr, warm.stderr
     assert set(remote.SCHEMES) == set(URL_SCHEMES)  # the schemes that path accepts
 
-    local = unpack(str(tiny), tmp_path / "c")
+    local = unpack(str(tiny), tmp_path / "c", MLSERVER_ENV_TARBALL_SHA256=pin)
     assert local.returncode == 0 and "cache hit" in local.stderr, local.stderr
     assert local.stdout.splitlines()[-1] == str(prefix)
 

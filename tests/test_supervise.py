@@ -8,7 +8,6 @@ after a stop signal. Otherwise it execs, so the command keeps the entrypoint's P
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import signal
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from archives import tiny_env, write_tar
+from archives import entry_name, tiny_env, write_tar
 from conftest import Example
 from filelock import FileLock
 from support import ENTRYPOINT, REPO, entry_env, error_line, free_port, infer, run_entrypoint, unavailable
@@ -345,7 +344,7 @@ def test_a_stop_while_waiting_for_another_unpack_ends_the_start(as_pid_1: bool, 
     tarball = write_tar(tmp_path / "env.tar.gz", tiny_env())
     cache = tmp_path / "c"
     cache.mkdir()
-    name = hashlib.sha256(tarball.read_bytes()).hexdigest()[:8]
+    name = entry_name(tarball)
     log = tmp_path / "log"
     env = entry_env(MLSERVER_ENV_TARBALL=tarball, MLSERVER_ENV_CACHE_DIR=cache)
     with FileLock(str(cache / f"{name}.lock")), open(log, "ab") as out:  # the other replica, unpacking
