@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import pytest
-from archives import content_tree, end_of_archive, fix_checksum, raw_header
+from archives import content_tree, end_of_archive, fix_checksum, raw_header, xz_streams
 
 from entrypoint import archive, extract
 
@@ -17,21 +20,78 @@ LIMITS = extract.Limits(max_members=10**6, max_unpacked_bytes=1 << 40)
 def test_same_tree_as_gnu_tar(fixture: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     value = request.getfixturevalue(fixture)
     tarball = value if isinstance(value, Path) else value.tarball
-    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
-    ours.mkdir()
-    theirs.mkdir()
+    stats = _ours(tarball, tmp_path / "ours")
+    files = _assert_same_tree(tmp_path / "ours", _gnu_tar(tarball, tmp_path / "theirs"))
+    assert stats.files == files
+
+
+# Each format conda-pack writes, made from the tar of a real conda-pack tarball by the format's
+# usual tool (tar.xz as `conda-pack -j` writes it, one stream per 4 MiB, and as one stream).
+WRITERS: dict[str, Callable[[Path, Path], None]] = {
+    "tar": lambda tar, out: shutil.copyfile(tar, out),
+    "tar.bz2": lambda tar, out: _pipe(["lbzip2", "-c", str(tar)], out),
+    "tar.xz": lambda tar, out: out.write_bytes(b"".join(xz_streams(tar.read_bytes(), 4 << 20))),
+    "tar.xz-one-stream": lambda tar, out: _pipe(["xz", "-0", "-T1", "-c", str(tar)], out),
+    "tar.zst": lambda tar, out: _pipe(["zstd", "-q", "-c", str(tar)], out),
+}
+
+
+@pytest.fixture(scope="module")
+def gnu_tree(small_tarball: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The small tarball's tar, and the tree GNU tar makes of it."""
+    work = tmp_path_factory.mktemp("formats")
+    tar = work / "env.tar"
+    _pipe(["gzip", "-dc", str(small_tarball)], tar)
+    return tar, _gnu_tar(tar, work / "gnu")
+
+
+@pytest.mark.parametrize("fmt", [*WRITERS, "zip"])
+def test_same_tree_as_gnu_tar_in_every_format(fmt: str, gnu_tree: tuple[Path, Path], tmp_path: Path) -> None:
+    """Every format is read by its own decoder (a multi-stream tar.xz by two threads), then the same
+    reader and extractor: each gives GNU tar's tree. The zip is Info-ZIP's of that tree, whose
+    times keep 2-second steps."""
+    tar, theirs = gnu_tree
+    archive_path = tmp_path / f"env.{fmt}"
+    if fmt == "zip":
+        subprocess.run(["zip", "-q", "-r", "-y", str(archive_path), "."], cwd=theirs, check=True)
+    else:
+        WRITERS[fmt](tar, archive_path)
+    _ours(archive_path, tmp_path / "ours")
+    _assert_same_tree(tmp_path / "ours", theirs, mtime_step=2 if fmt == "zip" else 1)
+
+
+def _pipe(argv: list[str], out: Path) -> None:
+    with open(out, "wb") as f:
+        subprocess.run(argv, stdout=f, check=True)
+
+
+def _ours(tarball: Path, dest: Path) -> extract.Stats:
+    dest.mkdir()
     with open(tarball, "rb") as raw:
-        stats = extract.extract(archive.members(raw), ours, LIMITS)
-    subprocess.run(["tar", "-xf", str(tarball), "-C", str(theirs), "--no-same-owner"], check=True)
+        return extract.extract(archive.members(raw), dest, LIMITS)
+
+
+def _gnu_tar(tarball: Path, dest: Path) -> Path:
+    dest.mkdir()
+    subprocess.run(["tar", "-xf", str(tarball), "-C", str(dest), "--no-same-owner"], check=True)
+    return dest
+
+
+def _assert_same_tree(ours: Path, theirs: Path, mtime_step: int = 1) -> int:
+    """Same names, kinds, content, links and mtimes (in seconds, what .pyc files record, to within
+    `mtime_step`); the permission bits are GNU tar's minus group/other write, as documented. The
+    number of files."""
     a, b = content_tree(ours, mtimes=True), content_tree(theirs, mtimes=True)
     assert a.keys() == b.keys()
-    # Same content, links and mtimes (seconds: what .pyc files record); the permission bits are
-    # GNU tar's minus group/other write, as documented.
     for rel, (kind, mode, content) in b.items():
-        assert a[rel][0] == kind and a[rel][2] == content, rel
-        if kind == "file":
-            assert a[rel][1] == (mode & 0o755) | 0o600, rel
-    assert stats.files == sum(1 for k, _, _ in b.values() if k == "file")
+        assert a[rel][0] == kind, rel
+        if kind != "file":
+            assert a[rel][2] == content, rel
+            continue
+        (digest, mtime), (our_digest, our_mtime) = cast(tuple[str, int], content), cast(tuple[str, int], a[rel][2])
+        assert our_digest == digest and abs(our_mtime - mtime) < mtime_step, rel
+        assert a[rel][1] == (mode & 0o755) | 0o600, rel
+    return sum(1 for kind, _, _ in b.values() if kind == "file")
 
 
 def _trees(tar: bytes, tmp_path: Path) -> tuple[dict[str, tuple[str, object]], dict[str, tuple[str, object]]]:
