@@ -292,3 +292,23 @@ def test_xz_streams_decoded_ahead_are_bounded(tmp_path: Path) -> None:
 
     workers = min(decode.XZ_THREADS, len(os.sched_getaffinity(0)))
     assert peak(read_slowly) < (workers * (PREFETCH_DEPTH + 2) + 2) * CHUNK
+
+
+@pytest.mark.parametrize("fmt", ["tar.gz", "tar.zst", "tar.bz2", "tar.xz"])
+def test_chunks_decoded_ahead_of_a_slow_extractor_are_bounded(fmt: str, tmp_path: Path) -> None:
+    """The decoder runs at most READ_AHEAD chunks ahead of an extractor slower than it, however big
+    the member; a tar.xz, whose threads keep queues of their own, only PREFETCH_DEPTH."""
+    from entrypoint.archive import CHUNK, PREFETCH_DEPTH, READ_AHEAD
+
+    path = write_tar(tmp_path / f"zeros.{fmt}", [M("zeros", data=bytes(64 << 20))], fmt)
+
+    def read_slowly() -> None:
+        with path.open("rb") as raw:
+            for m in archive.members(raw):
+                assert m.open is not None
+                with m.open() as data:
+                    while data.read(CHUNK):
+                        time.sleep(0.001)
+
+    depth = PREFETCH_DEPTH if fmt == "tar.xz" else READ_AHEAD
+    assert peak(read_slowly) < depth * CHUNK + (2 << 20)  # and the decoder's own buffers
