@@ -21,7 +21,7 @@ CHUNK = 256 << 10
 # Chunks decoded ahead of the extractor from a local file, 24 MiB: enough to carry the decoder
 # through a stretch of small files, where the extractor falls behind, into one of big files, where
 # it catches up. The example's cold start (medians of 6): tar.gz 2.04 -> 1.73 s, tar.zst 1.80 ->
-# 1.69 s, for a peak RSS of 44-49 MiB instead of 26-28 with PREFETCH_DEPTH.
+# 1.69 s, for a peak RSS of 44-51 MiB instead of 26-30 with PREFETCH_DEPTH.
 READ_AHEAD = 96
 # Chunks decoded ahead otherwise, 4 MiB (a conda-pack xz stream): a tar.xz's threads hold queues of
 # their own (decode.py) and its dictionaries up to 136 MiB; a download holds its ranged reads.
