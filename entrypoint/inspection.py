@@ -29,7 +29,7 @@ from entrypoint.errors import ArchiveError, ConfigError, EntrypointError
 from entrypoint.extract import Extractor, Refused, limits_for
 from entrypoint.models import ModelEnv
 from entrypoint.settings import Settings
-from entrypoint.source import PIN_ADVICE, Tarball, digest_of, locate, pin_mismatch
+from entrypoint.source import PIN_ADVICE, Tarball, digests_of, locate, pin_mismatch
 from entrypoint.worker import Message
 
 # The files whose data the checks and the report read; every other file is created empty.
@@ -157,8 +157,8 @@ def inspect(path: Path, config: Settings, send: Callable[[Message], None]) -> Re
     with _opened(path) as raw:
         fmt = _format(raw, path)
         pin = config.tarball_sha256
-        sha256 = digest_of(path, "sha256")
-        key = sha256 if pin is not None else digest_of(path, "blake3")
+        sha256, blake3 = digests_of(raw.fileno(), "sha256", "blake3")
+        key = sha256 if pin is not None else blake3
         report = Report(str(path), fmt, sha256, os.fstat(raw.fileno()).st_size, key)
         entry = Entry(config.cache_dir, key)
         report.cache_prefix, report.cached = str(entry.prefix), entry.marker.exists()

@@ -209,8 +209,7 @@ def _extract(found: Entry, tarball: Tarball | RemoteTarball, config: Settings) -
 
 def _extract_file(found: Entry, tarball: Tarball, limits: extract.Limits) -> Stats:
     with open(tarball.path, "rb") as raw:
-        if os.fstat(raw.fileno()).st_ino != tarball.identity[1]:
-            raise ConfigError(f"{tarball.display} was replaced while starting", "start again")
+        source.unchanged(tarball, raw.fileno())  # the very file hashed
         os.mkdir(found.prefix, 0o755)
         try:
             with log.Progress("extract", tarball.size, raw.tell) as progress:

@@ -8,7 +8,6 @@ copy made per pod) is hashed at every start, also when its entry is already ther
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import stat
 import sys
@@ -77,22 +76,47 @@ def _stat(path: Path, label: str) -> os.stat_result:
         os.close(fd)
 
 
-def digest_of(path: Path, digest: Digest) -> str:
-    """The file's `digest`, in hex."""
-    with open(path, "rb", buffering=0) as f:
-        return _digest(f, digest)[0]
+def digests_of(fd: int, *digests: Digest) -> list[str]:
+    """The digests of an open file."""
+    return _digests(fd, digests)[0]
 
 
-def _digest(f: io.RawIOBase, digest: Digest) -> tuple[str, tuple[int, ...]]:
-    """The digest of an open file, and its identity if it did not change meanwhile (else ())."""
-    before = keys.file_identity(os.fstat(f.fileno()))
-    h = blake3.blake3() if digest == "blake3" else hashlib.sha256()
+def _digests(fd: int, digests: tuple[Digest, ...]) -> tuple[list[str], tuple[int, ...]]:
+    """The digests of an open file, and its identity if it did not change meanwhile (else ())."""
+    before = keys.file_identity(os.fstat(fd))
+    hashes = [blake3.blake3() if d == "blake3" else hashlib.sha256() for d in digests]
     buf = bytearray(CHUNK)
     view = memoryview(buf)
-    while n := f.readinto(buf):
-        h.update(view[:n])  # releases the GIL: the settings are read meanwhile (prehash)
-    after = keys.file_identity(os.fstat(f.fileno()))
-    return h.hexdigest(), before if before == after else ()
+    at = 0
+    while n := os.preadv(fd, [buf], at):
+        at += n
+        for h in hashes:
+            h.update(view[:n])  # releases the GIL: the settings are read meanwhile (prehash)
+    after = keys.file_identity(os.fstat(fd))
+    return [h.hexdigest() for h in hashes], before if before == after else ()
+
+
+def _hashed(tarball: Tarball, digest: Digest) -> str:
+    """The digest of the very file located, unchanged: the one a pin is checked on, and the one
+    extracted (prepare.py checks it with `unchanged`)."""
+    fd = os.open(tarball.path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        hexdigests, identity = _digests(fd, (digest,))
+    finally:
+        os.close(fd)
+    if identity != tarball.identity:
+        raise _replaced(tarball)
+    return hexdigests[0]
+
+
+def unchanged(tarball: Tarball, fd: int) -> None:
+    """Refuse a file opened again that is not the one located, as it was then."""
+    if keys.file_identity(os.fstat(fd)) != tarball.identity:
+        raise _replaced(tarball)
+
+
+def _replaced(tarball: Tarball) -> ConfigError:
+    return ConfigError(f"{tarball.display} was replaced or changed while starting", "start again")
 
 
 class _Prehash(threading.Thread):
@@ -106,7 +130,8 @@ class _Prehash(threading.Thread):
             with open(os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK), "rb", buffering=0) as f:
                 if stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                     sniff(f.fileno())
-                    self.result = _digest(f, self.digest)
+                    hexdigests, identity = _digests(f.fileno(), (self.digest,))
+                    self.result = hexdigests[0], identity
         except (OSError, ArchiveError):
             pass  # locate() and content_key() say what is wrong, in the settings' words
 
@@ -146,7 +171,7 @@ def content_key(tarball: Tarball | RemoteTarball, root: Path, pin: str | None) -
         key = _prehashed(tarball, digest)
     if key is None:
         _refuse_non_archive(tarball)
-        key = digest_of(tarball.path, digest)
+        key = _hashed(tarball, digest)
     if pin is not None and key != pin:
         raise ConfigError(f"{tarball.display}: {pin_mismatch(key, pin, 'nothing was extracted')}", PIN_ADVICE)
     if not remembered and _unchanged(tarball):

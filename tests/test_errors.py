@@ -528,6 +528,25 @@ def test_a_pin_is_checked_against_the_sha256_even_when_the_unpinned_key_is_remem
     assert again.stdout == unpinned.stdout
 
 
+def test_a_pin_is_checked_on_the_file_located_not_one_swapped_in_since(tmp_path: Path) -> None:
+    """The tarball's path is a symlink (a ConfigMap's `..data`), switched to the pinned tarball
+    while a start hashes and back before it extracts: the pin was checked on one file and another
+    unpacked under it. The file hashed must be the one located, unchanged."""
+    from entrypoint import keys, source
+    from entrypoint.errors import ConfigError
+
+    located, pinned = (write_tar(tmp_path / f"{n}.tar.gz", [*tiny_env(), M(n, data=n.encode())]) for n in "ab")
+    link = tmp_path / "env.tar.gz"
+    link.symlink_to(located)
+    tarball = source.Tarball(link, link.stat().st_size, keys.file_identity(link.stat()))
+    link.unlink()
+    link.symlink_to(pinned)
+    pin = hashlib.sha256(pinned.read_bytes()).hexdigest()
+    with pytest.raises(ConfigError, match="replaced or changed while starting"):
+        source.content_key(tarball, tmp_path / "c", pin)
+    assert not (tmp_path / "c" / ".keys").exists()  # and nothing remembered
+
+
 # --- Odd environments and settings (found by a review): one line, never a traceback ---------------
 
 
