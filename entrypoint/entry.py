@@ -58,8 +58,7 @@ def read_marker(entry: Entry, key_prefix_only: bool = False) -> dict[str, object
 
 
 def marker_key(record: dict[str, object]) -> object:
-    """The key a marker names; markers written before the key was BLAKE3 call it "sha256", and gc
-    must still find what those entries hold."""
+    """The key a marker names; 0.1.0 wrote it as "sha256" only, and its entries still count."""
     return record.get("key", record.get("sha256"))
 
 
@@ -131,7 +130,8 @@ def ensure_executable(root: Path) -> None:
 def publish(entry: Entry, record: dict[str, object]) -> None:
     """Make the entry durable, then visible: one filesystem sync, then the marker by rename."""
     fs.syncfs(entry.root)
-    record = {**record, "key": entry.key, "prefix": str(entry.prefix), "published": time.time()}
+    # "sha256" too: what 0.1.0 reads the key from, so its starts and gc on a shared cache keep this entry.
+    record = {**record, "key": entry.key, "sha256": entry.key, "prefix": str(entry.prefix), "published": time.time()}
     fs.write_atomic(entry.marker, json.dumps(record, indent=1).encode())
 
 

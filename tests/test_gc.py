@@ -202,7 +202,7 @@ def test_gc_drops_key_memos_whose_entry_is_gone(tarballs: list[Path], tmp_path: 
 
 
 def test_an_entry_whose_marker_names_its_key_sha256_is_used_and_kept(small_tarball: Path, tmp_path: Path) -> None:
-    """Markers written before unpinned keys were BLAKE3 call the key "sha256". A pinned tarball's
+    """0.1.0's markers name the key "sha256" only, and it reads nothing else. A pinned tarball's
     key is still its SHA-256: a start finds its entry there, and gc keeps it as a whole entry
     rather than removing it as a partial one."""
     import hashlib
@@ -212,7 +212,8 @@ def test_an_entry_whose_marker_names_its_key_sha256_is_used_and_kept(small_tarba
     prefix = prefix_of(unpack(small_tarball, cache, MLSERVER_ENV_TARBALL_SHA256=pin))
     marker = prefix.with_name(prefix.name + ".ready")
     record = json.loads(marker.read_text())
-    record["sha256"] = record.pop("key")
+    assert record["sha256"] == record["key"] == pin  # where 0.1.0 reads the key from, and where it reads it now
+    del record["key"]
     marker.write_text(json.dumps(record))
     warm = unpack(small_tarball, cache, MLSERVER_ENV_TARBALL_SHA256=pin)
     assert "cache hit" in warm.stderr and "unusable" not in warm.stderr, warm.stderr
