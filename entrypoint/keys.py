@@ -80,8 +80,8 @@ def _read(dfd: int, name: str) -> dict[str, object] | None:
 
 
 def remembered(root: Path, tarball: Path, identity: tuple[int, ...], digest: Digest) -> str | None:
-    """The `digest` remembered for this very version of `tarball`, if any. Only 64
-    hex digits count: an entry's name is taken from it."""
+    """The `digest` remembered for this very version of `tarball`, if any. Only 64 hex digits
+    count: an entry's name is taken from it."""
     return _remembered(root, tarball, identity).get(digest)
 
 
