@@ -63,7 +63,7 @@ def entry_name(tarball: Path) -> str:
     """The name of the tarball's cache entry: the first 8 hex digits of its BLAKE3."""
     import blake3
 
-    return blake3.blake3(tarball.read_bytes()).hexdigest()[:8]
+    return blake3.blake3().update_mmap(tarball).hexdigest()[:8]
 
 
 def tiny_env(extra_files: int = 0) -> list[M]:

@@ -1076,8 +1076,8 @@ def test_tarball_copied_over_while_read_is_not_blamed_on_the_archive(fast_root: 
     sparse_tar(tarball, 512 << 20, b"FIRST VERSION")
     cache = fast_root / "copied-over"
     shutil.rmtree(cache, ignore_errors=True)
+    big = cache / entry_name(tarball) / "big"  # before the start: hashing 512 MiB here takes a while
     start = Start(entry_env(MLSERVER_ENV_TARBALL=tarball, MLSERVER_ENV_CACHE_DIR=cache))
-    big = cache / entry_name(tarball) / "big"
     while not big.exists():
         assert start.proc.poll() is None, start.stderr
         time.sleep(0.001)
