@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from entrypoint import activate, archive, fs, log, models, relocate, settings, warm, worker
+from entrypoint import activate, archive, fs, keys, log, models, relocate, settings, warm, worker
 from entrypoint.entry import Entry
 from entrypoint.errors import ArchiveError, ConfigError, EntrypointError
 from entrypoint.extract import Extractor, Refused, limits_for
@@ -49,7 +49,7 @@ class Report:
     format: str
     sha256: str
     packed_bytes: int
-    key: str = ""  # the cache key, which names the entry (keys.key_digest)
+    key: str  # the cache key, which names the entry (keys.key_digest)
     unpacked_bytes: int = 0
     files: int = 0
     directories: int = 0
@@ -157,10 +157,9 @@ def inspect(path: Path, config: Settings, send: Callable[[Message], None]) -> Re
     with _opened(path) as raw:
         fmt = _format(raw, path)
         pin = config.tarball_sha256
-        sha256, blake3 = digests_of(raw.fileno(), "sha256", "blake3")
-        key = sha256 if pin is not None else blake3
-        report = Report(str(path), fmt, sha256, os.fstat(raw.fileno()).st_size, key)
-        entry = Entry(config.cache_dir, key)
+        digests, size = digests_of(raw.fileno(), *keys.DIGESTS), os.fstat(raw.fileno()).st_size
+        report = Report(str(path), fmt, digests["sha256"], size, digests[keys.key_digest(pin)])
+        entry = Entry(config.cache_dir, report.key)
         report.cache_prefix, report.cached = str(entry.prefix), entry.marker.exists()
         if pin is not None and pin != report.sha256:  # a start's first check
             report.problem(

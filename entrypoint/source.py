@@ -76,9 +76,9 @@ def _stat(path: Path, label: str) -> os.stat_result:
         os.close(fd)
 
 
-def digests_of(fd: int, *digests: Digest) -> list[str]:
-    """The digests of an open file."""
-    return _digests(fd, digests)[0]
+def digests_of(fd: int, *digests: Digest) -> dict[Digest, str]:
+    """The digests of an open file, read once."""
+    return dict(zip(digests, _digests(fd, digests)[0], strict=True))
 
 
 def _digests(fd: int, digests: tuple[Digest, ...]) -> tuple[list[str], tuple[int, ...]]:
